@@ -67,15 +67,19 @@ def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout: float = 600.0)
 
     try:
         for _ in range(world_size):
+            # After a failure, peers either fail too (collect their reports: the root cause
+            # may be theirs) or hang on a collective (stop waiting soon).
+            wait = 15.0 if errors else timeout
             try:
-                rank, status, payload = queue.get(timeout=timeout)
+                rank, status, payload = queue.get(timeout=wait)
             except _q.Empty:
+                if errors:
+                    break
                 raise TimeoutError(f"ranks did not finish within {timeout}s") from None
             if status == "ok":
                 results[rank] = payload
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
-                break  # the other rank may be waiting on a collective forever
     finally:
         for p in procs:
             p.join(timeout=5 if errors else 30)

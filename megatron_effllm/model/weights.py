@@ -1,0 +1,72 @@
+"""Move canonical (HF-named) weights into and out of a built, possibly sharded GPTModel."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from megatron_effllm.architecture import Architecture
+from megatron_effllm.convert import megatron_layout as layout
+from megatron_effllm.errors import UserError
+from megatron_effllm.parallel.runtime import model_parallel_sizes
+
+
+def local_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors (no ``_extra_state``), sharing storage with its parameters."""
+    return {
+        k: v for k, v in model.state_dict().items()
+        if not layout.is_extra_state(k) and isinstance(v, torch.Tensor)
+    }
+
+
+def model_style(model: torch.nn.Module) -> str:
+    return layout.detect_style(local_state_dict(model).keys())
+
+
+def load_local(model: torch.nn.Module, local: Mapping[str, torch.Tensor]) -> None:
+    """Copy a megatron shard state dict into ``model`` (keys and shapes must match exactly)."""
+    own = local_state_dict(model)
+    missing = sorted(set(own) - set(local))
+    unexpected = sorted(set(local) - set(own))
+    if missing or unexpected:
+        raise UserError(
+            f"weights do not fit this model shard: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}; they were made for another architecture or layout"
+        )
+    for k, t in own.items():
+        if tuple(t.shape) != tuple(local[k].shape):
+            raise UserError(
+                f"{k}: model shard needs shape {tuple(t.shape)}, weights have "
+                f"{tuple(local[k].shape)}; they were made for another architecture or layout"
+            )
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(local[k])
+
+
+def load_canonical(model: torch.nn.Module, arch: Architecture, sd: Mapping[str, torch.Tensor]) -> None:
+    """Load a canonical state dict into this rank's shard of the model."""
+    tp_rank, tp, pp_rank, pp = model_parallel_sizes()
+    load_local(model, layout.to_megatron(arch, sd, tp_rank, tp, pp_rank, pp, model_style(model)))
+
+
+def gather_shards(model: torch.nn.Module) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """Every model-parallel rank's shard state dict (CPU copies), keyed (tp_rank, pp_rank),
+    on every rank of the model-parallel group."""
+    from megatron.core import parallel_state
+
+    tp_rank, tp, pp_rank, pp = model_parallel_sizes()
+    mine = {k: v.detach().cpu().clone() for k, v in local_state_dict(model).items()}
+    if tp * pp == 1:
+        return {(0, 0): mine}
+    group = parallel_state.get_model_parallel_group()
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, ((tp_rank, pp_rank), mine), group=group)
+    return dict(gathered)
+
+
+def gather_canonical(model: torch.nn.Module, arch: Architecture) -> dict[str, torch.Tensor]:
+    """The full canonical state dict of a sharded model, on every model-parallel rank."""
+    _, tp, _, pp = model_parallel_sizes()
+    return layout.from_megatron(arch, gather_shards(model), tp, pp)

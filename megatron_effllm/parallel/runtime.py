@@ -1,0 +1,172 @@
+"""Process groups for megatron-core, and the small runtime support it needs on a CPU-only machine.
+
+megatron-core assumes CUDA in a handful of places on its main path (RNG state, RoPE buffers,
+the attention memory buffer, the pipeline schedules). When no GPU exists, ``ensure_cpu_support``
+redirects exactly those calls to the CPU; with a GPU present it does nothing, so the same code
+runs unchanged on a cluster.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import threading
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+from megatron_effllm.errors import UserError
+
+_CPU = torch.device("cpu")
+_applied = False
+_lock = threading.Lock()
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare integer is a CUDA ordinal in torch's device arguments.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites ``device="cuda"`` (and ``.cuda()`` / ``.to("cuda")``) to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device=_CPU)
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_get_rng_state(device="cuda"):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device="cuda"):
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed):
+    torch.default_generator.manual_seed(int(seed))
+
+
+def ensure_cpu_support() -> None:
+    """Make megatron-core's GPT path run on the CPU when there is no CUDA device.
+
+    Idempotent; a no-op when ``torch.cuda.is_available()``. Covers GPTModel forward/backward,
+    ``model_parallel_cuda_manual_seed`` and its RNG tracker, RoPE, the attention memory buffer
+    and the pipeline schedules with their point-to-point communication.
+    """
+    global _applied
+    if torch.cuda.is_available():
+        return
+    with _lock:
+        if _applied:
+            return
+        import torch.cuda.random as cuda_random
+        from megatron.core.tensor_parallel import random as mp_random
+
+        torch.cuda.current_device = lambda: _CPU
+        torch.cuda.synchronize = lambda device=None: None
+        for mod in (torch.cuda, cuda_random):
+            mod.get_rng_state = _cpu_get_rng_state
+            mod.set_rng_state = _cpu_set_rng_state
+            mod.manual_seed = _cpu_manual_seed
+            mod.manual_seed_all = _cpu_manual_seed
+        mp_random._get_cuda_rng_state = (
+            lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+        )
+        mp_random._set_cuda_rng_state = (
+            lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+        )
+        # Pushed once and never popped: it must stay active for the whole process.
+        _CudaToCpuMode().__enter__()
+        _applied = True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_process_group() -> None:
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        # Started by a launcher (torchrun, deepspeed, mpirun with the env set).
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            rank=0,
+            world_size=1,
+            timeout=datetime.timedelta(minutes=30),
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """Initialise megatron-core's tensor/pipeline groups on the current torch.distributed world.
+
+    Starts a one-process group first when none exists. Re-initialises when called again with
+    different sizes. Seeds megatron's model-parallel RNG tracker (needed by attention).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if tp < 1 or pp < 1:
+        raise UserError(f"tensor/pipeline parallel sizes must be >= 1, got tp={tp} pp={pp}")
+    _ensure_process_group()
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise UserError(
+            f"world size {world} is not divisible by tp*pp = {tp}*{pp}; "
+            "launch a multiple of tp*pp processes"
+        )
+    ensure_cpu_support()
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size() == tp
+            and parallel_state.get_pipeline_model_parallel_world_size() == pp
+        )
+        if not same:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    """Tear down megatron-core's groups (the torch.distributed world stays)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+
+
+def model_parallel_sizes() -> tuple[int, int, int, int]:
+    """(tp_rank, tp_size, pp_rank, pp_size) of this process; (0, 1, 0, 1) without groups."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1, 0, 1
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
