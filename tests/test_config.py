@@ -53,3 +53,15 @@ def test_schedules():
     kw = dict(source=1000, target=500, start=10, end=20)
     assert [target_params(s, **kw) for s in (0, 10, 15, 20, 30)] == [1000, 1000, 750, 500, 500]
     assert target_params(15, curve="cubic", **kw) == 1000 - round(500 * (1 - 0.5 ** 3))
+
+
+def test_shipped_recipes_load():
+    import glob
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recipes = sorted(glob.glob(os.path.join(root, "configs", "*.yaml")))
+    assert len(recipes) >= 3
+    for path in recipes:
+        cfg = load_config(path)
+        assert cfg.prune.end_step <= cfg.train.steps

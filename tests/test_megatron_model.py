@@ -1,7 +1,7 @@
 """megatron-core GPTModel built from an Architecture == the Hugging Face model, in fp32.
 
-TP=1 runs in the test process; TP=2 and PP=2 run on two real gloo ranks (one launch each
-covering every family).
+TP=1 runs in the test process; TP=2 and PP=2 run on two real gloo ranks (one launch covering
+every model at both layouts).
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from megatron_fixtures import CASES, hf_logits, sample_ids, tiny_hf
+from megatron_fixtures import ALL_MODELS, CASES, any_model, hf_logits, sample_ids, tiny_hf
 
 TOL = 1e-4
 
@@ -24,14 +24,15 @@ def _megatron_logits(arch, sd, ids, tp, pp):
     return forward_logits(model, ids)
 
 
-def _compare_families(rank, world_size, tp, pp):
-    """On every rank: max |HF - megatron| per family at the given layout."""
+def _compare_families(rank, world_size):
+    """On every rank: max |HF - megatron| per model at TP=2, then at PP=2."""
     diffs = {}
-    for family in CASES:
-        hf, arch, sd = tiny_hf(family)
-        ids = sample_ids()
-        got = _megatron_logits(arch, sd, ids, tp, pp)
-        diffs[family] = (got - hf_logits(hf, ids)).abs().max().item()
+    for tp, pp in ((2, 1), (1, 2)):
+        for name in ALL_MODELS:
+            hf, arch, sd = any_model(name)
+            ids = sample_ids()
+            got = _megatron_logits(arch, sd, ids, tp, pp)
+            diffs[(name, f"TP={tp} PP={pp}")] = (got - hf_logits(hf, ids)).abs().max().item()
     return diffs
 
 
@@ -53,17 +54,20 @@ def test_tp1_logits_match_hf(family):
     assert (_megatron_logits(arch, swapped, ids, 1, 1) - want).abs().max().item() > 1e-2
 
 
-def test_tp2_logits_match_hf():
-    results = run_ranks(_compare_families, world_size=2, args=(2, 1))
-    for rank, diffs in enumerate(results):
-        for family, diff in diffs.items():
-            print(f"{family} TP=2 rank {rank} max abs logit diff {diff:.2e}")
-            assert diff <= TOL, (family, rank, diff)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_nonuniform_logits_match_hf_io_model(family):
+    hf, arch, sd = any_model(f"nonuniform-{family}")
+    assert not arch.is_uniform
+    ids = sample_ids()
+    diff = (_megatron_logits(arch, sd, ids, 1, 1) - hf_logits(hf, ids)).abs().max().item()
+    print(f"non-uniform {family} TP=1 max abs logit diff {diff:.2e}")
+    assert diff <= TOL
 
 
-def test_pp2_logits_match_hf():
-    results = run_ranks(_compare_families, world_size=2, args=(1, 2))
+def test_tp2_and_pp2_logits_match_hf():
+    """Two real gloo ranks; every model at TP=2, then at PP=2 (llama: 3 layers split 2+1)."""
+    results = run_ranks(_compare_families, world_size=2)
     for rank, diffs in enumerate(results):
-        for family, diff in diffs.items():
-            print(f"{family} PP=2 rank {rank} max abs logit diff {diff:.2e}")
-            assert diff <= TOL, (family, rank, diff)
+        for (name, layout), diff in diffs.items():
+            print(f"{name} {layout} rank {rank} max abs logit diff {diff:.2e}")
+            assert diff <= TOL, (name, layout, rank, diff)

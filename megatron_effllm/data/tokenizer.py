@@ -29,6 +29,7 @@ class Tokenizer:
     """encode(text) -> ids, eos_id, vocab_size, name; built by ``load_tokenizer``."""
 
     kind: str = ""
+    eos_token: Optional[str] = None  # the separator requested by name, None for the default EOS
 
     def __init__(self, path: str, name: str, eos_id: int, vocab_size: int,
                  bos_id: Optional[int] = None):
@@ -58,7 +59,7 @@ class Tokenizer:
     def identity(self) -> dict:
         """What makes token ids produced by this tokenizer comparable (stored with the data)."""
         return {"kind": self.kind, "name": self.name, "vocab_size": self.vocab_size,
-                "eos_id": self.eos_id}
+                "eos_id": self.eos_id, "path": self.path, "eos_token": self.eos_token}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, "
@@ -136,7 +137,7 @@ def _quiet_transformers():
     hf_logging.set_verbosity_error()
 
 
-def _load_hf(source: str, name: str, eos_token: Optional[str], **kwargs) -> HFTokenizer:
+def _load_hf(source: str, path: str, name: str, eos_token: Optional[str], **kwargs) -> HFTokenizer:
     _quiet_transformers()
     from transformers import AutoTokenizer
 
@@ -146,56 +147,69 @@ def _load_hf(source: str, name: str, eos_token: Optional[str], **kwargs) -> HFTo
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load a tokenizer from {name} ({first[:200]}); give an HF "
                         "tokenizer folder, a .gguf file or a sentencepiece .model") from None
-    return HFTokenizer(hf, os.path.abspath(source) if os.path.exists(source) else source,
-                       name, eos_token)
+    return HFTokenizer(hf, path, name, eos_token)
 
 
-def load_tokenizer(path: str, eos_token: Optional[str] = None) -> Tokenizer:
-    """Load the tokenizer at ``path`` (see the module docstring for what is accepted)."""
+_HF_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def resolve_tokenizer_path(path: str) -> str:
+    """The file or folder ``load_tokenizer(path)`` reads (absolute), or ``path`` for a hub id."""
     if not path:
         raise UserError("no tokenizer given; pass --tokenizer with an HF folder, a .gguf file "
                         "or a sentencepiece .model")
     if path in BUILTIN_ALIASES:
         from megatron_effllm.assets import smollm2_gguf
 
-        path = smollm2_gguf()
+        return smollm2_gguf()
     if os.path.isdir(path):
-        if not any(os.path.exists(os.path.join(path, f)) for f in
-                   ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        if not any(os.path.exists(os.path.join(path, f)) for f in _HF_FILES):
             ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
             if len(ggufs) == 1:
-                return load_tokenizer(os.path.join(path, ggufs[0]), eos_token)
+                return os.path.abspath(os.path.join(path, ggufs[0]))
             raise UserError(f"tokenizer folder {path} has no tokenizer.json or "
                             "tokenizer_config.json; point --tokenizer at an HF model folder, a "
                             ".gguf file or a sentencepiece .model")
-        return _load_hf(path, os.path.basename(os.path.normpath(path)), eos_token)
+        return os.path.abspath(path)
     if os.path.isfile(path):
-        base = os.path.basename(path)
-        if base.endswith(".gguf"):
-            try:
-                import gguf  # noqa: F401  (transformers reads GGUF through it)
-            except ImportError:
-                raise UserError("reading a .gguf tokenizer needs the gguf package; "
-                                "pip install gguf") from None
-            return _load_hf(os.path.dirname(os.path.abspath(path)), base, eos_token, gguf_file=base)
-        if base.endswith(".model"):
-            import sentencepiece
-
-            sp = sentencepiece.SentencePieceProcessor()
-            try:
-                sp.load(path)
-            except (OSError, RuntimeError) as err:
-                raise UserError(f"{path} is not a sentencepiece model ({str(err).strip()[:120]}); "
-                                "give a sentencepiece .model file") from None
-            return SentencePieceTokenizer(sp, os.path.abspath(path), base, eos_token)
-        if base == "tokenizer.json" or base == "tokenizer_config.json":
-            return load_tokenizer(os.path.dirname(os.path.abspath(path)), eos_token)
-        raise UserError(f"tokenizer file {path} has an unknown type; give an HF tokenizer folder, "
-                        "a .gguf file or a sentencepiece .model")
+        if os.path.basename(path) in ("tokenizer.json", "tokenizer_config.json"):
+            return os.path.dirname(os.path.abspath(path))
+        return os.path.abspath(path)
     is_hub_id = (path.count("/") == 1 and not path.startswith((".", "/", "~"))
                  and not path.endswith((".gguf", ".model", ".json")))
     if not is_hub_id:
         raise UserError(f"tokenizer {path} not found; give an existing HF tokenizer folder, "
                         ".gguf file or sentencepiece .model (or smollm2-135m)")
-    # "org/name": a model-hub id; works only with network access.
-    return _load_hf(path, path, eos_token)
+    return path  # "org/name": a model-hub id; works only with network access
+
+
+def load_tokenizer(path: str, eos_token: Optional[str] = None) -> Tokenizer:
+    """Load the tokenizer at ``path`` (see the module docstring for what is accepted)."""
+    path = resolve_tokenizer_path(path)
+    base = os.path.basename(os.path.normpath(path))
+    if os.path.isdir(path):
+        tok = _load_hf(path, path, base, eos_token)
+    elif not os.path.exists(path):
+        tok = _load_hf(path, path, path, eos_token)
+    elif base.endswith(".gguf"):
+        try:
+            import gguf  # noqa: F401  (transformers reads GGUF through it)
+        except ImportError:
+            raise UserError("reading a .gguf tokenizer needs the gguf package; "
+                            "pip install gguf") from None
+        tok = _load_hf(os.path.dirname(path), path, base, eos_token, gguf_file=base)
+    elif base.endswith(".model"):
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor()
+        try:
+            sp.load(path)
+        except (OSError, RuntimeError) as err:
+            raise UserError(f"{path} is not a sentencepiece model ({str(err).strip()[:120]}); "
+                            "give a sentencepiece .model file") from None
+        tok = SentencePieceTokenizer(sp, path, base, eos_token)
+    else:
+        raise UserError(f"tokenizer file {path} has an unknown type; give an HF tokenizer folder, "
+                        "a .gguf file or a sentencepiece .model")
+    tok.eos_token = eos_token
+    return tok

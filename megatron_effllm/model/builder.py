@@ -95,6 +95,7 @@ def make_transformer_config(
     params_dtype: torch.dtype = torch.float32,
     tp: int = 1,
     pp: int = 1,
+    init_weights: bool = True,
 ) -> PerLayerTransformerConfig:
     """The megatron-core config for ``arch`` under tensor/pipeline sizes ``tp``/``pp``."""
     arch.validate(tensor_parallel=tp)
@@ -149,6 +150,7 @@ def make_transformer_config(
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
         cuda_graph_scope=[],
+        perform_initialization=init_weights,
         **kwargs,
     )
 
@@ -160,6 +162,7 @@ def build_gpt_model(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     use_te: Optional[bool] = None,
+    init_weights: bool = True,
 ) -> GPTModel:
     """Build this process's part of the megatron-core GPTModel for ``arch``.
 
@@ -168,7 +171,8 @@ def build_gpt_model(
     default to "first stage"/"last stage". ``use_te=None`` uses TransformerEngine when it is
     importable (then norms are fused into ``linear_qkv``/``linear_fc1``), else the local spec.
     The embedding and output layer have exactly ``arch.vocab_size`` rows (no padding).
-    Weights are randomly initialised; load real ones with ``convert.megatron_layout``.
+    Weights are randomly initialised (left uninitialised with ``init_weights=False``, when
+    real ones are loaded next: ``model.weights.load_canonical`` or a checkpoint).
     """
     ensure_cpu_support()
     if not parallel_state.model_parallel_is_initialized():
@@ -187,7 +191,9 @@ def build_gpt_model(
     elif use_te and not te_available():
         raise UserError("TransformerEngine is not installed; build with use_te=False")
 
-    config = make_transformer_config(arch, params_dtype=params_dtype, tp=tp, pp=pp)
+    config = make_transformer_config(
+        arch, params_dtype=params_dtype, tp=tp, pp=pp, init_weights=init_weights
+    )
     rope = _rope_settings(arch)
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec()

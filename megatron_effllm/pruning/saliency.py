@@ -124,7 +124,6 @@ def reduce_to_groups(
     if len(axes) != t.dim():
         raise PruningError(f"{name}: expected {len(axes)} dims, got shape {tuple(t.shape)}")
     offsets = offsets or {}
-    t = t.to(torch.float64 if out[f"{prefix}.layer"].dtype == torch.float64 else t.dtype)
     for dim, ax in enumerate(axes):
         if ax is None:
             continue
@@ -191,21 +190,29 @@ class GradSaliency:
         grads: dict[str, torch.Tensor],
         count: float = 1.0,
         offsets: Optional[dict[str, dict[int, int]]] = None,
+        add_count: bool = True,
     ) -> None:
-        """Add one gradient's contribution; names absent from ``grads`` are skipped."""
+        """Add one gradient's contribution; names absent from ``grads`` are skipped.
+
+        ``offsets[name] = {dim: start}`` places a tensor-parallel shard in its canonical tensor.
+        Ranks that share one batch (tensor/pipeline parallel) split the tensors between them,
+        and only one of them counts the batch: the others pass ``add_count=False``.
+        """
         for name, g in grads.items():
             if g is None:
                 continue
             w = weights[name]
             off = (offsets or {}).get(name)
-            wg = w.to(torch.float32) * g.to(torch.float32) * count
+            dt = torch.promote_types(torch.promote_types(w.dtype, g.dtype), torch.float32)  # bf16 -> fp32
+            wg = w.to(dt) * g.to(dt) * count
             if "wg" in self.quantities:
                 self.add_elementwise("wg", name, wg, off)
             if "awg" in self.quantities:
                 self.add_elementwise("awg", name, wg.abs(), off)
             if "w2g2" in self.quantities:
                 self.add_elementwise("w2g2", name, wg.square(), off)
-        self.add_count(count)
+        if add_count:
+            self.add_count(count)
 
     def add_elementwise(self, quantity: str, name: str, t: torch.Tensor, offsets=None) -> None:
         """Low level: add an already formed element-wise quantity (e.g. a TP shard of w*g*n)."""
@@ -309,7 +316,8 @@ class ActivationSaliency:
 
     @staticmethod
     def _flat(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        x = x.detach().reshape(-1, x.shape[-1])
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         if mask is not None:
             x = x[mask.reshape(-1).to(torch.bool).to(x.device)]
         return x

@@ -30,6 +30,9 @@ class ModelConfig:
     source: str = ""
     # Random-init architecture (an Architecture.uniform(...) keyword dict), used when source is empty.
     init: Optional[dict] = None
+    # Tokenizer for a random-init model (HF folder, .gguf, sentencepiece .model or smollm2-135m);
+    # with a source model, its own tokenizer is used.
+    tokenizer: str = ""
     dtype: str = "bf16"  # bf16 | fp32: training precision (DeepSpeed bf16 keeps fp32 masters)
 
 

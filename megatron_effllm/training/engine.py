@@ -9,6 +9,7 @@ function supplied by the caller (the pruning adapter): this module knows nothing
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Optional
 
 import torch
@@ -68,6 +69,8 @@ def initialize_engine(model, ds_config: dict, optimizer, mpu=None):
     import deepspeed
 
     _skip_cpu_shm_build()
+    # A single process started without a launcher: DeepSpeed insists on the launcher's variable.
+    os.environ.setdefault("LOCAL_RANK", "0")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, mpu=mpu,

@@ -1,0 +1,535 @@
+"""What the training loop calls: resolve the data settings, then iterate micro-batches.
+
+    args = prepare_data(cfg.data, tokenizer="smollm2-135m", out_dir=f"{run_dir}/data",
+                        seed=cfg.seed, train_samples=cfg.train.steps * cfg.data.global_batch)
+    it = make_train_iterator(args, dp_rank, dp_size, micro_batch, global_batch,
+                             start_state=checkpoint.get("data"))
+    batch = next(it)          # this rank's next micro-batch
+    ...
+    checkpoint["data"] = it.state_dict()     # at a step boundary
+    if it.sampler is not None and it.sampler.update_due:
+        it.update_domain_weights(heldout_losses)  # dynamic batch loading, same losses on all ranks
+
+A micro-batch is megatron's dict form, every tensor on the CPU:
+    tokens       [micro_batch, seq_len] int64   input ids
+    labels       [micro_batch, seq_len] int64   next-token targets (tokens shifted by one)
+    loss_mask    [micro_batch, seq_len] float32 1 where the label counts
+    position_ids [micro_batch, seq_len] int64
+    domain_id    [micro_batch]          int64   index into args.domains
+
+Each global batch is ``global_batch`` samples; data-parallel rank r reads, for accumulation
+step k, the samples ``[k*micro_batch*dp_size + r*micro_batch, ... + micro_batch)`` of it, so
+the ranks never overlap and together read exactly the global batch (megatron's layout). The
+sample order depends only on the seed, never on dp_size: a checkpoint resumes at another DP
+size as long as the global batch stays the same. Nothing here needs a process group.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+from megatron_effllm.data import blend
+from megatron_effllm.data.dynamic_batch import DynamicBatchSampler
+from megatron_effllm.data.preprocess import inputs_fingerprint, preprocess, read_meta
+from megatron_effllm.errors import UserError
+
+BLENDED_STATE_KIND = "blended/1"
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+@dataclass
+class DataArgs:
+    """Resolved data settings: every domain is an indexed prefix (PREFIX.bin/.idx)."""
+
+    train: dict                       # domain -> prefix
+    heldout: Optional[dict] = None    # domain -> prefix of held-out data (else carved by `split`)
+    weights: Optional[dict] = None    # domain -> initial weight (default: equal)
+    seq_len: int = 256
+    seed: int = 1234
+    cache_dir: Optional[str] = None   # megatron-core index cache (put it in the run folder)
+    split: str = "98,2,0"             # train/valid/test by documents, used without `heldout`
+    train_samples: Optional[int] = None  # static blend: samples to index (steps * global batch)
+    eod_mask_loss: bool = False
+    dynamic: bool = False             # Sheared-LLaMA dynamic batch loading
+    dynamic_interval: int = 50
+    dynamic_eta: float = 1.0
+    dynamic_smoothing: float = 1e-4
+    dynamic_signed: bool = False
+    reference_losses: Optional[dict] = None  # domain -> reference loss (dynamic)
+    eod_id: Optional[int] = None      # only for prefixes without .meta.json
+    vocab_size: Optional[int] = None
+
+    @property
+    def domains(self) -> list:
+        return list(self.train)
+
+
+_FIELDS = {f for f in DataArgs.__dataclass_fields__}
+
+
+def coerce_args(args: Any) -> DataArgs:
+    """A DataArgs from a DataArgs, a mapping, or any object with DataArgs' attribute names."""
+    if isinstance(args, DataArgs):
+        return args
+    if isinstance(args, Mapping):
+        values = {k: v for k, v in args.items() if k in _FIELDS}
+    else:
+        values = {k: getattr(args, k) for k in _FIELDS if hasattr(args, k)}
+    if "train" not in values or not isinstance(values["train"], Mapping):
+        raise UserError("data settings need `train` as a mapping domain -> indexed prefix; "
+                        "resolve raw inputs with prepare_data first")
+    return DataArgs(**values)
+
+
+def _weights_list(args: DataArgs) -> list:
+    if args.weights is None:
+        return [1.0] * len(args.train)
+    missing = [d for d in args.train if d not in args.weights]
+    extra = [d for d in args.weights if d not in args.train]
+    if missing or extra:
+        raise UserError(f"data.weights must name exactly the training domains "
+                        f"{', '.join(args.train)}" + (f"; missing {', '.join(missing)}" if missing else "")
+                        + (f"; unknown {', '.join(map(str, extra))}" if extra else ""))
+    return [float(args.weights[d]) for d in args.train]
+
+
+def _tokens(args: DataArgs) -> blend.TokenInfo:
+    prefixes = dict(args.train)
+    prefixes.update({f"{d} (held-out)": p for d, p in (args.heldout or {}).items()})
+    return blend.token_info_for(prefixes, args.eod_id, args.vocab_size)
+
+
+def _collate(samples: list, domain_ids: list) -> dict:
+    batch = {k: torch.stack([s[k] for s in samples]) for k in BATCH_KEYS}
+    batch["domain_id"] = torch.tensor(domain_ids, dtype=torch.long)
+    return batch
+
+
+class _BlendedSource:
+    """Static mixture: consecutive global batches of megatron-core's BlendedDataset."""
+
+    def __init__(self, dataset, global_batch: int):
+        self.dataset = dataset
+        self.global_batch = global_batch
+        self.step = 0
+        self.sampler = None
+
+    def next_global_batch(self) -> list:
+        n = len(self.dataset)
+        start = self.step * self.global_batch
+        self.step += 1
+        # Past the indexed length, wrap around (megatron sizes it to the run's sample count).
+        return [(None, (start + j) % n) for j in range(self.global_batch)]
+
+    def fetch(self, ref) -> tuple:
+        sample = self.dataset[ref[1]]
+        return sample, int(sample["dataset_id"])
+
+    def state_dict(self) -> dict:
+        return {"kind": BLENDED_STATE_KIND, "step": self.step, "global_batch": self.global_batch,
+                "size": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != BLENDED_STATE_KIND:
+            raise UserError(f"checkpoint data state is {state.get('kind')!r}, not a static blend's; "
+                            "resume with the data settings the run started with (data.dynamic)")
+        if state["global_batch"] != self.global_batch:
+            raise UserError(f"checkpoint used global batch {state['global_batch']}, this run "
+                            f"{self.global_batch}; resume with the same global batch")
+        self.step = int(state["step"])
+
+
+class _DynamicSource:
+    """Adaptive mixture: the dynamic batch sampler over one GPTDataset per domain."""
+
+    def __init__(self, datasets: list, sampler: DynamicBatchSampler):
+        self.datasets = datasets
+        self.sampler = sampler
+
+    def next_global_batch(self) -> list:
+        return self.sampler.next_global_batch()
+
+    def fetch(self, ref) -> tuple:
+        return self.datasets[ref[0]][ref[1]], ref[0]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class TrainDataIterator:
+    """This rank's micro-batches, global batch after global batch (see the module docstring)."""
+
+    def __init__(self, source, domains: Sequence[str], dp_rank: int, dp_size: int,
+                 micro_batch: int, global_batch: int, start_state: Optional[dict] = None):
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise UserError(f"data-parallel rank {dp_rank} must be in [0, {dp_size})")
+        if micro_batch < 1 or global_batch % (micro_batch * dp_size):
+            raise UserError(f"global batch {global_batch} must be a positive multiple of "
+                            f"micro_batch {micro_batch} x data-parallel size {dp_size}")
+        self.source = source
+        self.domains = list(domains)
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.micro_batch, self.global_batch = micro_batch, global_batch
+        self.accumulation_steps = global_batch // (micro_batch * dp_size)
+        self._refs: list = []        # this rank's sample refs of the current global batch
+        self._micro = 0              # micro-batches of it already returned
+        self._state_before: Optional[dict] = None  # source state before the current batch
+        self.last_sample_refs: list = []
+        if start_state is not None:
+            self.load_state_dict(start_state)
+
+    @property
+    def sampler(self) -> Optional[DynamicBatchSampler]:
+        """The dynamic batch sampler (None for a static blend)."""
+        return self.source.sampler
+
+    def __iter__(self):
+        return self
+
+    def _draw(self) -> None:
+        self._state_before = self.source.state_dict()
+        refs = self.source.next_global_batch()
+        mb, dp, r = self.micro_batch, self.dp_size, self.dp_rank
+        self._refs = [refs[k * mb * dp + r * mb: k * mb * dp + (r + 1) * mb]
+                      for k in range(self.accumulation_steps)]
+        self._micro = 0
+
+    def __next__(self) -> dict:
+        if not self._refs or self._micro == self.accumulation_steps:
+            self._draw()
+        refs = self._refs[self._micro]
+        self._micro += 1
+        fetched = [self.source.fetch(r) for r in refs]
+        self.last_sample_refs = refs
+        return _collate([s for s, _ in fetched], [d for _, d in fetched])
+
+    def next_global_batch(self) -> list:
+        """All ``accumulation_steps`` micro-batches of this rank for the next step."""
+        if not self.at_step_boundary:
+            raise RuntimeError("next_global_batch called in the middle of a global batch")
+        return [next(self) for _ in range(self.accumulation_steps)]
+
+    @property
+    def at_step_boundary(self) -> bool:
+        return not self._refs or self._micro == self.accumulation_steps
+
+    def state_dict(self) -> dict:
+        """Where the data stream stands; identical on every DP rank at a step boundary."""
+        if self.at_step_boundary:
+            return {"source": self.source.state_dict(), "micro": 0}
+        return {"source": self._state_before, "micro": self._micro}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state["source"])
+        self._refs, self._micro = [], 0
+        skip = int(state.get("micro", 0))
+        if skip:  # saved inside a global batch: redraw it and skip what was already read
+            if skip >= self.accumulation_steps:
+                raise UserError("checkpoint data state was saved inside a global batch with more "
+                                "accumulation steps than this run has; resume with the same batch "
+                                "sizes and data-parallel size")
+            self._draw()
+            self._micro = skip
+
+    def update_domain_weights(self, losses) -> dict:
+        """Dynamic batch loading: new domain weights from each domain's held-out loss."""
+        if self.sampler is None:
+            raise UserError("domain weights are fixed in a static blend; set data.dynamic to "
+                            "use dynamic batch loading")
+        if not self.at_step_boundary:
+            raise RuntimeError("update the domain weights between steps, not inside a global batch")
+        return self.sampler.update(losses)
+
+
+def make_train_iterator(args, dp_rank: int, dp_size: int, micro_batch: int, global_batch: int,
+                        start_state: Optional[dict] = None) -> TrainDataIterator:
+    """This rank's training micro-batches (megatron dict form; see the module docstring).
+
+    ``args``: a ``DataArgs`` (or anything with its attribute names). Static blend
+    (``dynamic=False``): megatron-core's ``BlendedDataset`` over the training prefixes with
+    ``weights``, indexed for ``train_samples`` samples. Dynamic: one ``GPTDataset`` epoch per
+    domain, mixed by ``DynamicBatchSampler``. ``start_state``: an earlier ``state_dict()``.
+    Every process must call this (megatron-core synchronises index building over the default
+    process group when torch.distributed is initialised).
+    """
+    args = coerce_args(args)
+    tokens = _tokens(args)
+    weights = _weights_list(args)
+    domains = args.domains
+    if args.dynamic:
+        split = "100,0,0" if args.heldout else args.split
+        built = blend.build_domain_datasets(args.train, args.seq_len, args.seed, args.cache_dir,
+                                            split=split, tokens=tokens,
+                                            eod_mask_loss=args.eod_mask_loss)
+        datasets = [built[d][0] for d in domains]
+        sampler = DynamicBatchSampler(
+            domains, [len(ds) for ds in datasets], weights, global_batch, args.seed,
+            update_interval=args.dynamic_interval, eta=args.dynamic_eta,
+            smoothing=args.dynamic_smoothing, signed=args.dynamic_signed,
+            reference_losses=args.reference_losses)
+        source = _DynamicSource(datasets, sampler)
+    else:
+        n = args.train_samples
+        if n is None:  # one pass over the training tokens
+            info = blend.describe(args.train)
+            n = max(global_batch, sum(v["tokens"] for v in info.values()) // args.seq_len)
+        train, _, _ = blend.build_blended_datasets(
+            args.train, weights, args.seq_len, args.seed, args.cache_dir,
+            num_samples=(int(n), None, None), valid=args.heldout, split=args.split,
+            tokens=tokens, eod_mask_loss=args.eod_mask_loss)
+        source = _BlendedSource(train, global_batch)
+    return TrainDataIterator(source, domains, dp_rank, dp_size, micro_batch, global_batch,
+                             start_state)
+
+
+def heldout_datasets(args) -> dict:
+    """{domain: megatron-core GPTDataset} of held-out samples (one epoch each).
+
+    From ``args.heldout`` when given (whole files), else the valid part of ``args.split`` of
+    each training prefix.
+    """
+    args = coerce_args(args)
+    tokens = _tokens(args)
+    if args.heldout:
+        built = blend.build_domain_datasets(args.heldout, args.seq_len, args.seed, args.cache_dir,
+                                            split="0,1,0", tokens=tokens,
+                                            eod_mask_loss=args.eod_mask_loss)
+    else:
+        built = blend.build_domain_datasets(args.train, args.seq_len, args.seed, args.cache_dir,
+                                            split=args.split, tokens=tokens,
+                                            eod_mask_loss=args.eod_mask_loss)
+    out = {}
+    for d, splits in built.items():
+        if splits[1] is None:
+            raise UserError(f"no held-out data for domain {d}: give data.heldout or a split with a "
+                            "valid part (e.g. 98,2,0)")
+        out[d] = splits[1]
+    return out
+
+
+def make_heldout_batches(args, num_batches: int, micro_batch: int, dp_rank: int = 0,
+                         dp_size: int = 1) -> dict:
+    """{domain: [micro-batch, ...]}: fixed held-out batches for measuring each domain's loss.
+
+    The same samples every call (the first ``num_batches * micro_batch`` of the held-out set,
+    fewer if it is smaller). With dp_size > 1, batch b goes to rank b % dp_size, so the ranks
+    share the work; average the losses over ranks weighted by ``loss_mask.sum()``.
+    """
+    if num_batches < 1 or micro_batch < 1:
+        raise UserError("held-out batches: num_batches and micro_batch must be >= 1")
+    args = coerce_args(args)
+    domains = args.domains
+    out = {}
+    for d, ds in heldout_datasets(args).items():
+        did = domains.index(d) if d in domains else -1
+        n = min(len(ds), num_batches * micro_batch)
+        batches = []
+        for b, start in enumerate(range(0, n, micro_batch)):
+            if b % dp_size != dp_rank:
+                continue
+            idx = range(start, min(start + micro_batch, n))
+            batches.append(_collate([ds[i] for i in idx], [did] * len(idx)))
+        out[d] = batches
+    return out
+
+
+# --- resolving the run configuration's data section ---
+
+def _read_manifest(path: str) -> dict:
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"domain manifest {path} is unreadable ({err}); give the .domains.json "
+                        "written by tools/preprocess_data.py --split-by-domain") from None
+    if not isinstance(manifest, dict) or not manifest:
+        raise UserError(f"domain manifest {path} must map domain names to prefixes")
+    return manifest
+
+
+def _is_prefix(entry: str) -> bool:
+    return os.path.isfile(entry + ".bin") and os.path.isfile(entry + ".idx")
+
+
+def _normalize_spec(spec, split: str) -> dict:
+    """Config value -> {domain: [entries]} (entries: raw inputs or indexed prefixes)."""
+    if spec in (None, ""):
+        return {}
+    if spec == "builtin":
+        from megatron_effllm.assets import corpus_files
+
+        return {d: [p] for d, p in corpus_files("train" if split == "train" else "heldout").items()}
+    if isinstance(spec, str):
+        if spec.endswith(".json"):
+            return {d: [p] for d, p in _read_manifest(spec).items()}
+        if _is_prefix(spec):
+            return {os.path.basename(spec): [spec]}
+        raise UserError(f"data.{split}: {spec!r} is neither 'builtin', a .domains.json manifest "
+                        "nor an indexed prefix; or give a mapping domain -> files")
+    if isinstance(spec, Mapping):
+        out = {}
+        for d, entries in spec.items():
+            entries = [entries] if isinstance(entries, str) else list(entries or [])
+            if not entries:
+                raise UserError(f"data.{split}.{d}: no files given")
+            out[str(d)] = [str(e) for e in entries]
+        return out
+    raise UserError(f"data.{split} must be 'builtin', a manifest path or a mapping domain -> files")
+
+
+class _TokenizerOnce:
+    """The tokenizer for raw inputs, loaded only if some domain needs tokenizing."""
+
+    def __init__(self, tokenizer, eos_token: Optional[str]):
+        from megatron_effllm.data.tokenizer import Tokenizer
+
+        self._tok = tokenizer if isinstance(tokenizer, Tokenizer) else None
+        self.spec, self.eos_token = tokenizer, eos_token
+
+    def source(self) -> tuple:
+        """(path, eos_token) that identify the tokenizer without loading it."""
+        from megatron_effllm.data.tokenizer import resolve_tokenizer_path
+
+        if self._tok is not None:
+            return self._tok.path, self._tok.eos_token
+        if self.spec is None:
+            raise UserError("raw data inputs need the model's tokenizer; give a tokenizer path")
+        return resolve_tokenizer_path(self.spec), self.eos_token
+
+    def get(self):
+        from megatron_effllm.data.tokenizer import load_tokenizer
+
+        if self._tok is None:
+            self._tok = load_tokenizer(self.spec, self.eos_token)
+        return self._tok
+
+
+def _resolve_domain(domain: str, entries: list, tokenizer: _TokenizerOnce, out_prefix: str,
+                    progress: bool) -> str:
+    prefixes = [e for e in entries if _is_prefix(e)]
+    if prefixes and len(prefixes) == len(entries):
+        return prefixes[0] if len(prefixes) == 1 else _merge_prefixes(prefixes, out_prefix)
+    if prefixes:
+        raise UserError(f"domain {domain} mixes indexed prefixes and raw files; give one kind")
+    meta = read_meta(out_prefix) if _is_prefix(out_prefix) else None
+    if meta is not None and meta.get("inputs") == inputs_fingerprint(entries):
+        made_by = meta["tokenizer"]
+        if (made_by.get("path"), made_by.get("eos_token")) == tokenizer.source():
+            return out_prefix  # already tokenized from the same files by the same tokenizer
+    preprocess(entries, tokenizer.get(), out_prefix, progress=progress)
+    return out_prefix
+
+
+def _merge_prefixes(prefixes: list, out_prefix: str) -> str:
+    """Concatenate several indexed prefixes of one domain (megatron-core ``add_index``)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, _IndexReader
+
+    fingerprint = [{"prefix": os.path.abspath(p), "size": os.path.getsize(p + ".bin"),
+                    "mtime": int(os.path.getmtime(p + ".bin"))} for p in prefixes]
+    meta = read_meta(out_prefix) if _is_prefix(out_prefix) else None
+    if meta is not None and meta.get("inputs") == fingerprint:
+        return out_prefix
+    metas = [read_meta(p) for p in prefixes]
+    dtypes = {str(_IndexReader(p + ".idx", False).dtype) for p in prefixes}
+    if len(dtypes) > 1:
+        raise UserError(f"prefixes {', '.join(prefixes)} store tokens as {', '.join(sorted(dtypes))}; "
+                        "merge only data from one tokenizer")
+    toks = {json.dumps(m["tokenizer"], sort_keys=True) for m in metas if m}
+    if len(toks) > 1:
+        raise UserError(f"prefixes {', '.join(prefixes)} come from different tokenizers")
+    reader = _IndexReader(prefixes[0] + ".idx", False)
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    builder = IndexedDatasetBuilder(out_prefix + ".bin.tmp", dtype=reader.dtype)
+    del reader
+    try:
+        for p in prefixes:
+            builder.add_index(p)
+        builder.finalize(out_prefix + ".idx.tmp")
+        base = next((m for m in metas if m), None)
+        merged = dict(base or {"format": "megatron_effllm.indexed/1"}, inputs=fingerprint,
+                      documents=sum((m or {}).get("documents", 0) for m in metas),
+                      tokens=sum((m or {}).get("tokens", 0) for m in metas))
+        with open(out_prefix + ".meta.json.tmp", "w") as f:
+            json.dump(merged, f, indent=1)
+        for ext in (".bin", ".idx", ".meta.json"):
+            os.replace(out_prefix + ext + ".tmp", out_prefix + ext)
+    except BaseException:
+        for ext in (".bin", ".idx", ".meta.json"):
+            if os.path.exists(out_prefix + ext + ".tmp"):
+                os.remove(out_prefix + ext + ".tmp")
+        raise
+    return out_prefix
+
+
+def _on_rank_zero_first(fn):
+    """Run ``fn`` on global rank 0, then on the others (they find its outputs cached)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return fn()
+    result = fn() if dist.get_rank() == 0 else None
+    dist.barrier()
+    if dist.get_rank() != 0:
+        result = fn()
+    return result
+
+
+def prepare_data(data_cfg, tokenizer, out_dir: str, seed: int = 1234,
+                 train_samples: Optional[int] = None, eos_token: Optional[str] = None,
+                 progress: bool = True) -> DataArgs:
+    """Resolve the run configuration's ``data`` section into ``DataArgs``.
+
+    ``data_cfg.train`` / ``data_cfg.heldout``: ``"builtin"`` (the corpus sample shipped with the
+    package), the ``.domains.json`` manifest of ``tools/preprocess_data.py --split-by-domain``,
+    an indexed prefix, or a mapping domain -> files/folders (jsonl, parquet, HF datasets) or
+    indexed prefixes. Raw inputs are tokenized with ``tokenizer`` (a path accepted by
+    ``load_tokenizer``, or a loaded ``Tokenizer``; ``eos_token`` or ``data_cfg.eos_token``
+    chooses the document separator) into ``out_dir/<train|heldout>/<domain>``, once: unchanged
+    inputs with the same tokenizer are not tokenized again. Index caches go to ``out_dir/index_cache``.
+    Other fields read from ``data_cfg`` (when present): weights, seq_len, dynamic,
+    dynamic_interval, dynamic_eta, dynamic_smoothing, dynamic_signed, reference_losses (a
+    mapping; any other value is left to the caller, e.g. "source" = measure it), split,
+    eod_mask_loss.
+    """
+    get = (lambda k, default=None: data_cfg.get(k, default)) if isinstance(data_cfg, Mapping) \
+        else (lambda k, default=None: getattr(data_cfg, k, default))
+    train_spec = _normalize_spec(get("train", "builtin"), "train")
+    heldout_spec = _normalize_spec(get("heldout"), "heldout")
+    if not train_spec:
+        raise UserError("data.train is empty; give 'builtin', a manifest or domain -> files")
+
+    tok = _TokenizerOnce(tokenizer, eos_token if eos_token is not None else get("eos_token"))
+
+    def resolve():
+        train = {d: _resolve_domain(d, e, tok, os.path.join(out_dir, "train", d), progress)
+                 for d, e in train_spec.items()}
+        heldout = {d: _resolve_domain(d, e, tok, os.path.join(out_dir, "heldout", d), progress)
+                   for d, e in heldout_spec.items()}
+        return train, heldout
+
+    train, heldout = _on_rank_zero_first(resolve)
+    unknown = [d for d in heldout if d not in train]
+    if unknown:
+        raise UserError(f"held-out domains {', '.join(unknown)} have no training data; name the "
+                        "same domains in data.train and data.heldout")
+    reference = get("reference_losses")
+    weights = get("weights")
+    return DataArgs(
+        train=train, heldout=heldout or None,
+        weights=dict(weights) if weights else None,
+        seq_len=int(get("seq_len", get("seq_length", 256))), seed=seed,
+        cache_dir=os.path.join(out_dir, "index_cache"), split=get("split", "98,2,0"),
+        train_samples=train_samples, eod_mask_loss=bool(get("eod_mask_loss", False)),
+        dynamic=bool(get("dynamic", False)), dynamic_interval=int(get("dynamic_interval", 50)),
+        dynamic_eta=float(get("dynamic_eta", 1.0)),
+        dynamic_smoothing=float(get("dynamic_smoothing", 1e-4)),
+        dynamic_signed=bool(get("dynamic_signed", False)),
+        reference_losses=dict(reference) if isinstance(reference, Mapping) else None,
+    )

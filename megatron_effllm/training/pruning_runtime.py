@@ -1,0 +1,426 @@
+"""Pruning inside a training run: the adapter between the pruning core (canonical tensors) and
+the live megatron-core model inside a DeepSpeed engine.
+
+Per step (after backward, before the optimizer step) the saliency accumulator reads the
+step's own weights and gradients, mapped to canonical names; layer Hessians for the OBS update
+are summed from forward hooks. At a prune event the selector picks, from the scores of the
+still-unmasked groups, what to remove next to meet the schedule's target; those groups are
+masked at once (their weights are zeroed before every forward, so their gradients carry no
+signal and the forward is exactly the pruned model's, RMSNorm statistics included), and OBS
+compensates the surviving columns of o_proj / down_proj. Every ``compact_every`` events the
+masked groups are removed physically: weights, fp32 masters and Adam moments are sliced with
+the same indices and the engine is rebuilt.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+
+from megatron_effllm.architecture import Architecture
+from megatron_effllm.convert import megatron_layout as layout
+from megatron_effllm.errors import UserError
+from megatron_effllm.pruning import obs as obs_mod
+from megatron_effllm.pruning.groups import PrunePlan
+from megatron_effllm.pruning.saliency import GradSaliency
+from megatron_effllm.pruning.selection import Constraints, select_global, select_uniform
+from megatron_effllm.pruning.surgery import (
+    full_masks,
+    mask_state_dict,
+    masks_from_plan,
+    plan_from_masks,
+    slice_group_vectors,
+    slice_state_dict,
+)
+from megatron_effllm.training.schedules import target_params
+
+TRAINING_STRATEGIES = ("efficientllm", "uniform", "none")
+
+
+def compose_plans(first: PrunePlan, second: PrunePlan) -> PrunePlan:
+    """The plan doing ``first`` then ``second`` (made on ``first.after``), on ``first.before``."""
+    layers = [first.kept_layers[l] for l in second.kept_layers]
+    pos = {old: new for new, old in enumerate(first.kept_layers)}
+    heads, kv, ffn = {}, {}, {}
+    for l0 in layers:
+        l1 = pos[l0]
+        heads[l0] = first.heads[l0][second.heads[l1]]
+        kv[l0] = first.kv[l0][second.kv[l1]]
+        ffn[l0] = first.ffn[l0][second.ffn[l1]]
+    return PrunePlan.build(first.before, layers, heads, kv, ffn, first.hidden[second.hidden])
+
+
+def _param_pieces(arch: Architecture, name: str, w: torch.Tensor, g: torch.Tensor) -> dict:
+    """{canonical name: (weight piece, gradient piece)} of one megatron parameter (TP=1, PP=1)."""
+    if name.startswith("embedding."):
+        return {"model.embed_tokens.weight": (w, g)}
+    if name == "output_layer.weight":
+        return {"lm_head.weight": (w, g)}
+    if name == "decoder.final_layernorm.weight":
+        return {"model.norm.weight": (w, g)}
+    parts = name.split(".")
+    layer = int(parts[2])
+    shape = arch.layers[layer]
+    rest = ".".join(parts[3:])
+    pre = f"model.layers.{layer}."
+    if rest.startswith("self_attention.linear_qkv."):
+        kind = parts[-1]
+        qw, kw, vw = layout.unfuse_qkv(w, shape.num_heads, shape.num_kv_groups)
+        qg, kg, vg = layout.unfuse_qkv(g, shape.num_heads, shape.num_kv_groups)
+        return {f"{pre}self_attn.q_proj.{kind}": (qw, qg), f"{pre}self_attn.k_proj.{kind}": (kw, kg),
+                f"{pre}self_attn.v_proj.{kind}": (vw, vg)}
+    if rest == "mlp.linear_fc1.weight":
+        (gw, uw), (gg, ug) = w.chunk(2, dim=0), g.chunk(2, dim=0)
+        return {f"{pre}mlp.gate_proj.weight": (gw, gg), f"{pre}mlp.up_proj.weight": (uw, ug)}
+    simple = {
+        "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+        "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+        "input_layernorm.weight": "input_layernorm.weight",
+        "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+        "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+        "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+    }
+    if rest in simple:
+        return {pre + simple[rest]: (w, g)}
+    raise KeyError(f"no canonical name for megatron parameter {name}")
+
+
+def _single_shard(arch: Architecture, tensors: dict) -> dict:
+    """Canonical tensors from this process's megatron tensors (TP=1, PP=1)."""
+    return layout.from_megatron(arch, {(0, 0): tensors}, 1, 1)
+
+
+class PruningRuntime:
+    """Scores, masks, OBS statistics and the schedule of one training run (TP=1, PP=1)."""
+
+    def __init__(self, cfg, arch: Architecture, source_params: int):
+        p = cfg.prune
+        if p.strategy not in TRAINING_STRATEGIES:
+            raise UserError(
+                f"prune.strategy {p.strategy!r} is not available in the training loop yet; use one "
+                f"of {', '.join(TRAINING_STRATEGIES)} (or tools/prune_oneshot.py for the other selectors)"
+            )
+        if p.estimator not in ("taylor", "taylor_elem", "fisher", "mix"):
+            raise UserError(
+                f"prune.estimator {p.estimator!r} needs activations; during training use taylor, "
+                "taylor_elem, fisher or mix"
+            )
+        self.cfg = cfg
+        self.p = p
+        self.enabled = p.strategy != "none"
+        self.arch = arch  # physical shape of the model in the engine
+        self.masks = full_masks(arch)
+        self.source_params = source_params
+        embed = 0 if p.count_embeddings else arch.embedding_params()
+        if p.target_params <= 1.0:
+            self.target = int(round(p.target_params * (source_params - embed))) + embed
+        else:
+            self.target = int(p.target_params)
+        if self.enabled and self.target >= source_params:
+            raise UserError(
+                f"prune.target_params {p.target_params:g} is not below the source size "
+                f"({source_params:,} parameters); choose a smaller target"
+            )
+        self.saliency = GradSaliency(arch, estimators=(p.estimator,))
+        self.hessians = obs_mod.HessianAccumulator()
+        self.events = 0
+        self._hooks = []
+        self._live: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self._hidden_mask: Optional[torch.Tensor] = None
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ schedule
+    def effective_plan(self) -> PrunePlan:
+        return plan_from_masks(self.arch, self.masks)
+
+    def effective_arch(self) -> Architecture:
+        return self.effective_plan().after
+
+    def target_at(self, step: int) -> int:
+        return target_params(step, source=self.source_params, target=self.target,
+                             start=self.p.start_step, end=self.p.end_step, curve=self.p.curve)
+
+    def event_due(self, step: int) -> bool:
+        """A prune event after optimizer step ``step`` (1-based count of completed steps)."""
+        if not self.enabled or step <= self.p.start_step:
+            return False
+        return (step - self.p.start_step) % self.p.interval == 0 or step == self.p.end_step
+
+    def compaction_due(self, step: int) -> bool:
+        if not self.enabled:
+            return False
+        pending = not self.effective_plan().is_identity
+        return pending and (self.events % self.p.compact_every == 0 or step >= self.p.end_step)
+
+    def constraints(self) -> Constraints:
+        return Constraints(
+            tensor_parallel=self.cfg.parallel.tp,
+            min_heads=max(1, self.p.min_heads_per_group),
+            min_ffn=max(1, self.p.min_ffn),
+            prune_hidden=self.p.prune_hidden,
+            allow_depth=self.p.allow_depth,
+        )
+
+    # ------------------------------------------------------------------ hooks on the live model
+    def install(self, model: torch.nn.Module) -> None:
+        """Forward hooks: zero masked weights, correct RMSNorm statistics, record OBS inputs."""
+        self.remove_hooks()
+        self._hooks.append(model.register_forward_pre_hook(self._apply_masks))
+        for name, module in model.named_modules():
+            if name.endswith(("input_layernorm", "pre_mlp_layernorm", "final_layernorm")):
+                self._hooks.append(module.register_forward_hook(self._norm_hook))
+            if self.p.obs and (name.endswith("self_attention.linear_proj") or name.endswith("mlp.linear_fc2")):
+                canon = self._canonical_site(name)
+                self._hooks.append(module.register_forward_pre_hook(self._hessian_hook(canon)))
+        samples_per_micro = float(self.cfg.data.micro_batch)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self._hooks.append(p.register_hook(self._grad_hook(name, p, samples_per_micro)))
+        self._model = model
+        self._refresh_live_masks()
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    @staticmethod
+    def _canonical_site(module_name: str) -> str:
+        # "decoder.layers.3.self_attention.linear_proj" -> "model.layers.3.self_attn.o_proj.weight"
+        parts = module_name.split(".")
+        i = parts.index("layers")
+        layer = int(parts[i + 1])
+        leaf = "self_attn.o_proj.weight" if module_name.endswith("linear_proj") else "mlp.down_proj.weight"
+        return f"model.layers.{layer}.{leaf}"
+
+    def _hessian_hook(self, canon_name: str):
+        def hook(module, args):
+            if module.training and self._collect_hessians:
+                self.hessians.add(canon_name, args[0].detach().float())
+        return hook
+
+    _collect_hessians = False
+
+    def collect_hessians(self, on: bool) -> None:
+        """Record o_proj / down_proj inputs in the coming forwards (EMA-weighted like scores)."""
+        on = bool(on and self.p.obs)
+        if on:
+            for v in self.hessians.state.values():
+                v.mul_(self.p.ema)
+        self._collect_hessians = on
+
+    def _apply_masks(self, module, args):
+        with torch.no_grad():
+            for p, m in self._live:
+                p.data.mul_(m)
+
+    def _norm_hook(self, module, args, output):
+        """Make RMSNorm's statistics run over the kept hidden channels only (as after removal)."""
+        m = self._hidden_mask
+        if m is None:
+            return output
+        x = args[0].float()
+        eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-6)
+        ms_all = x.pow(2).mean(-1, keepdim=True)
+        ms_kept = x.pow(2).sum(-1, keepdim=True) / m.sum()
+        scale = torch.sqrt((ms_all + eps) / (ms_kept + eps))
+        return (output.float() * scale).to(output.dtype)
+
+    def _refresh_live_masks(self) -> None:
+        """Megatron-layout 0/1 tensors for the parameters the current masks touch."""
+        self._live = []
+        self._hidden_mask = None
+        plan = self.effective_plan()
+        if plan.is_identity:
+            return
+        ones = {k: torch.ones(v) for k, v in layout.canonical_shapes(self.arch).items()}
+        canon = mask_state_dict(ones, self.arch, self.masks)
+        meg = layout.to_megatron(self.arch, canon)
+        params = dict(self._model.named_parameters())
+        for name, m in meg.items():
+            if name in params and not bool(m.all()):
+                p = params[name]
+                self._live.append((p, m.to(device=p.device, dtype=p.dtype)))
+        if plan.after.hidden_size != self.arch.hidden_size:
+            self._hidden_mask = self.masks["hidden"].float()
+
+    # ------------------------------------------------------------------ saliency
+    def start_step(self, collecting: bool, samples_per_rank: float, grad_scale: float) -> None:
+        """Before a step's micro-batches: decay the running sums once (EMA) and arm the hooks.
+
+        ``grad_scale`` undoes the engine's loss scaling for gradient accumulation, so that each
+        hooked gradient times ``samples_per_micro`` is a sum over samples; summed over micro-batches
+        and data-parallel ranks the state is that of one process over the global batch.
+        """
+        self._collecting = bool(collecting and self.enabled)
+        self._grad_scale = grad_scale
+        self.collect_hessians(self._collecting)
+        if self._collecting:
+            self.saliency.decay_(self.p.ema)
+            self._samples = samples_per_rank
+
+    def end_micro_batch(self, samples: float) -> None:
+        if self._collecting:
+            self.saliency.add_count(samples)
+
+    _collecting = False
+
+    def _grad_hook(self, name: str, param: torch.nn.Parameter, samples_per_micro: float):
+        """Tensor hook: this micro-batch's gradient of one parameter, folded into the scores."""
+
+        def hook(grad):
+            if self._collecting:
+                with torch.no_grad():
+                    w = param.detach().float()
+                    g = grad.detach().float() * (self._grad_scale * samples_per_micro)
+                    for canon, (wc, gc) in _param_pieces(self.arch, name, w, g).items():
+                        wg = wc * gc
+                        for q in self.saliency.quantities:
+                            t = wg if q == "wg" else wg.abs() if q == "awg" else wg.square()
+                            self.saliency.add_elementwise(q, canon, t)
+            return grad
+
+        return hook
+
+    def reduced_saliency(self) -> GradSaliency:
+        """A copy of the scores summed over data-parallel ranks (tiny vectors)."""
+        scorer = copy.deepcopy(self.saliency)
+        if torch.distributed.is_initialized():
+            from megatron.core import parallel_state as ps
+
+            group = ps.get_data_parallel_group()
+            for v in scorer.state.values():
+                torch.distributed.all_reduce(v, group=group)
+        return scorer
+
+    # ------------------------------------------------------------------ prune event (masking)
+    def prune_event(self, engine, step: int) -> Optional[dict]:
+        """Mask the next groups to meet the schedule's target after ``step``; OBS-update."""
+        self.events += 1
+        target = self.target_at(step)
+        eff_plan = self.effective_plan()
+        eff = eff_plan.after
+        if eff.num_params() <= target:
+            return None
+        scorer = self.reduced_saliency()
+        if not eff_plan.is_identity:
+            scorer.apply_plan(eff_plan)
+        scores = scorer.scores(self.p.estimator)
+        if self.p.strategy == "uniform":
+            plan = select_uniform(scores, target_params=target, constraints=self.constraints())
+        else:
+            plan = select_global(scores, target, self.constraints())
+        if plan.is_identity:
+            return None
+        total = compose_plans(eff_plan, plan)
+        if self.p.obs and self.hessians.names():
+            self._obs_update(engine, eff_plan, total)
+        self.masks = masks_from_plan(total)
+        self._refresh_live_masks()
+        record = {"kind": "prune", "step": step, "target": target,
+                  "params": total.after.num_params(), "architecture": total.after.to_dict()}
+        self.history.append({k: record[k] for k in ("step", "target", "params")})
+        return record
+
+    @torch.no_grad()
+    def _obs_update(self, engine, before: PrunePlan, after: PrunePlan) -> None:
+        """Compensate o_proj / down_proj columns for heads and FFN channels masked just now.
+
+        OBS works on the physical numbering: columns already masked are zero and stay out; the
+        columns removed now are the ones kept by ``before`` but not by ``after``.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        params = dict(engine.module.named_parameters())
+        d = self.arch.head_dim
+        for l, shape in enumerate(self.arch.layers):
+            if l not in after.kept_layers:
+                continue
+            for kind, meg, canon, unit, n in (
+                ("head", f"decoder.layers.{l}.self_attention.linear_proj.weight",
+                 f"model.layers.{l}.self_attn.o_proj.weight", d, shape.num_heads),
+                ("ffn", f"decoder.layers.{l}.mlp.linear_fc2.weight",
+                 f"model.layers.{l}.mlp.down_proj.weight", 1, shape.ffn_hidden_size),
+            ):
+                was = set(before.kept(kind, l).tolist()) if l in before.kept_layers else set()
+                now = set(after.kept(kind, l).tolist())
+                gone = sorted(was - now)
+                if not gone or f"xtx.{canon}" not in self.hessians.state:
+                    continue
+                alive = sorted(was)
+                cols = torch.tensor([u * unit + j for u in alive for j in range(unit)])
+                rm = torch.tensor([alive.index(u) * unit + j for u in gone for j in range(unit)])
+                p = params[meg]
+                W = safe_get_full_fp32_param(p)
+                W = (W if W is not None else p.detach()).float()
+                H = self._reduced_hessian(canon)[cols][:, cols]
+                W_alive = W[:, cols].double()
+                new_alive, _ = obs_mod.obs_update(W_alive, H, rm)
+                W[:, cols] = new_alive.to(W.dtype)
+                if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
+                    safe_set_full_fp32_param(p, W)
+                if not hasattr(p, "ds_id"):
+                    p.data.copy_(W.to(p.dtype))
+
+    def _reduced_hessian(self, canon: str) -> torch.Tensor:
+        """The damped layer Hessian from every data-parallel rank's inputs (identical on all)."""
+        acc = obs_mod.HessianAccumulator()
+        acc.state = {k: self.hessians.state[k].clone() for k in (f"xtx.{canon}", f"n.{canon}")}
+        if torch.distributed.is_initialized():
+            from megatron.core import parallel_state as ps
+
+            for v in acc.state.values():
+                torch.distributed.all_reduce(v, group=ps.get_data_parallel_group())
+        return acc.hessian(canon, self.p.obs_damp)
+
+    # ------------------------------------------------------------------ compaction
+    def compaction_plan(self) -> PrunePlan:
+        return self.effective_plan()
+
+    def slice_engine_state(self, plan: PrunePlan):
+        """The function the engine rebuild calls: full megatron-named state -> sliced."""
+        new_arch = plan.after
+
+        def fn(full: dict) -> dict:
+            keys = sorted({k for entry in full.values() for k in entry})
+            per_key = {}
+            for key in keys:
+                meg = {name: entry[key] for name, entry in full.items() if key in entry}
+                canon = _single_shard(self.arch, meg)
+                per_key[key] = layout.to_megatron(new_arch, slice_state_dict(canon, plan))
+            names = per_key["param"].keys()
+            return {n: {k: per_key[k][n] for k in keys if n in per_key[k]} for n in names}
+
+        return fn
+
+    def after_compaction(self, plan: PrunePlan) -> None:
+        self.saliency.apply_plan(plan)
+        if self.hessians.names():
+            self.hessians.apply_plan(plan)
+        self.arch = plan.after
+        self.masks = full_masks(self.arch)
+        self._live = []
+        self._hidden_mask = None
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "arch": self.arch.to_dict(),
+            "masks": {k: v.clone() for k, v in self.masks.items()},
+            "saliency": {k: v.clone() for k, v in self.saliency.state_dict().items()},
+            "hessians": {k: v.clone() for k, v in self.hessians.state_dict().items()},
+            "events": self.events,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.arch = Architecture.from_dict(state["arch"])
+        self.masks = state["masks"]
+        self.saliency = GradSaliency(self.arch, estimators=(self.p.estimator,))
+        self.saliency.load_state_dict(state["saliency"])
+        self.hessians = obs_mod.HessianAccumulator()
+        self.hessians.load_state_dict(state["hessians"])
+        self.events = state["events"]
+        self.history = list(state["history"])

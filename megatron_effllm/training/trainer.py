@@ -1,0 +1,363 @@
+"""The training loop: pruning-aware pretraining on a megatron-core model in a DeepSpeed engine.
+
+    run(load_config("configs/tiny_cpu.yaml", ["run_dir=runs/x"]))
+
+One step: forward/backward of ``global_batch / (micro_batch * dp)`` micro-batches on the engine
+-> saliency reads the fresh gradients -> optimizer step -> (schedule) prune event: mask and
+OBS-update -> (every K events) compaction: slice weights and Adam state, rebuild the engine ->
+log -> checkpoint. At the end the model is exported as an HF folder and evaluated.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_effllm.architecture import Architecture
+from megatron_effllm.errors import UserError
+from megatron_effllm.training import checkpoint as ckpt
+from megatron_effllm.training import engine as eng
+from megatron_effllm.training.config import RunConfig, save_config
+from megatron_effllm.training.metrics import MetricsLogger, plot_run
+from megatron_effllm.training.schedules import learning_rate
+
+BUILTIN_MODELS = ("smollm2-135m",)
+
+
+def _log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def resolve_source(source: str) -> str:
+    if source in BUILTIN_MODELS:
+        from megatron_effllm.assets import smollm2_hf_dir
+
+        return smollm2_hf_dir(dtype="float32")
+    return source
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self._init_distributed()
+        from megatron.core import parallel_state as ps
+
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.is_main = dist.get_rank() == 0
+        d = cfg.data
+        per_pass = d.micro_batch * self.dp_size
+        if d.global_batch % per_pass:
+            raise UserError(
+                f"data.global_batch {d.global_batch} must be a multiple of micro_batch x data-parallel "
+                f"size = {d.micro_batch} x {self.dp_size}"
+            )
+        self.grad_accum = d.global_batch // per_pass
+        self.run_dir = cfg.run_dir
+        self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
+
+    # ------------------------------------------------------------------ set-up
+    def _init_distributed(self) -> None:
+        from megatron_effllm.parallel.runtime import init_model_parallel
+
+        if self.cfg.parallel.pp != 1 or self.cfg.parallel.tp != 1:
+            raise UserError(
+                "training currently runs with parallel.tp=1 and parallel.pp=1 (data parallel with "
+                "ZeRO scales it); tensor/pipeline-parallel layouts are supported by the model and "
+                "the converters"
+            )
+        eng._skip_cpu_shm_build()
+        init_model_parallel(self.cfg.parallel.tp, self.cfg.parallel.pp, seed=self.cfg.seed)
+
+    def _load_source(self):
+        """(Architecture, canonical state dict or None, tokenizer path)."""
+        m = self.cfg.model
+        if m.source:
+            from megatron_effllm.convert.hf_io import load_hf_model
+
+            src = load_hf_model(resolve_source(m.source))
+            return src.arch, src.state_dict, src.tokenizer_dir
+        try:
+            arch = Architecture.uniform(**m.init)
+        except TypeError as err:
+            raise UserError(f"model.init: {err}; give Architecture.uniform fields "
+                            "(num_layers, hidden_size, num_heads, num_kv_groups, ffn_hidden_size, vocab_size, ...)") from None
+        if not m.tokenizer:
+            raise UserError("model.init needs model.tokenizer (HF folder, .gguf, .model or smollm2-135m)")
+        return arch, None, m.tokenizer
+
+    def _build_model(self, arch: Architecture, canonical: Optional[dict]):
+        from megatron_effllm.model.builder import build_gpt_model
+        from megatron_effllm.model.weights import load_canonical
+
+        torch.manual_seed(self.cfg.seed)
+        model = build_gpt_model(arch, params_dtype=torch.float32, init_weights=canonical is None)
+        if canonical is not None:
+            load_canonical(model, arch, canonical)
+        return model
+
+    def _ds_config(self) -> dict:
+        return eng.deepspeed_config(
+            micro_batch=self.cfg.data.micro_batch, grad_accum=self.grad_accum,
+            zero_stage=self.cfg.parallel.zero_stage, bf16=self.cfg.model.dtype == "bf16",
+            clip_grad=self.cfg.optim.clip_grad,
+        )
+
+    def _make_optimizer(self, model):
+        o = self.cfg.optim
+        return eng.make_optimizer(model, lr=o.lr, weight_decay=o.weight_decay,
+                                  betas=(o.beta1, o.beta2), eps=o.eps)
+
+    def _mpu(self):
+        from megatron_effllm.parallel.deepspeed_mpu import MegatronMPU
+
+        return MegatronMPU()
+
+    # ------------------------------------------------------------------ model calls
+    def _loss(self, engine, batch: dict) -> torch.Tensor:
+        device = next(engine.module.parameters()).device
+        tokens = batch["tokens"].to(device)
+        labels = batch["labels"].to(device)
+        mask = batch["loss_mask"].to(device).float()
+        per_token = engine(tokens, batch["position_ids"].to(device), None, labels=labels)
+        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+    @torch.no_grad()
+    def heldout_losses(self, engine) -> dict[str, float]:
+        """Mean token loss per held-out domain, identical on every rank."""
+        from megatron_effllm.data.loader import make_heldout_batches
+
+        batches = make_heldout_batches(self.data_args, self.cfg.data.heldout_batches,
+                                       self.cfg.data.micro_batch, self.dp_rank, self.dp_size)
+        was = engine.module.training
+        engine.module.eval()
+        out = {}
+        for domain, items in batches.items():
+            tot = torch.zeros(2, dtype=torch.float64)
+            for batch in items:
+                device = next(engine.module.parameters()).device
+                per_token = engine.module(batch["tokens"].to(device), batch["position_ids"].to(device),
+                                          None, labels=batch["labels"].to(device))
+                mask = batch["loss_mask"].to(device).float()
+                tot += torch.tensor([float((per_token.float() * mask).sum()), float(mask.sum())],
+                                    dtype=torch.float64)
+            if dist.is_initialized():
+                dist.all_reduce(tot)
+            out[domain] = float(tot[0] / tot[1].clamp(min=1))
+        engine.module.train(was)
+        return out
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        cfg = self.cfg
+        t_start = time.time()
+        arch, canonical, tokenizer = self._load_source()
+        self.source_arch = arch
+        self.tokenizer = tokenizer
+        from megatron_effllm.data.loader import make_train_iterator, prepare_data
+
+        self.data_args = prepare_data(
+            cfg.data, tokenizer=tokenizer, out_dir=os.path.join(self.run_dir, "data"), seed=cfg.seed,
+            train_samples=cfg.train.steps * cfg.data.global_batch, progress=self.is_main,
+        )
+        from megatron_effllm.training.pruning_runtime import PruningRuntime
+
+        pruning = PruningRuntime(cfg, arch, arch.num_params())
+        start_step, trainer_state, resume_dir = 0, {}, None
+        if cfg.resume != "none":
+            resume_dir = cfg.resume if cfg.resume != "auto" else ckpt.find_resumable(self.ckpt_root, log=_log)
+            if resume_dir is not None:
+                ckpt.verify(resume_dir)
+                arch_json, trainer_state = ckpt.read_meta(resume_dir)
+                arch = Architecture.from_json(arch_json)
+                canonical = None
+                start_step = trainer_state["step"]
+                pruning.load_state_dict(trainer_state["pruning"])
+        model = self._build_model(arch, canonical)
+        del canonical
+        engine = eng.initialize_engine(model, self._ds_config(), self._make_optimizer(model), mpu=self._mpu())
+        if resume_dir is not None:
+            ckpt.load_engine_state(engine, resume_dir)
+            _log(f"[resume] continuing from {resume_dir} at step {start_step}")
+        pruning.install(engine.module)
+        data_iter = make_train_iterator(self.data_args, self.dp_rank, self.dp_size, cfg.data.micro_batch,
+                                        cfg.data.global_batch, start_state=trainer_state.get("data"))
+        if "source_heldout" in trainer_state:
+            self.source_heldout = trainer_state["source_heldout"]
+        else:
+            self.source_heldout = self.heldout_losses(engine)
+        ref = cfg.data.reference_losses
+        self.reference = ({d: float(ref.get(d, v)) for d, v in self.source_heldout.items()}
+                          if isinstance(ref, dict) else dict(self.source_heldout))
+        if data_iter.sampler is not None and hasattr(data_iter.sampler, "set_reference_losses"):
+            data_iter.sampler.set_reference_losses(self.reference)
+        _log(f"[run] {arch.num_params():,} parameters, target {pruning.target:,}; "
+             f"{cfg.train.steps} steps x {cfg.data.global_batch} x {cfg.data.seq_len} tokens; "
+             f"DP={self.dp_size} ZeRO-{cfg.parallel.zero_stage} {cfg.model.dtype}")
+
+        bar = None
+        if cfg.train.progress_bar and self.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True)
+        tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+        consumed = trainer_state.get("consumed_tokens", start_step * tokens_per_step)
+        faults = 0
+        timing = {"train": 0.0, "prune": 0.0, "compact": 0.0}
+        loss_val = float("nan")
+        for step in range(start_step, cfg.train.steps):
+            t0 = time.time()
+            lr = learning_rate(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+                               warmup=cfg.optim.warmup_steps, total=cfg.train.steps,
+                               schedule=cfg.optim.schedule, decay_fraction=cfg.optim.decay_fraction)
+            eng.set_learning_rate(engine, lr)
+            in_window = pruning.enabled and pruning.p.start_step <= step < pruning.p.end_step
+            # The engine divides the loss by the accumulation steps before backward.
+            pruning.start_step(in_window, samples_per_rank=cfg.data.global_batch / self.dp_size,
+                               grad_scale=float(self.grad_accum))
+            losses = []
+            for _ in range(self.grad_accum):
+                batch = next(data_iter)
+                loss = self._loss(engine, batch)
+                engine.backward(loss)
+                pruning.end_micro_batch(float(batch["tokens"].shape[0]))
+                losses.append(loss.detach().float())
+            loss_t = torch.stack(losses).mean()
+            if dist.is_initialized():
+                dist.all_reduce(loss_t)
+                loss_t /= dist.get_world_size()
+            loss_val = float(loss_t)
+            if not math.isfinite(loss_val):
+                faults += 1
+                engine.optimizer.zero_grad() if hasattr(engine.optimizer, "zero_grad") else None
+                self.metrics.log({"kind": "fault", "step": step + 1, "loss": loss_val})
+                _log(f"[fault] step {step + 1}: non-finite loss, step skipped")
+                if cfg.train.nonfinite_policy == "stop" or faults > 3:
+                    raise UserError(f"non-finite loss at step {step + 1}; lower optim.lr or check the data")
+            engine.step()
+            consumed += tokens_per_step
+            timing["train"] += time.time() - t0
+            done = step + 1
+            record = None
+            if pruning.event_due(done):
+                t1 = time.time()
+                record = pruning.prune_event(engine, done)
+                timing["prune"] += time.time() - t1
+                if record is not None:
+                    self.metrics.log({**record, "kind": "architecture"})
+                if pruning.compaction_due(done):
+                    t2 = time.time()
+                    engine = self._compact(engine, pruning)
+                    timing["compact"] += time.time() - t2
+            if data_iter.sampler is not None and data_iter.sampler.update_due:
+                held = self.heldout_losses(engine)
+                weights = data_iter.update_domain_weights(held)
+                self.metrics.log({"kind": "domains", "step": done, "heldout_loss": held, "weights": weights})
+            eff = pruning.effective_arch()
+            if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
+                dt = time.time() - t0
+                rec = {"kind": "train", "step": done, "loss": loss_val, "lr": lr,
+                       "params": eff.num_params(), "tokens": consumed,
+                       "tokens_per_s": tokens_per_step / max(dt, 1e-9)}
+                if data_iter.sampler is not None:
+                    rec["domain_weights"] = dict(zip(self.data_args.domains, map(float, data_iter.sampler.weights)))
+                self.metrics.log(rec)
+                msg = (f"step {done}/{cfg.train.steps} loss {loss_val:.4f} lr {lr:.2e} "
+                       f"params {eff.num_params() / 1e6:.2f}M tok/s {rec['tokens_per_s']:.0f}")
+                if bar is not None:
+                    bar.set_postfix_str(f"loss {loss_val:.3f} params {eff.num_params() / 1e6:.1f}M")
+                else:
+                    _log(msg)
+                if record is not None:
+                    _log(f"[prune] step {done}: {eff.widths_summary()} hidden {eff.hidden_size}")
+            if bar is not None:
+                bar.update(1)
+            if done % cfg.train.checkpoint_interval == 0 or done == cfg.train.steps:
+                self._save(engine, pruning, data_iter, done, consumed)
+        if bar is not None:
+            bar.close()
+        # Whatever is still only masked goes now, so the exported model is the small one.
+        if not pruning.effective_plan().is_identity:
+            engine = self._compact(engine, pruning)
+        summary = self._finish(engine, pruning, timing, time.time() - t_start, loss_val)
+        self.metrics.close()
+        return summary
+
+    def _compact(self, engine, pruning):
+        plan = pruning.compaction_plan()
+        new_model = self._build_model(plan.after, None)
+        engine = eng.rebuild_engine(
+            engine, new_model, pruning.slice_engine_state(plan), ds_config=self._ds_config(),
+            make_opt=self._make_optimizer, mpu=self._mpu(),
+            carry_optimizer_state=self.cfg.prune.optimizer_state == "carry",
+        )
+        pruning.after_compaction(plan)
+        pruning.install(engine.module)
+        self.metrics.log({"kind": "compaction", "params": plan.after.num_params(),
+                          "architecture": plan.after.to_dict()})
+        return engine
+
+    def _save(self, engine, pruning, data_iter, step: int, consumed: int) -> None:
+        state = {
+            "step": step,
+            "consumed_tokens": consumed,
+            "pruning": pruning.state_dict(),
+            "data": data_iter.state_dict(),
+            "reference_losses": self.reference,
+            "source_heldout": self.source_heldout,
+        }
+        ckpt.save(engine, self.ckpt_root, step, architecture_json=pruning.arch.to_json(),
+                  trainer_state=state, keep=self.cfg.train.keep_checkpoints)
+
+    def _finish(self, engine, pruning, timing: dict, wall: float, last_loss: float) -> dict:
+        from megatron_effllm.model.weights import gather_canonical
+
+        arch = pruning.arch
+        canonical = gather_canonical(engine.module, arch)
+        held = self.heldout_losses(engine)
+        summary = {
+            "source_params": self.source_arch.num_params(),
+            "final_params": arch.num_params(),
+            "final_nonembedding_params": arch.num_params(include_embeddings=False),
+            "widths": arch.widths_summary(),
+            "hidden_size": arch.hidden_size,
+            "final_loss": last_loss,
+            "heldout_ppl_source": {d: math.exp(v) for d, v in self.source_heldout.items()},
+            "heldout_ppl_final": {d: math.exp(v) for d, v in held.items()},
+            "seconds": {k: round(v, 2) for k, v in timing.items()} | {"wall": round(wall, 1)},
+        }
+        if self.is_main:
+            final = os.path.join(self.run_dir, "final")
+            os.makedirs(final, exist_ok=True)
+            arch.save(os.path.join(final, "architecture.json"))
+            if self.cfg.export.hf:
+                from megatron_effllm.convert.hf_io import save_hf_model
+
+                dtype = torch.bfloat16 if self.cfg.export.hf_dtype == "bf16" else torch.float32
+                tok_dir = self.tokenizer if os.path.isdir(str(self.tokenizer)) else None
+                save_hf_model(arch, {k: v.float() for k, v in canonical.items()},
+                              os.path.join(final, "hf"), tokenizer_dir=tok_dir, dtype=dtype, overwrite=True)
+                summary["hf_dir"] = os.path.join(final, "hf")
+            self.metrics.log({"kind": "architecture", "step": self.cfg.train.steps,
+                              "params": arch.num_params(), "architecture": arch.to_dict()})
+            self.metrics.log({"kind": "summary", **summary})
+            summary["plots"] = plot_run(self.run_dir)
+            import json
+
+            with open(os.path.join(final, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        return summary
+
+
+def run(cfg: RunConfig) -> dict:
+    return Trainer(cfg).run()

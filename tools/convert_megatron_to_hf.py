@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Convert a megatron checkpoint folder back into a Hugging Face model folder.
+
+    python tools/convert_megatron_to_hf.py --ckpt CKPT_DIR --out HF_DIR --dtype bf16
+
+A uniform model becomes a stock Llama/Qwen2/Mistral folder; a pruned, non-uniform one gets
+per-layer config fields and its model class (load with trust_remote_code=True). The tokenizer
+stored in the checkpoint is copied along. The checkpoint is read in this one process, whatever
+TP/PP layout wrote it. Nothing is written to --out unless the conversion succeeds.
+"""
+import argparse
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+
+from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
+
+DTYPES = ("bf16", "fp32")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, metavar="DIR",
+                    help="megatron checkpoint folder (written by convert_hf_to_megatron.py or training)")
+    ap.add_argument("--out", required=True, metavar="DIR",
+                    help="Hugging Face model folder to create (must not exist)")
+    ap.add_argument("--dtype", choices=DTYPES, default="bf16",
+                    help="weight precision of the exported safetensors (default: bf16)")
+    return ap.parse_args(argv)
+
+
+@cli_entry
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    from megatron_effllm.convert.hf_io import needs_remote_code, save_hf_model
+    from megatron_effllm.convert.megatron_checkpoint import load_canonical_checkpoint
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out):
+        raise UserError(f"--out {out} already exists; choose a new folder or remove it")
+    start = time.time()
+    arch, state_dict, tokenizer_dir = load_canonical_checkpoint(args.ckpt)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    save_hf_model(arch, state_dict, out, tokenizer_dir=tokenizer_dir, dtype=dtype)
+    kind = "non-uniform (trust_remote_code=True)" if needs_remote_code(arch) else "stock config"
+    print(
+        f"wrote {out}: {arch.family}, {arch.num_layers} layers, {arch.num_params() / 1e6:.1f}M "
+        f"parameters, {args.dtype}, {kind} ({time.time() - start:.1f}s)"
+    )
+
+
+def _shutdown():
+    # Only for the command line: a caller's own process group is left alone.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+    _shutdown()
