@@ -183,10 +183,13 @@ def test_prepare_data_from_run_config(tmp_path):
         assert len(batches) == 2
         assert (batches[0]["domain_id"] == list(args.train).index(d)).all()
     again = make_heldout_batches(args, num_batches=2, micro_batch=2)
-    assert all(torch.equal(held[d][0]["tokens"], again[d][0]["tokens"]) for d in DOMAINS)
+    assert again is held  # kept, not rebuilt
     halves = [make_heldout_batches(args, 2, 2, dp_rank=r, dp_size=2)["man"] for r in (0, 1)]
     assert torch.equal(halves[0][0]["tokens"], held["man"][0]["tokens"])
     assert torch.equal(halves[1][0]["tokens"], held["man"][1]["tokens"])
+    rebuilt = make_heldout_batches(args, num_batches=2, micro_batch=2)
+    assert rebuilt is not held and all(torch.equal(held[d][1]["tokens"], rebuilt[d][1]["tokens"])
+                                       for d in DOMAINS)
 
     with pytest.raises(UserError, match="held-out domains extra have no training data"):
         prepare_data({"train": {"man": args.train["man"]}, "heldout": {"extra": args.heldout["man"]}},

@@ -71,21 +71,29 @@ def small_records(n=40):
 # --- tokenizers ---
 
 def test_gguf_tokenizer_is_smollm2(smol):
-    from transformers import AutoTokenizer
+    from megatron_effllm.data.tokenizer import HFTokenizer
 
     assert smol.vocab_size == 49152 and smol.kind == "hf"
     assert smol.eos_id == 2  # the instruct model's EOS, <|im_end|>
-    hf = AutoTokenizer.from_pretrained(os.path.dirname(smollm2_gguf()),
-                                       gguf_file=os.path.basename(smollm2_gguf()))
     text = "def main():\n    print('Hello, world!')  # naïve café\n"
     ids = smol.encode(text)
-    assert ids == hf(text, add_special_tokens=False)["input_ids"]
+    assert ids == smol.hf(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] != smol.bos_id and ids[-1] != smol.eos_id and len(ids) > 10
     assert smol.decode(ids) == text
     assert smol.encode_batch([text, "abc"]) == [ids, smol.encode("abc")]
     # An instruct model's EOS is its end-of-turn; pretraining documents end with <|endoftext|>.
-    assert load_tokenizer(smollm2_gguf(), eos_token="<|endoftext|>").eos_id == 0
+    assert HFTokenizer(smol.hf, smol.path, smol.name, eos_token="<|endoftext|>").eos_id == 0
     with pytest.raises(UserError, match="no token '<nope>'"):
-        load_tokenizer(smollm2_gguf(), eos_token="<nope>")
+        HFTokenizer(smol.hf, smol.path, smol.name, eos_token="<nope>")
+
+
+def test_hf_tokenizer_folder(smol, tmp_path):
+    smol.hf.save_pretrained(str(tmp_path / "hf"))
+    folder = load_tokenizer(str(tmp_path / "hf"))
+    text = "An HF tokenizer folder: tokenizer.json + tokenizer_config.json.\n"
+    assert folder.encode(text) == smol.encode(text)
+    assert (folder.vocab_size, folder.eos_id, folder.name) == (49152, 2, "hf")
+    assert load_tokenizer(str(tmp_path / "hf" / "tokenizer.json")).encode(text) == smol.encode(text)
 
 
 def test_sentencepiece_tokenizer(sp_model, sp_tok):
@@ -118,14 +126,19 @@ def test_tokenizer_errors_are_one_line(tmp_path, make, message):
 def test_corpus_with_smollm2_gives_back_exact_ids(smol, tmp_path):
     files = list(corpus_files("train").values())
     summary = preprocess(files, smol, str(tmp_path / "corpus"), progress=False)
-    docs = [r["text"] for f in files for r in read_docs(f)]
+    per_file = [[r["text"] for r in read_docs(f)] for f in files]
+    docs = [t for texts in per_file for t in texts]
     ds = IndexedDataset(str(tmp_path / "corpus"))
     assert len(ds) == len(docs) == summary["documents"]
-    expected = smol.encode_batch(docs)
-    for i in range(len(docs)):
-        assert ds[i].tolist() == expected[i] + [smol.eos_id], f"document {i}"
     assert ds[0].dtype == numpy.uint16  # megatron's choice for a 49152-token vocabulary
-    assert summary["tokens"] == sum(len(e) + 1 for e in expected)
+    assert int(ds.sequence_lengths.sum()) == summary["tokens"]
+    # The first and the last document of every domain, token for token.
+    starts = numpy.cumsum([0] + [len(t) for t in per_file])
+    chosen = sorted({int(i) for b, e in zip(starts[:-1], starts[1:]) for i in (b, e - 1)})
+    expected = smol.encode_batch([docs[i] for i in chosen])
+    for i, want in zip(chosen, expected):
+        assert ds[i].tolist() == want + [smol.eos_id], f"document {i}"
+    assert all(int(ds[i][-1]) == smol.eos_id for i in range(len(ds)))
     meta = read_meta(str(tmp_path / "corpus"))
     assert meta["tokenizer"]["vocab_size"] == 49152 and meta["tokenizer"]["eos_id"] == 2
     assert meta["documents"] == len(docs) and set(meta["domains"]) == set(corpus_files("train"))
@@ -219,6 +232,13 @@ def _bad_inputs(d):
 
     pq.write_table(pa.table({"body": ["x"]}), str(d / "nocol.parquet"))
     cases.append(("parquet", str(d / "nocol.parquet"), "nocol.parquet: no field 'text'"))
+    import datasets
+
+    datasets.Dataset.from_list([{"body": "x"}]).save_to_disk(str(d / "hf_nocol"))
+    cases.append(("hf", str(d / "hf_nocol"), "hf_nocol: no field 'text'"))
+    two = datasets.Dataset.from_list([{"text": "x"}])
+    datasets.DatasetDict({"train": two, "test": two}).save_to_disk(str(d / "hf_dict"))
+    cases.append(("hf_dict", str(d / "hf_dict"), r"holds several splits \(train, test\)"))
     return cases
 
 

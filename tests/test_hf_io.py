@@ -87,6 +87,7 @@ def test_uniform_round_trip_loads_in_stock_transformers(tmp_path, family, tied):
     assert back.tokenizer_dir is None
 
     reference = hf_io.build_hf_model(arch, sd)
+    assert (reference.lm_head.weight is reference.model.embed_tokens.weight) == tied
     stock = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # no trust_remote_code
     assert type(stock).__name__ == type(reference).__name__
     assert stock.dtype == torch.float32

@@ -75,8 +75,11 @@ def test_hook_masks_on_transformers_model_equal_pruned(family, tie, kind):
         masked = model(ids).logits
     for h in handles:
         h.remove()
-    pruned = reference_logits(plan.after, slice_state_dict(sd, plan), ids)
+    small = slice_state_dict(sd, plan)
+    pruned = reference_logits(plan.after, small, ids)
     assert (masked - pruned).abs().max() < 1e-5  # HF keeps norm statistics and softmax in fp32
+    with torch.no_grad():  # the physically pruned (non-uniform) transformers model
+        assert (hf_model(plan.after, small)(ids).logits - masked).abs().max() < 1e-5
     with torch.no_grad():  # hooks removed: the model is whole again
         assert (model(ids).logits - reference_logits(arch, sd, ids)).abs().max() < 1e-5
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.convert.hf_io import check_state_dict, load_hf_model
+from megatron_effllm.convert.hf_io import check_state_dict, load_hf_model, open_gguf
 from megatron_effllm.errors import UserError
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
@@ -235,9 +235,7 @@ def _encode(array: np.ndarray, dtype: str):
 
 # ---------------------------------------------------------------------------------- tokenizer
 def _copy_tokenizer(writer, tokenizer_gguf: str, vocab_size: int) -> None:
-    from megatron_effllm.convert.hf_io import _read_gguf  # one reader for GGUF files
-
-    reader = _read_gguf(tokenizer_gguf)
+    reader = open_gguf(tokenizer_gguf)
     copied = 0
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
@@ -258,6 +256,7 @@ def _add_hf_tokenizer(writer, tokenizer_dir: str, vocab_size: int) -> None:
     import gguf
     from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
+    logging.getLogger("gguf.vocab").setLevel(logging.WARNING)  # per-token info lines
     path = Path(tokenizer_dir)
     vocab = None
     for cls in (BpeVocab, LlamaHfVocab, SentencePieceVocab):
@@ -294,7 +293,6 @@ def _add_hf_tokenizer(writer, tokenizer_dir: str, vocab_size: int) -> None:
     if vocab.tokenizer_model != "gpt2":
         writer.add_token_scores(scores)
     writer.add_token_types(types)
-    logging.getLogger("gguf.vocab").setLevel(logging.WARNING)
     SpecialVocab(path, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size).add_to_gguf(
         writer, quiet=True
     )

@@ -29,7 +29,6 @@ from megatron_effllm.errors import UserError
 
 HF_REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
 REMOTE_CODE_FILES = ("configuration_effllm.py", "modeling_effllm.py")
-REMOTE_MODEL_TYPE = "effllm"
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -238,6 +237,7 @@ def build_hf_model(
 
         with no_init_weights():  # every parameter is overwritten below
             model = cls._from_config(config, **kwargs)
+        model.tie_weights()  # skipped with the initialisation above
         result = model.load_state_dict(sd, strict=False)
         missing = set(result.missing_keys) - ({"lm_head.weight"} if arch.tie_word_embeddings else set())
         if missing or result.unexpected_keys:  # check_state_dict makes this unreachable
@@ -328,7 +328,10 @@ def _read_weights(folder: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
                     )
                 tensors.update(reader(shard_path, dtype))
             return tensors
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    # model*.safetensors first: some repositories also ship other formats (consolidated.*)
+    files = sorted(glob.glob(os.path.join(folder, "model*.safetensors"))) or sorted(
+        glob.glob(os.path.join(folder, "*.safetensors"))
+    )
     reader = _read_safetensors
     if not files:
         files = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
@@ -372,23 +375,35 @@ def _read_torch_bin(path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(dtype) for k, v in sd.items()}
 
 
-def gguf_architecture(path: str) -> str:
-    """``general.architecture`` of a GGUF file."""
+def open_gguf(path: str):
+    """A ``gguf.GGUFReader`` over ``path`` (memory-mapped), or a UserError for a damaged file."""
     import gguf
 
     try:
-        reader = gguf.GGUFReader(path)
-        return str(reader.fields["general.architecture"].contents())
+        return gguf.GGUFReader(path)
     except Exception as err:
         raise UserError(
             f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); re-download or re-export it"
         ) from None
 
 
+def gguf_architecture(path: str) -> str:
+    """``general.architecture`` of a GGUF file."""
+    field = open_gguf(path).fields.get("general.architecture")
+    if field is None:
+        raise UserError(f"{path} has no general.architecture; it is not a model GGUF")
+    return str(field.contents())
+
+
 def _load_gguf(path: str, dtype: torch.dtype) -> HFSource:
     from transformers import AutoModelForCausalLM
 
     arch_name = gguf_architecture(path)
+    if arch_name == "deci":
+        raise UserError(
+            f"{path} is a per-layer-width (deci) GGUF, which transformers cannot read; load the "
+            "Hugging Face folder it was exported from"
+        )
     if arch_name not in SUPPORTED_GGUF_ARCHITECTURES:
         raise UserError(
             f"{path}: GGUF architecture {arch_name!r} is not supported; supported: "
@@ -485,11 +500,15 @@ def save_hf_model(
     try:
         config = hf_config(arch, dtype=dtype)
         config.save_pretrained(tmp)
-        GenerationConfig(
-            bos_token_id=config.bos_token_id,
-            eos_token_id=config.eos_token_id,
-            pad_token_id=config.pad_token_id,
-        ).save_pretrained(tmp)
+        source_generation = os.path.join(tokenizer_dir or "", "generation_config.json")
+        if tokenizer_dir is not None and os.path.isfile(source_generation):
+            shutil.copyfile(source_generation, os.path.join(tmp, "generation_config.json"))
+        else:
+            GenerationConfig(
+                bos_token_id=config.bos_token_id,
+                eos_token_id=config.eos_token_id,
+                pad_token_id=config.pad_token_id,
+            ).save_pretrained(tmp)
         if needs_remote_code(arch):
             for name in REMOTE_CODE_FILES:
                 shutil.copyfile(os.path.join(HF_REMOTE_DIR, name), os.path.join(tmp, name))

@@ -114,7 +114,8 @@ class DynamicBatchSampler:
         k = len(self.domains)
         w = numpy.full(k, 1.0 / k) if weights is None else _ordered(weights, self.domains, "weights")
         if numpy.any(w < 0) or not w.sum() > 0 or not numpy.all(numpy.isfinite(w)):
-            raise UserError(f"domain weights must be non-negative with a positive sum, got {w.tolist()}")
+            raise UserError("domain weights must be non-negative with a positive sum, "
+                            f"got {w.tolist()}")
         self.weights = w / w.sum()
         self.reference = None
         if reference_losses is not None:

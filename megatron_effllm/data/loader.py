@@ -25,10 +25,11 @@ size as long as the global batch stays the same. Nothing here needs a process gr
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -39,6 +40,7 @@ from megatron_effllm.errors import UserError
 
 BLENDED_STATE_KIND = "blended/1"
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+_HELDOUT_CACHE: dict = {}
 
 
 @dataclass
@@ -89,11 +91,12 @@ def _weights_list(args: DataArgs) -> list:
     if args.weights is None:
         return [1.0] * len(args.train)
     missing = [d for d in args.train if d not in args.weights]
-    extra = [d for d in args.weights if d not in args.train]
+    extra = [str(d) for d in args.weights if d not in args.train]
     if missing or extra:
+        detail = (f"; missing {', '.join(missing)}" if missing else "") + \
+            (f"; unknown {', '.join(extra)}" if extra else "")
         raise UserError(f"data.weights must name exactly the training domains "
-                        f"{', '.join(args.train)}" + (f"; missing {', '.join(missing)}" if missing else "")
-                        + (f"; unknown {', '.join(map(str, extra))}" if extra else ""))
+                        f"{', '.join(args.train)}{detail}")
     return [float(args.weights[d]) for d in args.train]
 
 
@@ -319,12 +322,18 @@ def make_heldout_batches(args, num_batches: int, micro_batch: int, dp_rank: int 
     """{domain: [micro-batch, ...]}: fixed held-out batches for measuring each domain's loss.
 
     The same samples every call (the first ``num_batches * micro_batch`` of the held-out set,
-    fewer if it is smaller). With dp_size > 1, batch b goes to rank b % dp_size, so the ranks
+    fewer if it is smaller); the latest result is kept, so repeated calls cost nothing. Treat
+    the returned tensors as read-only. With dp_size > 1, batch b goes to rank b % dp_size, so the ranks
     share the work; average the losses over ranks weighted by ``loss_mask.sum()``.
     """
     if num_batches < 1 or micro_batch < 1:
         raise UserError("held-out batches: num_batches and micro_batch must be >= 1")
     args = coerce_args(args)
+    # Evaluated every few steps: keep the latest batches instead of rebuilding the datasets.
+    key = (json.dumps(dataclasses.asdict(args), sort_keys=True, default=str), num_batches,
+           micro_batch, dp_rank, dp_size)
+    if key in _HELDOUT_CACHE:
+        return _HELDOUT_CACHE[key]
     domains = args.domains
     out = {}
     for d, ds in heldout_datasets(args).items():
@@ -337,6 +346,8 @@ def make_heldout_batches(args, num_batches: int, micro_batch: int, dp_rank: int 
             idx = range(start, min(start + micro_batch, n))
             batches.append(_collate([ds[i] for i in idx], [did] * len(idx)))
         out[d] = batches
+    _HELDOUT_CACHE.clear()
+    _HELDOUT_CACHE[key] = out
     return out
 
 
@@ -432,7 +443,7 @@ def _merge_prefixes(prefixes: list, out_prefix: str) -> str:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, _IndexReader
 
     fingerprint = [{"prefix": os.path.abspath(p), "size": os.path.getsize(p + ".bin"),
-                    "mtime": int(os.path.getmtime(p + ".bin"))} for p in prefixes]
+                    "mtime_ns": os.stat(p + ".bin").st_mtime_ns} for p in prefixes]
     meta = read_meta(out_prefix) if _is_prefix(out_prefix) else None
     if meta is not None and meta.get("inputs") == fingerprint:
         return out_prefix

@@ -203,9 +203,8 @@ def _read_hf(inp: _Input, text_key: str, domain_key: Optional[str]) -> Iterator[
     try:
         ds = datasets.load_from_disk(inp.path)
     except Exception as err:  # datasets raises several unrelated types for a bad folder
-        raise UserError(f"{inp.path}: not a readable HF datasets folder "
-                        f"({str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__})"
-                        ) from None
+        why = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise UserError(f"{inp.path}: not a readable HF datasets folder ({why})") from None
     if isinstance(ds, datasets.DatasetDict):
         splits = list(ds.keys())
         if len(splits) != 1:
@@ -284,7 +283,7 @@ def inputs_fingerprint(inputs: Sequence[str]) -> list[dict]:
             os.path.join(inp.path, f) for f in os.listdir(inp.path))
         for f in files:
             st = os.stat(f)
-            out.append({"path": os.path.abspath(f), "size": st.st_size, "mtime": int(st.st_mtime)})
+            out.append({"path": os.path.abspath(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
 
 

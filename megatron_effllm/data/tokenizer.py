@@ -99,7 +99,9 @@ class HFTokenizer(Tokenizer):
 
     def token_to_id(self, token: str) -> Optional[int]:
         tid = self.hf.convert_tokens_to_ids(token)
-        return None if tid is None or (tid == self.hf.unk_token_id and token != self.hf.unk_token) else tid
+        if tid is None or (tid == self.hf.unk_token_id and token != self.hf.unk_token):
+            return None
+        return tid
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.convert.megatron_layout import stage_layer_counts
 from megatron_effllm.errors import UserError
-from megatron_effllm.parallel.runtime import ensure_cpu_support
+from megatron_effllm.parallel.runtime import cpu_device_mode, ensure_cpu_support
 
 _BASE_FIELDS = tuple(f.name for f in dataclasses.fields(TransformerConfig) if f.init)
 
@@ -199,19 +199,20 @@ def build_gpt_model(
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=arch.vocab_size,
-        max_sequence_length=arch.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=arch.rope_theta,
-        seq_len_interpolation_factor=rope.get("seq_len_interpolation_factor"),
-    )
+    with cpu_device_mode():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=arch.vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=arch.rope_theta,
+            seq_len_interpolation_factor=rope.get("seq_len_interpolation_factor"),
+        )
     if "llama3" in rope:
         rot = model.rotary_pos_emb
         rot.inv_freq = rot._apply_scaling(rot.inv_freq, **rope["llama3"])

@@ -47,6 +47,15 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def cpu_device_mode():
+    """Context in which device="cuda" allocations land on the CPU when there is no CUDA
+    (model construction, which moves tied embeddings across pipeline stages); a null context on
+    GPU machines. Only for set-up code: it slows every torch call it covers."""
+    import contextlib
+
+    return contextlib.nullcontext() if torch.cuda.is_available() else _CudaToCpuMode()
+
+
 def _cpu_get_rng_state(device="cuda"):
     return torch.get_rng_state()
 
@@ -88,9 +97,58 @@ def ensure_cpu_support() -> None:
         mp_random._set_cuda_rng_state = (
             lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
         )
-        # Pushed once and never popped: it must stay active for the whole process.
-        _CudaToCpuMode().__enter__()
+        _patch_causal_masks()
+        _patch_pipeline_schedules()
         _applied = True
+
+
+def _patch_causal_masks() -> None:
+    """Attention's cached causal masks are created with device="cuda"; build them on the CPU.
+
+    These are the only CUDA-only calls on the forward/backward path, so they are patched by
+    name instead of routing every torch call through a TorchFunctionMode (which costs about a
+    third of the step time on the CPU).
+    """
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as tutils
+
+    @functools.lru_cache(maxsize=8)
+    def default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
+
+    @functools.lru_cache(maxsize=8)
+    def sliding_window_causal_mask(sq: int, skv: int, window_size: int) -> torch.Tensor:
+        with _CudaToCpuMode():
+            return _original_sliding(sq, skv, window_size)
+
+    _original_sliding = tutils.get_sliding_window_causal_mask
+    for mod in (tutils, fused_softmax):
+        mod.get_default_causal_mask = default_causal_mask
+        if hasattr(mod, "get_sliding_window_causal_mask"):
+            mod.get_sliding_window_causal_mask = sliding_window_causal_mask
+
+
+def _patch_pipeline_schedules() -> None:
+    """The pipeline schedules and their p2p communication allocate with device="cuda" and call
+    CUDA streams: run them (only them) under the device-rewriting mode."""
+    import functools
+
+    from megatron.core.pipeline_parallel import schedules
+
+    def on_cpu(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with _CudaToCpuMode():
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("forward_backward_no_pipelining", "forward_backward_pipelining_without_interleaving",
+                 "forward_backward_pipelining_with_interleaving"):
+        if hasattr(schedules, name):
+            setattr(schedules, name, on_cpu(getattr(schedules, name)))
 
 
 def _free_port() -> int:

@@ -179,10 +179,13 @@ def obs_greedy(
         g = cand[pick]
         M = torch.linalg.inv(Hinv[g][:, g])
         W64 -= W64[:, g] @ M @ Hinv[g, :]
-        W64[:, g] = 0.0
         Hinv -= Hinv[:, g] @ M @ Hinv[g, :]
         alive[pick] = False
         removed.append(pick)
+        gone = cand[torch.as_tensor(removed)].reshape(-1)
+        W64[:, gone] = 0.0  # exact zeros (the downdated H^-1 leaves rounding residue there)
+        Hinv[gone, :] = 0.0
+        Hinv[:, gone] = 0.0
     return torch.as_tensor(removed, dtype=torch.long), W64.to(W.dtype)
 
 

@@ -8,7 +8,8 @@ per-layer value, an upper bound for tools that only read scalars; ``head_dim`` i
 explicit.
 
 This file is copied next to the weights and loaded by
-``AutoConfig.from_pretrained(dir, trust_remote_code=True)``; it imports only transformers.
+``AutoConfig.from_pretrained(dir, trust_remote_code=True)``; it imports only transformers
+(version 5, whose configs are dataclasses) and huggingface_hub.
 """
 from dataclasses import dataclass
 

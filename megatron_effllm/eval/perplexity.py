@@ -1,0 +1,104 @@
+"""Held-out perplexity per domain on fixed token windows.
+
+Each domain's documents (JSON lines with a "text" field, optionally gzipped, or plain text
+files) are tokenized in file order, joined with the tokenizer's EOS token, and cut into
+non-overlapping windows of ``seq_len`` tokens; the first ``windows`` windows are scored.
+Perplexity = exp(mean next-token negative log-likelihood over all scored positions), in fp32.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+from typing import Iterable, Union
+
+import torch
+
+from megatron_effllm.errors import UserError
+
+
+def read_texts(path: str) -> Iterable[str]:
+    """Documents of a .jsonl / .jsonl.gz file ("text" field) or of a plain text file (one document)."""
+    if not os.path.isfile(path):
+        raise UserError(f"text file {path} not found; pass existing .jsonl(.gz) or .txt files")
+    opener = gzip.open if path.endswith(".gz") else open
+    name = path[:-3] if path.endswith(".gz") else path
+    with opener(path, "rt", encoding="utf-8") as f:
+        if name.endswith((".jsonl", ".json")):
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{path} line {i + 1}: expected a JSON object with a 'text' field") from None
+        else:
+            yield f.read()
+
+
+def token_stream(tokenizer, path: str, max_tokens: int) -> list[int]:
+    """The first ``max_tokens`` tokens of a file's documents, joined with EOS."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in read_texts(path):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= max_tokens:
+            break
+    return ids[:max_tokens]
+
+
+def token_windows(tokenizer, path: str, windows: int, seq_len: int) -> torch.Tensor:
+    """[n, seq_len] non-overlapping windows from the start of the file (n <= windows)."""
+    ids = token_stream(tokenizer, path, windows * seq_len)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise UserError(f"{path} has fewer than {seq_len} tokens; use a longer file or a shorter window")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor, batch_size: int = 4) -> tuple[float, int]:
+    """Summed next-token NLL (fp32) over all windows, and the number of scored tokens."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i : i + batch_size].to(device)
+        logits = model(input_ids=ids).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += float(nll)
+        count += ids[:, 1:].numel()
+    return total, count
+
+
+def heldout_perplexity(
+    model,
+    tokenizer,
+    files: Union[dict[str, str], Iterable[str]],
+    windows: int = 16,
+    seq_len: int = 512,
+    batch_size: int = 4,
+) -> dict[str, float]:
+    """{domain: perplexity}; ``files`` is {domain: path} (e.g. assets.corpus_files('heldout'))
+    or a list of paths (domain = file name up to the first dot)."""
+    if not isinstance(files, dict):
+        files = {os.path.basename(p).split(".")[0]: p for p in files}
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        for domain, path in files.items():
+            total, count = window_nll(model, token_windows(tokenizer, path, windows, seq_len), batch_size)
+            out[domain] = math.exp(total / count)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def geometric_mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))

@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""Export a Hugging Face model folder to a GGUF file for llama.cpp.
+
+    python tools/export_gguf.py --hf runs/pruned/hf --out pruned-f16.gguf
+    python tools/export_gguf.py --hf .cache/assets/smollm2-135m-hf --out smollm2-q8_0.gguf \\
+        --dtype q8_0 --tokenizer-gguf SmolLM2-135M-Instruct.Q4_1.gguf
+
+Works for stock Llama / Mistral / Qwen2 folders and for this project's non-uniform exports
+(per-layer widths are written as llama.cpp's "deci" architecture). The tokenizer comes from the
+folder, or is copied from --tokenizer-gguf (recommended when the model was converted from a
+GGUF: it keeps llama.cpp's pre-tokenizer name).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_effllm.errors import cli_entry  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
+    ap.add_argument("--out", required=True, help="GGUF file to write")
+    ap.add_argument("--dtype", default="f16", choices=("f32", "f16", "q8_0"),
+                    help="precision of the 2-D weights (norms stay f32; default f16)")
+    ap.add_argument("--tokenizer-gguf", default=None,
+                    help="copy the tokenizer metadata from this GGUF instead of converting the folder's")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return ap.parse_args(argv)
+
+
+@cli_entry
+def main(argv=None):
+    args = parse_args(argv)
+    from megatron_effllm.convert.gguf_export import export_gguf
+
+    arch_name = export_gguf(args.hf, args.out, dtype=args.dtype, tokenizer_gguf=args.tokenizer_gguf,
+                            overwrite=args.overwrite)
+    print(f"wrote {args.out} ({arch_name} architecture, {args.dtype}, "
+          f"{os.path.getsize(args.out) / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
