@@ -107,15 +107,18 @@ class Architecture:
 
     @property
     def is_uniform(self) -> bool:
-        """True when a stock HF config (one width per field) can describe the model."""
+        """True when every layer has the same heads, KV groups and FFN width.
+
+        A stock HF config also needs hidden_size divisible by the head count (transformers'
+        LlamaConfig checks it even with an explicit head_dim); ``convert.hf_io.needs_remote_code``
+        decides the export format.
+        """
         first = self.layers[0]
         same = all(
             (l.num_heads, l.num_kv_groups, l.ffn_hidden_size)
             == (first.num_heads, first.num_kv_groups, first.ffn_hidden_size)
             for l in self.layers
         )
-        # Stock HF configs derive head_dim = hidden / heads unless told otherwise; every
-        # supported family accepts an explicit head_dim, so a changed hidden size is fine.
         return same
 
     def layer_exists(self, source_index: int) -> bool:

@@ -176,7 +176,9 @@ def _rank_body(rank, world_size, train, cache_dir):
         args.dynamic, args.train_samples = dynamic, 64
         it = make_train_iterator(args, rank, world_size, micro_batch=2, global_batch=8)
         steps = _train(it, 3) if dynamic else [it.next_global_batch() for _ in range(3)]
-        out[dynamic] = ([[mb["tokens"] for mb in s] for s in steps], it.state_dict())
+        # numpy, not torch tensors: those would travel as shared-memory handles that die with
+        # the rank process.
+        out[dynamic] = ([[mb["tokens"].numpy() for mb in s] for s in steps], it.state_dict())
     return out
 
 
@@ -191,7 +193,7 @@ def test_two_gloo_ranks_partition_the_global_batch(tmp_path):
         steps = _train(one, 3) if dynamic else [one.next_global_batch() for _ in range(3)]
         for s in range(3):
             for k in range(2):
-                got = torch.cat([results[0][dynamic][0][s][k], results[1][dynamic][0][s][k]])
+                got = torch.cat([torch.from_numpy(results[r][dynamic][0][s][k]) for r in (0, 1)])
                 want = torch.cat([steps[s][2 * k]["tokens"], steps[s][2 * k + 1]["tokens"]])
                 assert torch.equal(got, want)
         assert results[0][dynamic][1] == results[1][dynamic][1] == one.state_dict()

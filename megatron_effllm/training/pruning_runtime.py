@@ -130,6 +130,7 @@ class PruningRuntime:
         self._live: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self._hidden_mask: Optional[torch.Tensor] = None
         self.history: list[dict] = []
+        self._obs_cache = {}
 
     # ------------------------------------------------------------------ schedule
     def effective_plan(self) -> PrunePlan:
@@ -328,41 +329,60 @@ class PruningRuntime:
     def _obs_update(self, engine, before: PrunePlan, after: PrunePlan) -> None:
         """Compensate o_proj / down_proj columns for heads and FFN channels masked just now.
 
-        OBS works on the physical numbering: columns already masked are zero and stay out; the
-        columns removed now are the ones kept by ``before`` but not by ``after``.
+        Per layer, H^-1 over the still-alive columns is computed once per compaction cycle (one
+        Cholesky) and then downdated as columns go (O(n^2 |P|) per event), as SparseGPT does; a
+        fresh inverse every event would cost a Cholesky per layer per step.
         """
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
         params = dict(engine.module.named_parameters())
         d = self.arch.head_dim
         for l, shape in enumerate(self.arch.layers):
-            if l not in after.kept_layers:
+            if l not in after.kept_layers or l not in before.kept_layers:
                 continue
-            for kind, meg, canon, unit, n in (
+            for kind, meg, canon, unit in (
                 ("head", f"decoder.layers.{l}.self_attention.linear_proj.weight",
-                 f"model.layers.{l}.self_attn.o_proj.weight", d, shape.num_heads),
+                 f"model.layers.{l}.self_attn.o_proj.weight", d),
                 ("ffn", f"decoder.layers.{l}.mlp.linear_fc2.weight",
-                 f"model.layers.{l}.mlp.down_proj.weight", 1, shape.ffn_hidden_size),
+                 f"model.layers.{l}.mlp.down_proj.weight", 1),
             ):
-                was = set(before.kept(kind, l).tolist()) if l in before.kept_layers else set()
+                was = before.kept(kind, l).tolist()
                 now = set(after.kept(kind, l).tolist())
-                gone = sorted(was - now)
+                gone = [u for u in was if u not in now]
                 if not gone or f"xtx.{canon}" not in self.hessians.state:
                     continue
-                alive = sorted(was)
+                alive, Hinv = self._obs_inverse(canon, was, unit)
+                pos = {u: i for i, u in enumerate(alive)}
+                rm = torch.tensor([pos[u] * unit + j for u in gone for j in range(unit)])
                 cols = torch.tensor([u * unit + j for u in alive for j in range(unit)])
-                rm = torch.tensor([alive.index(u) * unit + j for u in gone for j in range(unit)])
                 p = params[meg]
                 W = safe_get_full_fp32_param(p)
                 W = (W if W is not None else p.detach()).float()
-                H = self._reduced_hessian(canon)[cols][:, cols]
                 W_alive = W[:, cols].double()
-                new_alive, _ = obs_mod.obs_update(W_alive, H, rm)
-                W[:, cols] = new_alive.to(W.dtype)
+                M = torch.linalg.inv(Hinv[rm][:, rm])
+                W_alive -= W_alive[:, rm] @ M @ Hinv[rm, :]
+                W_alive[:, rm] = 0.0
+                W[:, cols] = W_alive.to(W.dtype)
                 if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
                     safe_set_full_fp32_param(p, W)
                 if not hasattr(p, "ds_id"):
                     p.data.copy_(W.to(p.dtype))
+                keep = torch.tensor([i for i in range(len(alive) * unit) if i not in set(rm.tolist())])
+                Hinv = Hinv[keep][:, keep] - Hinv[keep][:, rm] @ M @ Hinv[rm][:, keep]
+                self._obs_cache[canon] = ([u for u in alive if u not in set(gone)], Hinv)
+
+    _obs_cache: dict = {}
+
+    def _obs_inverse(self, canon: str, alive_units: list, unit: int):
+        """(alive units, H^-1 over their columns) for one weight, from the cache when valid."""
+        cached = self._obs_cache.get(canon)
+        if cached is not None and cached[0] == alive_units:
+            return cached
+        cols = torch.tensor([u * unit + j for u in alive_units for j in range(unit)])
+        H = self._reduced_hessian(canon)[cols][:, cols]
+        entry = (list(alive_units), obs_mod.inverse_hessian(H))
+        self._obs_cache[canon] = entry
+        return entry
 
     def _reduced_hessian(self, canon: str) -> torch.Tensor:
         """The damped layer Hessian from every data-parallel rank's inputs (identical on all)."""
@@ -401,6 +421,7 @@ class PruningRuntime:
             self.hessians.apply_plan(plan)
         self.arch = plan.after
         self.masks = full_masks(self.arch)
+        self._obs_cache = {}  # column numbering changed; the next event refreshes H^-1
         self._live = []
         self._hidden_mask = None
 
