@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from megatron.core.transformer.enums import LayerType
 
 from dist_utils import run_ranks
 from megatron_fixtures import ALL_MODELS, CASES, any_model, hf_logits, sample_ids, tiny_hf
@@ -46,6 +47,8 @@ def test_tp1_logits_match_hf(family):
     diff = (got - want).abs().max().item()
     print(f"{family} TP=1 max abs logit diff {diff:.2e}")
     assert diff <= TOL
+    hf.set_attn_implementation("sdpa")
+    assert (got - hf_logits(hf, ids)).abs().max().item() <= TOL
     # The comparison can fail: a single swapped KV group changes the logits a lot.
     swapped = dict(sd)
     k = "model.layers.0.self_attn.k_proj.weight"
@@ -71,3 +74,23 @@ def test_tp2_and_pp2_logits_match_hf():
         for (name, layout), diff in diffs.items():
             print(f"{name} {layout} rank {rank} max abs logit diff {diff:.2e}")
             assert diff <= TOL, (name, layout, rank, diff)
+
+
+def test_config_errors_are_user_errors():
+    from megatron_effllm.errors import UserError
+    from megatron_effllm.model import make_transformer_config
+
+    _, arch, _ = tiny_hf("llama")
+    config = make_transformer_config(arch, tp=1, pp=2)
+    # 3 layers over 2 stages: megatron's layout gets the same split as the converters.
+    assert [row.count(LayerType.decoder) for row in
+            (r[0] for r in config.pipeline_model_parallel_layout.layout)] == [2, 1]
+    assert [config.get_config_for_layer(i).num_attention_heads for i in (1, 2, 3)] == [4, 4, 4]
+    with pytest.raises(UserError, match="vocab size 127"):
+        make_transformer_config(arch.replace(vocab_size=127), tp=2)
+    with pytest.raises(UserError, match="tensor parallel size 4"):
+        make_transformer_config(arch, tp=4)
+    with pytest.raises(UserError, match="4 pipeline stages"):
+        make_transformer_config(arch, pp=4)
+    with pytest.raises(UserError, match="RoPE scaling type 'yarn'"):
+        make_transformer_config(arch.replace(rope_scaling={"rope_type": "yarn", "factor": 4.0}))

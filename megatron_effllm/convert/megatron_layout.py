@@ -28,6 +28,7 @@ from typing import Dict, Iterable, Mapping, Sequence
 import torch
 
 from megatron_effllm.architecture import Architecture, LayerShape
+from megatron_effllm.convert.hf_io import canonical_shapes, check_state_dict
 from megatron_effllm.errors import UserError
 
 LOCAL = "local"
@@ -171,33 +172,9 @@ def fc1_from_megatron(shards: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 # ----------------------------------------------------------------------------- names
-def hf_layer_names(i: int, qkv_bias: bool) -> list[str]:
-    p = f"model.layers.{i}."
-    names = [
-        p + "input_layernorm.weight",
-        p + "self_attn.q_proj.weight",
-        p + "self_attn.k_proj.weight",
-        p + "self_attn.v_proj.weight",
-        p + "self_attn.o_proj.weight",
-        p + "post_attention_layernorm.weight",
-        p + "mlp.gate_proj.weight",
-        p + "mlp.up_proj.weight",
-        p + "mlp.down_proj.weight",
-    ]
-    if qkv_bias:
-        names += [p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias", p + "self_attn.v_proj.bias"]
-    return names
-
-
 def canonical_names(arch: Architecture) -> list[str]:
     """Every key of the canonical state dict of ``arch``."""
-    names = ["model.embed_tokens.weight"]
-    for i in range(arch.num_layers):
-        names += hf_layer_names(i, arch.qkv_bias)
-    names.append("model.norm.weight")
-    if not arch.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
+    return list(canonical_shapes(arch))
 
 
 def _megatron_layer_names(style: str) -> dict[str, str]:
@@ -220,53 +197,10 @@ def is_extra_state(key: str) -> bool:
     return key.endswith("_extra_state")
 
 
-def check_canonical(arch: Architecture, sd: Mapping[str, Tensor]) -> None:
-    """UserError unless ``sd`` has exactly the canonical keys of ``arch`` with their shapes."""
-    expected = canonical_shapes(arch)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing:
-        raise UserError(
-            f"state dict is missing {len(missing)} tensors for this architecture (first: "
-            f"{missing[0]}); the weights do not belong to it"
-        )
-    if unexpected:
-        raise UserError(
-            f"state dict has {len(unexpected)} tensors this architecture does not have (first: "
-            f"{unexpected[0]}); the weights do not belong to it"
-        )
-    for k, shape in expected.items():
-        if tuple(sd[k].shape) != shape:
-            raise UserError(
-                f"{k} has shape {tuple(sd[k].shape)}, the architecture needs {shape}; "
-                "the weights do not belong to it"
-            )
-
-
-def canonical_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
-    h, d, V = arch.hidden_size, arch.head_dim, arch.vocab_size
-    shapes = {"model.embed_tokens.weight": (V, h)}
-    for i, l in enumerate(arch.layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (l.num_heads * d, h),
-            p + "self_attn.k_proj.weight": (l.num_kv_groups * d, h),
-            p + "self_attn.v_proj.weight": (l.num_kv_groups * d, h),
-            p + "self_attn.o_proj.weight": (h, l.num_heads * d),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (l.ffn_hidden_size, h),
-            p + "mlp.up_proj.weight": (l.ffn_hidden_size, h),
-            p + "mlp.down_proj.weight": (h, l.ffn_hidden_size),
-        })
-        if arch.qkv_bias:
-            shapes[p + "self_attn.q_proj.bias"] = (l.num_heads * d,)
-            shapes[p + "self_attn.k_proj.bias"] = (l.num_kv_groups * d,)
-            shapes[p + "self_attn.v_proj.bias"] = (l.num_kv_groups * d,)
-    shapes["model.norm.weight"] = (h,)
-    if not arch.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, h)
-    return shapes
+def check_canonical(arch: Architecture, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``sd`` as a canonical state dict of ``arch``; UserError naming the first missing,
+    unexpected or mis-shaped tensor."""
+    return check_state_dict(dict(sd), arch, "canonical state dict")
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -342,7 +276,7 @@ def to_megatron(
     layer). With tied embeddings the last stage of a multi-stage pipeline holds its own
     ``output_layer.weight`` copy of the embedding, as megatron does.
     """
-    check_canonical(arch, sd)
+    sd = check_canonical(arch, sd)
     arch.validate(tensor_parallel=tp_size)
     if arch.vocab_size % tp_size:
         raise UserError(
@@ -422,8 +356,7 @@ def from_megatron(
         out["lm_head.weight"] = merge_columns(
             [get(t, last, "output_layer.weight") for t in range(tp_size)]
         )
-    check_canonical(arch, out)
-    return out
+    return check_canonical(arch, out)
 
 
 def all_shards(

@@ -99,6 +99,7 @@ def make_transformer_config(
 ) -> PerLayerTransformerConfig:
     """The megatron-core config for ``arch`` under tensor/pipeline sizes ``tp``/``pp``."""
     arch.validate(tensor_parallel=tp)
+    _rope_settings(arch)  # unsupported RoPE scaling fails here, before any model is built
     if arch.vocab_size % tp:
         raise UserError(
             f"vocab size {arch.vocab_size} is not divisible by tensor parallel size {tp}; "

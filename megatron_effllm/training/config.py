@@ -50,6 +50,9 @@ class DataConfig:
     train: Union[str, dict] = "builtin"
     heldout: Union[str, dict] = "builtin"
     weights: Optional[dict] = None  # initial domain weights (default: equal)
+    # Token that ends every document. Default: the tokenizer's EOS. Chat-tuned tokenizers end
+    # turns with their EOS (SmolLM2-Instruct: <|im_end|>); pretraining text wants <|endoftext|>.
+    eos_token: Optional[str] = None
     seq_len: int = 256
     micro_batch: int = 4
     global_batch: int = 8

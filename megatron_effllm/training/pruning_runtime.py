@@ -426,6 +426,27 @@ class PruningRuntime:
         self._hidden_mask = None
 
     # ------------------------------------------------------------------ checkpoint
+    @torch.no_grad()
+    def consolidate(self) -> None:
+        """Move every data-parallel rank's running sums to DP rank 0 (others hold zeros).
+
+        The totals, which are all any decision reads, do not change; afterwards rank 0's state
+        alone is the whole state, so a checkpoint needs only one copy of it.
+        """
+        if not torch.distributed.is_initialized():
+            return
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_data_parallel_group()
+        if torch.distributed.get_world_size(group) == 1:
+            return
+        first = ps.get_data_parallel_rank() == 0
+        for state in (self.saliency.state, self.hessians.state):
+            for key in sorted(state):
+                torch.distributed.all_reduce(state[key], group=group)
+                if not first:
+                    state[key].zero_()
+
     def state_dict(self) -> dict:
         return {
             "arch": self.arch.to_dict(),
@@ -434,9 +455,23 @@ class PruningRuntime:
             "hessians": {k: v.clone() for k, v in self.hessians.state_dict().items()},
             "events": self.events,
             "history": list(self.history),
+            # The downdated H^-1 of the current compaction cycle: recomputing it on resume from
+            # the newer Hessian would change the OBS updates that follow.
+            "obs_cache": {k: (list(a), h.clone()) for k, (a, h) in self._obs_cache.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Load a state saved after ``consolidate`` (by DP rank 0): the other DP ranks start
+        their sums from zero."""
+        first = True
+        if torch.distributed.is_initialized():
+            from megatron.core import parallel_state as ps
+
+            first = ps.get_data_parallel_rank() == 0
+        if not first:
+            state = dict(state)
+            state["saliency"] = {k: torch.zeros_like(v) for k, v in state["saliency"].items()}
+            state["hessians"] = {k: torch.zeros_like(v) for k, v in state["hessians"].items()}
         self.arch = Architecture.from_dict(state["arch"])
         self.masks = state["masks"]
         self.saliency = GradSaliency(self.arch, estimators=(self.p.estimator,))
@@ -445,3 +480,4 @@ class PruningRuntime:
         self.hessians.load_state_dict(state["hessians"])
         self.events = state["events"]
         self.history = list(state["history"])
+        self._obs_cache = dict(state.get("obs_cache", {}))

@@ -308,6 +308,7 @@ class Trainer:
         return engine
 
     def _save(self, engine, pruning, data_iter, step: int, consumed: int) -> None:
+        pruning.consolidate()
         state = {
             "step": step,
             "consumed_tokens": consumed,
