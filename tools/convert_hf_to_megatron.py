@@ -25,7 +25,9 @@ DTYPES = ("fp32", "bf16")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--hf", required=True, metavar="DIR_OR_GGUF",
                     help="Hugging Face model folder (config.json + safetensors) or a .gguf file")
     ap.add_argument("--out", required=True, metavar="DIR",

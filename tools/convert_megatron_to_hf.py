@@ -24,7 +24,9 @@ DTYPES = ("bf16", "fp32")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--ckpt", required=True, metavar="DIR",
                     help="megatron checkpoint folder (written by convert_hf_to_megatron.py or training)")
     ap.add_argument("--out", required=True, metavar="DIR",

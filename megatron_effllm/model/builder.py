@@ -171,7 +171,9 @@ def build_gpt_model(
     sizes and this rank's pipeline stage come from them; ``pre_process``/``post_process``
     default to "first stage"/"last stage". ``use_te=None`` uses TransformerEngine when it is
     importable (then norms are fused into ``linear_qkv``/``linear_fc1``), else the local spec.
-    The embedding and output layer have exactly ``arch.vocab_size`` rows (no padding).
+    The embedding and output layer have exactly ``arch.vocab_size`` rows (no padding, so the
+    vocabulary must be divisible by the TP size; UserError otherwise). Pipeline stages take
+    ``convert.megatron_layout.stage_layer_counts`` layers each (uneven splits allowed).
     Weights are randomly initialised (left uninitialised with ``init_weights=False``, when
     real ones are loaded next: ``model.weights.load_canonical`` or a checkpoint).
     """

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Step-time overhead of the pruning machinery vs plain training of the same model.
+
+    python tools/bench_training_overhead.py [--config configs/smollm2_135m_cpu_demo.yaml]
+        [--steps 20] [--out runs/bench_overhead] [key=value ...]
+
+Runs the same config twice in one process, back to back on the same data: once with
+prune.strategy=none (plain continued pretraining), once as configured (pruning every step from
+step 1, compaction every prune.compact_every events). Reports the mean time of a training step
+(forward, backward incl. saliency hooks and Hessian statistics, optimizer), of a prune event
+(selection, masks, OBS) and of a compaction (slicing + engine rebuild), each also in units of a
+plain step. Writes JSON and appends a table to BENCHMARKS.md.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_effllm.errors import cli_entry  # noqa: E402
+
+
+def _run(config, overrides):
+    from megatron_effllm.training.config import load_config
+    from megatron_effllm.training.trainer import run
+
+    cfg = load_config(config, overrides)
+    summary = run(cfg)
+    records = [json.loads(l) for l in open(os.path.join(cfg.run_dir, "metrics.jsonl"))]
+    events = sum(1 for r in records if r.get("kind") == "architecture" and "target" in r)
+    compactions = sum(1 for r in records if r.get("kind") == "compaction")
+    return summary, events, compactions
+
+
+@cli_entry
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/smollm2_135m_cpu_demo.yaml")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default="runs/bench_overhead")
+    ap.add_argument("--benchmarks-md", default="BENCHMARKS.md")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    common = [f"train.steps={args.steps}", "train.checkpoint_interval=100000", "train.progress_bar=false",
+              "export.hf=false", "data.dynamic=false", "optim.warmup_steps=2",
+              f"train.log_interval={args.steps}"] + list(args.overrides)
+    plain, _, _ = _run(args.config, common + ["prune.strategy=none", f"run_dir={args.out}/plain", "resume=none"])
+    pruned, events, compactions = _run(args.config, common + [
+        "prune.start_step=0", f"prune.end_step={args.steps}", f"run_dir={args.out}/pruned", "resume=none"])
+    step_plain = plain["seconds"]["train"] / args.steps
+    step_pruned = pruned["seconds"]["train"] / args.steps
+    result = {
+        "config": args.config, "steps": args.steps, "overrides": args.overrides,
+        "plain_step_s": step_plain, "pruning_step_s": step_pruned,
+        "step_overhead": step_pruned / step_plain - 1.0,
+        "prune_event_s": pruned["seconds"]["prune"] / max(events, 1), "events": events,
+        "compaction_s": pruned["seconds"]["compact"] / max(compactions, 1), "compactions": compactions,
+        "params": [pruned["source_params"], pruned["final_params"]],
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+        "date": datetime.date.today().isoformat(),
+        "command": "python tools/bench_training_overhead.py " + " ".join(sys.argv[1:]),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "result.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    r = result
+    table = (
+        f"\n### Pruning overhead in training ({r['date']}, {r['machine']})\n\n"
+        f"Command: `{r['command']}`\n\n"
+        "| | seconds | in plain steps |\n|---|---|---|\n"
+        f"| plain training step | {r['plain_step_s']:.2f} | 1.00 |\n"
+        f"| pruning-aware step (saliency hooks, Hessians) | {r['pruning_step_s']:.2f} | {r['pruning_step_s'] / r['plain_step_s']:.2f} |\n"
+        f"| one prune event (select, mask, OBS), {r['events']} events | {r['prune_event_s']:.2f} | {r['prune_event_s'] / r['plain_step_s']:.2f} |\n"
+        f"| one compaction (slice + engine rebuild), {r['compactions']} | {r['compaction_s']:.2f} | {r['compaction_s'] / r['plain_step_s']:.2f} |\n"
+    )
+    with open(args.benchmarks_md, "a") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
