@@ -38,10 +38,6 @@ def direct_group_sum(arch, elementwise, kind, layer, index):
     return sum(float(elementwise[n][m].sum()) for n, m in masks.items())
 
 
-def own_kind(kind):  # scores[kind] entries score a KV group's own k/v rows: compare with heads excluded
-    return kind
-
-
 def all_groups(arch):
     for l, s in enumerate(arch.layers):
         for h in range(s.num_heads):

@@ -104,22 +104,20 @@ def test_uniform_pruned_model_loads_in_transformers_and_stays_tied():
 @pytest.mark.parametrize("family,tie", FAMILIES)
 def test_group_costs_match_parameter_counts(family, tie):
     arch = tiny_arch(family, tie, layers=3)
-    n0 = arch.num_params()
-    # per kind: (plan removing it, expected removed params, the owned groups for the element count)
+    drop_0_2 = PrunePlan.build(arch, [1], {1: range(6)}, {1: range(2)}, {1: range(24)}, range(48))
+    # per kind: (plan removing it, closed-form cost, the removed groups for an element count)
     cases = {
         "head": (plan_for(arch, "head"), 2 * G.head_cost(arch), [("head", 0, [1, 4])]),
         "kv": (plan_for(arch, "kv"), G.kv_cost(arch, 1), [("kv", 1, [0])]),
+        "ffn": (plan_for(arch, "ffn"), 5 * G.ffn_cost(arch), [("ffn", 0, [2, 5, 7]), ("ffn", 1, [0, 23])]),
         "hidden": (plan_for(arch, "hidden"), 3 * G.hidden_cost(arch), [("hidden", None, [1, 4, 30])]),
-        "layer": (plan_for(arch, "layer"), G.layer_cost(arch, 0) + G.layer_cost(arch, 2), [("layer", None, [0, 2])]),
+        "layer": (drop_0_2, G.layer_cost(arch, 0) + G.layer_cost(arch, 2), [("layer", None, [0, 2])]),
     }
-    p = plan_for(arch, "ffn")
-    cases["ffn"] = (p, 5 * G.ffn_cost(arch), [("ffn", 0, [2, 5, 7]), ("ffn", 1, [0, 23])])
     for kind, (plan, cost, owned) in cases.items():
-        if kind == "layer":
-            plan = PrunePlan.build(arch, [1], {1: range(6)}, {1: range(2)}, {1: range(24)}, range(48))
-        assert n0 - plan.after.num_params() == cost, kind
+        assert arch.num_params() - plan.after.num_params() == cost, kind
+        assert plan.removed_params() == cost, kind
         assert sum(G.owned_param_count(arch, k, l, idx) for k, l, idx in owned) == cost, kind
-        assert G.group_cost(arch, kind, 0 if kind != "hidden" else None) * 1 > 0
+    assert G.group_cost(arch, "kv", 0) == G.kv_own_cost(arch) + 3 * G.head_cost(arch)
 
 
 def test_hidden_cost_counts_the_current_widths():

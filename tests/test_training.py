@@ -77,3 +77,20 @@ def test_resume_from_mid_prune_checkpoint_is_exact(full_run, tmp_path):
     assert a.arch == b.arch
     for k in a.state_dict:
         assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+
+
+def test_launcher_runs_tiny_config_on_two_ranks(tmp_path):
+    """The CI end-to-end check: the real launcher, the shipped tiny config, 2 CPU ranks."""
+    import subprocess
+
+    run_dir = tmp_path / "tiny"
+    env = dict(os.environ, NPROC_PER_NODE="2", MASTER_PORT=str(__import__("dist_utils").free_port()))
+    res = subprocess.run(["bash", os.path.join(ROOT, "launchers", "pretrain_prune.sh"), TINY,
+                          f"run_dir={run_dir}", "train.progress_bar=false"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.load(open(run_dir / "final" / "summary.json"))
+    assert summary["final_params"] <= 0.6 * summary["source_params"] * 1.02
+    assert "held-out perplexity" in res.stdout
+    assert os.path.isfile(run_dir / "final" / "hf" / "config.json")
+    assert os.path.isfile(run_dir / "plots" / "architecture.png")

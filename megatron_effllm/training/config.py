@@ -95,6 +95,7 @@ class PruneConfig:
     ema: float = 0.9  # exponential moving average of scores across steps
     obs: bool = True  # local second-order update of the surviving columns at compaction
     obs_damp: float = 0.01
+    obs_tokens_per_step: int = 256  # tokens per micro-batch that feed the layer Hessians
     prune_hidden: bool = True
     allow_depth: bool = False
     min_heads_per_group: int = 1
@@ -262,7 +263,8 @@ def validate(cfg: RunConfig) -> None:
                      ("data.global_batch", d.global_batch), ("train.steps", t.steps),
                      ("prune.interval", p.interval), ("prune.compact_every", p.compact_every),
                      ("train.checkpoint_interval", t.checkpoint_interval),
-                     ("train.log_interval", t.log_interval)):
+                     ("train.log_interval", t.log_interval),
+                     ("prune.obs_tokens_per_step", p.obs_tokens_per_step)):
         if val < 1:
             raise ConfigError(f"config key {key} must be >= 1, got {val}")
     if d.global_batch % d.micro_batch:

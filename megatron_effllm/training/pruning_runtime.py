@@ -199,7 +199,11 @@ class PruningRuntime:
     def _hessian_hook(self, canon_name: str):
         def hook(module, args):
             if module.training and self._collect_hessians:
-                self.hessians.add(canon_name, args[0].detach().float())
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                # A strided subset of the tokens: X^T X over every token costs as much as a
+                # large matmul per layer, and the EMA over steps supplies the rest.
+                stride = max(1, x.shape[0] // self.p.obs_tokens_per_step)
+                self.hessians.add(canon_name, x[::stride].float())
         return hook
 
     _collect_hessians = False
@@ -222,11 +226,11 @@ class PruningRuntime:
         m = self._hidden_mask
         if m is None:
             return output
-        x = args[0].float()
+        x = args[0]
         eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-6)
-        ms_all = x.pow(2).mean(-1, keepdim=True)
-        ms_kept = x.pow(2).sum(-1, keepdim=True) / m.sum()
-        scale = torch.sqrt((ms_all + eps) / (ms_kept + eps))
+        # Masked channels of the residual stream are exactly zero, so one sum serves both means.
+        ss = x.float().pow(2).sum(-1, keepdim=True)
+        scale = torch.sqrt((ss / x.shape[-1] + eps) / (ss / self._hidden_kept + eps))
         return (output.float() * scale).to(output.dtype)
 
     def _refresh_live_masks(self) -> None:
@@ -246,6 +250,7 @@ class PruningRuntime:
                 self._live.append((p, m.to(device=p.device, dtype=p.dtype)))
         if plan.after.hidden_size != self.arch.hidden_size:
             self._hidden_mask = self.masks["hidden"].float()
+            self._hidden_kept = float(plan.after.hidden_size)
 
     # ------------------------------------------------------------------ saliency
     def start_step(self, collecting: bool, samples_per_rank: float, grad_scale: float) -> None:

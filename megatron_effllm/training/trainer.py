@@ -186,6 +186,7 @@ class Trainer:
         model = self._build_model(arch, canonical)
         del canonical
         engine = eng.initialize_engine(model, self._ds_config(), self._make_optimizer(model), mpu=self._mpu())
+        del model  # the engine owns it; a compaction replaces it
         if resume_dir is not None:
             ckpt.load_engine_state(engine, resume_dir)
             _log(f"[resume] continuing from {resume_dir} at step {start_step}")
