@@ -94,3 +94,25 @@ def test_launcher_runs_tiny_config_on_two_ranks(tmp_path):
     assert "held-out perplexity" in res.stdout
     assert os.path.isfile(run_dir / "final" / "hf" / "config.json")
     assert os.path.isfile(run_dir / "plots" / "architecture.png")
+
+
+@pytest.mark.parametrize("strategy", ["adapt", "uniform"])
+def test_other_strategies_reach_their_target(tmp_path, strategy):
+    """Adapt-Pruner (layer-wise sparsity from block cosine importance) and uniform widths, in
+    the same training loop; one process."""
+    run_dir = str(tmp_path / strategy)
+    extra = [f"prune.strategy={strategy}", "prune.count_embeddings=false", "prune.obs=false",
+             "data.dynamic=false", "parallel.zero_stage=1"]
+    (summary,) = run_ranks(_train, world_size=1, args=(run_dir, extra))
+    from megatron_effllm.architecture import Architecture
+
+    arch = Architecture.load(os.path.join(run_dir, "final", "architecture.json"))
+    src = summary["source_params"]
+    emb = arch.embedding_params()
+    target = round(0.6 * (src - emb)) + emb
+    assert arch.num_params() <= target
+    widths = {l.ffn_hidden_size for l in arch.layers}
+    if strategy == "uniform":  # Minitron-style: one width everywhere, the stem too
+        assert len(widths) == 1
+    else:  # Adapt-Pruner: heads and FFN per layer, never the stem
+        assert arch.hidden_size == 64

@@ -25,7 +25,7 @@ from megatron_effllm.errors import UserError
 from megatron_effllm.pruning import obs as obs_mod
 from megatron_effllm.pruning.groups import PrunePlan
 from megatron_effllm.pruning.saliency import GradSaliency
-from megatron_effllm.pruning.selection import Constraints, select_global, select_uniform
+from megatron_effllm.pruning.selection import Constraints, select_adaptive, select_global, select_uniform
 from megatron_effllm.pruning.surgery import (
     full_masks,
     mask_state_dict,
@@ -36,7 +36,7 @@ from megatron_effllm.pruning.surgery import (
 )
 from megatron_effllm.training.schedules import target_params
 
-TRAINING_STRATEGIES = ("efficientllm", "uniform", "none")
+TRAINING_STRATEGIES = ("efficientllm", "uniform", "adapt", "none")
 
 
 def compose_plans(first: PrunePlan, second: PrunePlan) -> PrunePlan:
@@ -131,6 +131,7 @@ class PruningRuntime:
         self._hidden_mask: Optional[torch.Tensor] = None
         self.history: list[dict] = []
         self._obs_cache = {}
+        self.layer_cos = torch.zeros(arch.num_layers, 2, dtype=torch.float64)  # [sum cos, count]
 
     # ------------------------------------------------------------------ schedule
     def effective_plan(self) -> PrunePlan:
@@ -172,6 +173,9 @@ class PruningRuntime:
         for name, module in model.named_modules():
             if name.endswith(("input_layernorm", "pre_mlp_layernorm", "final_layernorm")):
                 self._hooks.append(module.register_forward_hook(self._norm_hook))
+            if self.p.strategy == "adapt" and name.startswith("decoder.layers.") and name.count(".") == 2:
+                self._hooks.append(module.register_forward_hook(self._block_hook(int(name.split(".")[2])),
+                                                                with_kwargs=True))
             if self.p.obs and (name.endswith("self_attention.linear_proj") or name.endswith("mlp.linear_fc2")):
                 canon = self._canonical_site(name)
                 self._hooks.append(module.register_forward_pre_hook(self._hessian_hook(canon)))
@@ -207,6 +211,20 @@ class PruningRuntime:
         return hook
 
     _collect_hessians = False
+
+    def _block_hook(self, layer: int):
+        """Adapt-Pruner's layer importance: sums of cos(x_in, x_out) per token of a block."""
+
+        def hook(module, args, kwargs, output):
+            if not (module.training and self._collecting):
+                return
+            x_in = (args[0] if args else kwargs["hidden_states"]).detach().float()
+            x_out = (output[0] if isinstance(output, tuple) else output).detach().float()
+            cos = torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)
+            self.layer_cos[layer, 0] += cos.sum().double()
+            self.layer_cos[layer, 1] += cos.numel()
+
+        return hook
 
     def collect_hessians(self, on: bool) -> None:
         """Record o_proj / down_proj inputs in the coming forwards (EMA-weighted like scores)."""
@@ -265,6 +283,7 @@ class PruningRuntime:
         self.collect_hessians(self._collecting)
         if self._collecting:
             self.saliency.decay_(self.p.ema)
+            self.layer_cos.mul_(self.p.ema)
             self._samples = samples_per_rank
 
     def end_micro_batch(self, samples: float) -> None:
@@ -289,6 +308,16 @@ class PruningRuntime:
             return grad
 
         return hook
+
+    def _layer_importance(self, eff_plan: PrunePlan) -> torch.Tensor:
+        """I_l = -mean cos(x_in, x_out) over data-parallel ranks, for the layers still there."""
+        cos = self.layer_cos.clone()
+        if torch.distributed.is_initialized():
+            from megatron.core import parallel_state as ps
+
+            torch.distributed.all_reduce(cos, group=ps.get_data_parallel_group())
+        mean = cos[:, 0] / cos[:, 1].clamp(min=1.0)
+        return -mean[torch.as_tensor(eff_plan.kept_layers)]
 
     def reduced_saliency(self) -> GradSaliency:
         """A copy of the scores summed over data-parallel ranks (tiny vectors)."""
@@ -316,6 +345,9 @@ class PruningRuntime:
         scores = scorer.scores(self.p.estimator)
         if self.p.strategy == "uniform":
             plan = select_uniform(scores, target_params=target, constraints=self.constraints())
+        elif self.p.strategy == "adapt":
+            plan, _ = select_adaptive(scores, self._layer_importance(eff_plan), target,
+                                      A=self.p.adapt_step, constraints=self.constraints())
         else:
             plan = select_global(scores, target, self.constraints())
         if plan.is_identity:
@@ -427,6 +459,7 @@ class PruningRuntime:
         self.arch = plan.after
         self.masks = full_masks(self.arch)
         self._obs_cache = {}  # column numbering changed; the next event refreshes H^-1
+        self.layer_cos = self.layer_cos[torch.as_tensor(plan.kept_layers)].clone()
         self._live = []
         self._hidden_mask = None
 
@@ -446,7 +479,7 @@ class PruningRuntime:
         if torch.distributed.get_world_size(group) == 1:
             return
         first = ps.get_data_parallel_rank() == 0
-        for state in (self.saliency.state, self.hessians.state):
+        for state in (self.saliency.state, self.hessians.state, {"layer_cos": self.layer_cos}):
             for key in sorted(state):
                 torch.distributed.all_reduce(state[key], group=group)
                 if not first:
@@ -460,6 +493,7 @@ class PruningRuntime:
             "hessians": {k: v.clone() for k, v in self.hessians.state_dict().items()},
             "events": self.events,
             "history": list(self.history),
+            "layer_cos": self.layer_cos.clone(),
             # The downdated H^-1 of the current compaction cycle: recomputing it on resume from
             # the newer Hessian would change the OBS updates that follow.
             "obs_cache": {k: (list(a), h.clone()) for k, (a, h) in self._obs_cache.items()},
@@ -485,4 +519,5 @@ class PruningRuntime:
         self.hessians.load_state_dict(state["hessians"])
         self.events = state["events"]
         self.history = list(state["history"])
+        self.layer_cos = state["layer_cos"].clone() if first else torch.zeros_like(state["layer_cos"])
         self._obs_cache = dict(state.get("obs_cache", {}))
