@@ -325,7 +325,13 @@ class Trainer:
         from megatron_effllm.model.weights import gather_canonical
 
         arch = pruning.arch
-        canonical = gather_canonical(engine.module, arch)
+        if engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                canonical = gather_canonical(engine.module, arch)
+        else:
+            canonical = gather_canonical(engine.module, arch)
         held = self.heldout_losses(engine)
         summary = {
             "source_params": self.source_arch.num_params(),
