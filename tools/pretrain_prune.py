@@ -28,9 +28,15 @@ def main(argv=None):
     from megatron_effllm.training.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    from megatron_effllm.training.faults import PeerFailure
     from megatron_effllm.training.trainer import run
 
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except PeerFailure as err:
+        # Not an input problem (exit code 2): a restart with resume: auto continues the run.
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -11,6 +11,7 @@ import datetime
 import os
 import socket
 import threading
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -156,37 +157,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ensure_process_group() -> None:
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def comm_timeout_s(default: Optional[float] = None) -> float:
+    """How long a collective waits for the other ranks: EFFLLM_COMM_TIMEOUT_S (seconds) when
+    set, else ``default`` (the run's parallel.comm_timeout_s), else 30 minutes."""
+    raw = os.environ.get("EFFLLM_COMM_TIMEOUT_S")
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise UserError(f"EFFLLM_COMM_TIMEOUT_S={raw!r} must be a positive number of seconds")
+        return value
+    return float(default) if default else DEFAULT_TIMEOUT_S
+
+
+def _ensure_process_group(timeout_s: Optional[float] = None) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # gloo honours the timeout in every collective; NCCL needs its async error handling (on by
+    # default since torch 2.2) to abort a collective that waits on a dead rank.
+    timeout = datetime.timedelta(seconds=comm_timeout_s(timeout_s))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         # Started by a launcher (torchrun, deepspeed, mpirun with the env set).
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group(
             backend,
             init_method=f"tcp://127.0.0.1:{_free_port()}",
             rank=0,
             world_size=1,
-            timeout=datetime.timedelta(minutes=30),
+            timeout=timeout,
         )
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234,
+                        timeout_s: Optional[float] = None) -> None:
     """Initialise megatron-core's tensor/pipeline groups on the current torch.distributed world.
 
     Starts a one-process group first when none exists. Re-initialises when called again with
     different sizes. Seeds megatron's model-parallel RNG tracker (needed by attention).
+    ``timeout_s``: how long collectives wait for a peer (see ``comm_timeout_s``).
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if tp < 1 or pp < 1:
         raise UserError(f"tensor/pipeline parallel sizes must be >= 1, got tp={tp} pp={pp}")
-    _ensure_process_group()
+    _ensure_process_group(timeout_s)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise UserError(
@@ -203,7 +227,9 @@ def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            # The data-parallel group the optimizer and the trainer reduce over has its own.
+            distributed_timeout_minutes=comm_timeout_s(timeout_s) / 60.0,
         )
     model_parallel_cuda_manual_seed(seed)
 

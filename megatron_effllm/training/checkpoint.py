@@ -6,6 +6,7 @@ Layout of ``RUN/checkpoints/``::
         architecture.json   the shape the model had when saved (the engine is rebuilt from it)
         trainer_state.pt    step, consumed tokens, pruning state, data-sampler state (rank 0)
         rng/rank_00000.pt   every rank's RNG states
+        layout.json         world size, ZeRO stage, TP, PP it was written with (it loads only into the same)
         ds/...              DeepSpeed's engine checkpoint (model + ZeRO optimizer partitions)
         MANIFEST.json       size and sha256 of every file above; written last
     latest                  the name of the newest complete checkpoint (replaced atomically)
@@ -13,16 +14,21 @@ Layout of ``RUN/checkpoints/``::
 A checkpoint is written under ``step_000050.partial`` and renamed only when every rank has
 finished and the manifest is written; ``latest`` is then replaced with a rename. Loading
 verifies the manifest; ``resume: auto`` walks back to the newest checkpoint that verifies.
+A write that fails (a full disk) removes the partial folder on every rank and raises one
+CheckpointError; the previous checkpoints and ``latest`` are never touched before the new one
+is complete.
 The run directory is assumed to be on a filesystem all nodes share (as on any cluster).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from typing import Optional
 
 import torch
@@ -31,6 +37,7 @@ import torch.distributed as dist
 from megatron_effllm.errors import UserError
 
 MANIFEST = "MANIFEST.json"
+LAYOUT = "layout.json"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
@@ -93,17 +100,18 @@ def verify(folder: str) -> None:
     try:
         with open(manifest) as f:
             files = json.load(f)["files"]
-    except (json.JSONDecodeError, KeyError):
+        files = {rel: (int(meta["bytes"]), str(meta["sha256"])) for rel, meta in files.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint manifest {manifest} is damaged") from None
-    for rel, meta in files.items():
+    for rel, (size, digest) in files.items():
         path = os.path.join(folder, rel)
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint file {path} is missing")
-        if os.path.getsize(path) != meta["bytes"]:
-            raise CheckpointError(
-                f"checkpoint file {path} is truncated ({os.path.getsize(path)} of {meta['bytes']} bytes)"
-            )
-        if _sha256(path) != meta["sha256"]:
+        actual = os.path.getsize(path)
+        if actual != size:
+            how = "truncated" if actual < size else "changed"
+            raise CheckpointError(f"checkpoint file {path} is {how} ({actual} of {size} bytes)")
+        if _sha256(path) != digest:
             raise CheckpointError(f"checkpoint file {path} is corrupted (checksum mismatch)")
 
 
@@ -119,14 +127,26 @@ def step_dirs(ckpt_root: str) -> list[tuple[int, str]]:
     return sorted(out, reverse=True)
 
 
-def find_resumable(ckpt_root: str, log=print) -> Optional[str]:
-    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
-    for _, folder in step_dirs(ckpt_root):
+def find_resumable(ckpt_root: str, log=print, before_step: Optional[int] = None) -> Optional[str]:
+    """The newest checkpoint that verifies (of those saved before ``before_step``, if given).
+
+    Damaged ones are reported and skipped. None when there is no checkpoint at all; when there
+    are some and none verifies, starting over would silently discard the run: that is an error.
+    """
+    candidates = [(s, f) for s, f in step_dirs(ckpt_root) if before_step is None or s < before_step]
+    first_error = None
+    for _, folder in candidates:
         try:
             verify(folder)
             return folder
         except CheckpointError as err:
+            first_error = first_error or err
             log(f"[checkpoint] skipping {folder}: {err}")
+    if first_error is not None and before_step is None:
+        raise CheckpointError(
+            f"no checkpoint in {ckpt_root} verifies (newest: {first_error}); restore the files or "
+            "set resume: none to start over"
+        )
     return None
 
 
@@ -163,37 +183,134 @@ def set_rng_state(state: dict) -> None:
         tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
+def _agree(error: Optional[str]) -> Optional[str]:
+    """Collective: the first error any rank met (None when every rank succeeded).
+
+    Also a barrier. A rank that fails alone must not leave the others waiting in a collective.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return error
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def _write_error(err: BaseException, rank: int, folder: str) -> str:
+    """One line for a failed write: the reason (a full disk, a quota, permissions) and where."""
+    if isinstance(err, OSError):
+        what = err.strerror or type(err).__name__
+        where = err.filename or folder
+    else:  # torch.save reports a failed write as a RuntimeError of its zip writer
+        what = "write failed (" + " ".join(str(err).split())[:120] + ")"
+        where = folder
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free
+    except OSError:
+        free = None
+    if free is not None and (free < (64 << 20) or getattr(err, "errno", None) == errno.ENOSPC):
+        if getattr(err, "errno", None) != errno.ENOSPC:
+            what = f"{os.strerror(errno.ENOSPC)}: {what}"
+        what += f", {free / 2**20:.1f} MiB free"
+    return f"rank {rank}: {what} at {where}"
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    msg = str(err).lower()
+    return any(m in msg for m in ("write", "unexpected pos", "no space", "inline_container", "quota"))
+
+
+def layout_of(engine) -> dict:
+    """How the engine's state is split over processes; a checkpoint loads only into the same."""
+    from megatron_effllm.parallel.runtime import model_parallel_sizes
+
+    _, tp, _, pp = model_parallel_sizes()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return {"world_size": world, "zero_stage": int(engine.zero_optimization_stage()),
+            "tp": tp, "pp": pp}
+
+
 def save(engine, ckpt_root: str, step: int, *, architecture_json: str, trainer_state: dict,
          keep: int = 2) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    On any failed write (a full disk, a quota) every rank raises the same CheckpointError, the
+    partial folder is removed, and the previous checkpoints and ``latest`` are untouched.
+    """
+    from megatron_effllm.training.faults import kill_point
+
+    if keep < 1:
+        raise CheckpointError(f"train.keep_checkpoints must be >= 1, got {keep}")
     name = f"step_{step:06d}"
     final = os.path.join(ckpt_root, name)
     partial = final + ".partial"
     rank = _rank()
+    previous = step_dirs(ckpt_root)
+    error = None
     if rank == 0:
-        os.makedirs(ckpt_root, exist_ok=True)
-        if os.path.exists(partial):  # left by a crash during an earlier attempt
-            shutil.rmtree(partial)
-        os.makedirs(os.path.join(partial, "rng"))
-    _barrier()
-    # DeepSpeed writes model and ZeRO partitions (each rank its own files).
-    engine.save_checkpoint(partial, tag="ds", save_latest=False)
-    torch.save(rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
+        try:
+            os.makedirs(ckpt_root, exist_ok=True)
+            for entry in os.listdir(ckpt_root):  # left by a crash during an earlier save
+                if entry.endswith(".partial"):
+                    shutil.rmtree(os.path.join(ckpt_root, entry), ignore_errors=True)
+            os.makedirs(os.path.join(partial, "rng"))
+        except OSError as err:
+            error = _write_error(err, rank, partial)
+    error = _agree(error)
+    if error is None:
+        # DeepSpeed writes model and ZeRO partitions (each rank its own files).
+        try:
+            engine.save_checkpoint(partial, tag="ds", save_latest=False)
+        except (OSError, RuntimeError) as err:
+            if not isinstance(err, OSError) and not _is_write_failure(err):
+                raise  # not a failed write (a lost peer, a bug): let it surface as it is
+            error = _write_error(err, rank, partial)
+            _barrier()  # the closing barrier of DeepSpeed's save, which the failed call skipped
+        if error is None:
+            kill_point("ckpt.after_engine_save", step)
+            try:
+                torch.save(rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
+                if rank == 0:
+                    with open(os.path.join(partial, "architecture.json"), "w") as f:
+                        f.write(architecture_json)
+                    with open(os.path.join(partial, LAYOUT), "w") as f:
+                        json.dump(layout_of(engine), f)
+                    torch.save(trainer_state, os.path.join(partial, "trainer_state.pt"))
+            except (OSError, RuntimeError) as err:
+                if not isinstance(err, OSError) and not _is_write_failure(err):
+                    raise
+                error = _write_error(err, rank, partial)
+        error = _agree(error)
+    if error is None and rank == 0:
+        try:
+            write_manifest(partial)
+            kill_point("ckpt.after_manifest", step)
+            if os.path.exists(final):  # a re-save after resuming from an older checkpoint
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync_dir(ckpt_root)
+        except OSError as err:
+            error = _write_error(err, rank, partial)
+    error = _agree(error)
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        _barrier()
+        kept = os.path.basename(previous[0][1]) if previous else "none"
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {error}; the previous checkpoint ({kept}) and "
+            "`latest` are unchanged; free disk space, then restart with resume: auto"
+        )
     if rank == 0:
-        with open(os.path.join(partial, "architecture.json"), "w") as f:
-            f.write(architecture_json)
-        torch.save(trainer_state, os.path.join(partial, "trainer_state.pt"))
-    _barrier()
-    if rank == 0:
-        write_manifest(partial)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _fsync_dir(ckpt_root)
-        tmp = os.path.join(ckpt_root, "latest.tmp")
-        with open(tmp, "w") as f:
-            f.write(name + "\n")
-        os.replace(tmp, os.path.join(ckpt_root, "latest"))
+        kill_point("ckpt.after_rename", step)
+        try:
+            tmp = os.path.join(ckpt_root, "latest.tmp")
+            with open(tmp, "w") as f:
+                f.write(name + "\n")
+            os.replace(tmp, os.path.join(ckpt_root, "latest"))
+        except OSError as err:  # the checkpoint itself is complete; resuming does not need `latest`
+            print(f"[checkpoint] could not update {ckpt_root}/latest: {_write_error(err, rank, ckpt_root)}",
+                  file=sys.stderr, flush=True)
+        kill_point("ckpt.after_latest", step)
         for _, old in step_dirs(ckpt_root)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -208,9 +325,29 @@ def read_meta(folder: str) -> tuple[str, dict]:
     return arch_json, trainer_state
 
 
+def check_layout(engine, folder: str) -> None:
+    """The ZeRO partitions and RNG files are per process: refuse another layout in one line."""
+    path = os.path.join(folder, LAYOUT)
+    if not os.path.isfile(path):  # written before layouts were recorded
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    now = layout_of(engine)
+    if saved != now:
+        def show(d):
+            return f"{d['world_size']} processes, ZeRO-{d['zero_stage']}, TP={d['tp']}, PP={d['pp']}"
+
+        raise CheckpointError(
+            f"checkpoint {folder} was written with {show(saved)} but this run has {show(now)}; "
+            "resume with the same number of processes and parallel settings (the optimizer "
+            "partitions are not resharded), or export final weights and start a new run from them"
+        )
+
+
 def load_engine_state(engine, folder: str) -> None:
     """Restore model, optimizer partitions and this rank's RNG into an engine built for the
     checkpoint's architecture (collective)."""
+    check_layout(engine, folder)
     path, _ = engine.load_checkpoint(folder, tag="ds", load_optimizer_states=True,
                                      load_lr_scheduler_states=False)
     if path is None:

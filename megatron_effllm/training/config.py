@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     zero_stage: int = 1
+    # Seconds a collective waits for the other ranks before the run stops with an error naming a
+    # lost peer (a rank that died fails them at once; one that hangs only by this timeout).
+    comm_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -115,16 +119,19 @@ class TrainConfig:
     checkpoint_interval: int = 50
     keep_checkpoints: int = 2
     progress_bar: bool = True
-    nonfinite_policy: str = "skip"  # skip | stop
+    # A step whose loss or gradients are not finite is skipped (no update). Then: skip = go on,
+    # stop after max_nonfinite such steps in a row; rollback = go back to the newest checkpoint
+    # from before them instead (at most max_rollbacks times); stop = stop at the first.
+    nonfinite_policy: str = "skip"
+    max_nonfinite: int = 3
+    max_rollbacks: int = 2
 
 
 @dataclass
 class ExportConfig:
     hf: bool = True
     hf_dtype: str = "bf16"
-    gguf: bool = False
-    eval_heldout: bool = True  # perplexity of source and result at the end
-    eval_windows: int = 8
+    gguf: bool = False  # also write final/model.gguf (llama.cpp) from the HF folder
 
 
 @dataclass
@@ -152,7 +159,7 @@ CHOICES = {
     "prune.curve": ("linear", "cubic"),
     "prune.estimator": ("taylor", "taylor_elem", "fisher", "mix", "activation", "magnitude"),
     "prune.optimizer_state": ("carry", "reset"),
-    "train.nonfinite_policy": ("skip", "stop"),
+    "train.nonfinite_policy": ("skip", "rollback", "stop"),
     "export.hf_dtype": ("bf16", "fp32"),
     "resume": None,
 }
@@ -264,9 +271,38 @@ def validate(cfg: RunConfig) -> None:
                      ("prune.interval", p.interval), ("prune.compact_every", p.compact_every),
                      ("train.checkpoint_interval", t.checkpoint_interval),
                      ("train.log_interval", t.log_interval),
-                     ("prune.obs_tokens_per_step", p.obs_tokens_per_step)):
+                     ("train.eval_interval", t.eval_interval),
+                     ("train.keep_checkpoints", t.keep_checkpoints),
+                     ("train.max_nonfinite", t.max_nonfinite),
+                     ("data.heldout_batches", d.heldout_batches),
+                     ("data.dynamic_interval", d.dynamic_interval),
+                     ("prune.obs_tokens_per_step", p.obs_tokens_per_step),
+                     ("prune.min_heads_per_group", p.min_heads_per_group),
+                     ("prune.min_ffn", p.min_ffn)):
         if val < 1:
             raise ConfigError(f"config key {key} must be >= 1, got {val}")
+    o = cfg.optim
+    for key, val in (("train.max_rollbacks", t.max_rollbacks), ("optim.warmup_steps", o.warmup_steps),
+                     ("optim.weight_decay", o.weight_decay), ("optim.clip_grad", o.clip_grad),
+                     ("optim.min_lr", o.min_lr), ("prune.start_step", p.start_step),
+                     ("prune.obs_damp", p.obs_damp)):
+        if val < 0:
+            raise ConfigError(f"config key {key} must be >= 0, got {val}")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise ConfigError(f"optim.lr must be a positive number, got {o.lr}")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr {o.min_lr} is above optim.lr {o.lr}; lower optim.min_lr")
+    for key, val in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0.0 <= val < 1.0:
+            raise ConfigError(f"config key {key} must be in [0, 1), got {val}")
+    if not (o.eps > 0):
+        raise ConfigError(f"optim.eps must be positive, got {o.eps}")
+    if not 0.0 <= o.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction must be in [0, 1], got {o.decay_fraction}")
+    if not (cfg.parallel.comm_timeout_s > 0):
+        raise ConfigError(f"parallel.comm_timeout_s must be positive, got {cfg.parallel.comm_timeout_s}")
+    if not math.isfinite(p.target_params):
+        raise ConfigError(f"prune.target_params must be a finite number, got {p.target_params}")
     if d.global_batch % d.micro_batch:
         raise ConfigError(
             f"data.global_batch {d.global_batch} must be a multiple of data.micro_batch {d.micro_batch}"

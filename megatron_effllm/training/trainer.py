@@ -22,6 +22,7 @@ from megatron_effllm.architecture import Architecture
 from megatron_effllm.errors import UserError
 from megatron_effllm.training import checkpoint as ckpt
 from megatron_effllm.training import engine as eng
+from megatron_effllm.training import faults
 from megatron_effllm.training.config import RunConfig, save_config
 from megatron_effllm.training.metrics import MetricsLogger, plot_run
 from megatron_effllm.training.schedules import learning_rate
@@ -43,6 +44,9 @@ def resolve_source(source: str) -> str:
 
 
 class Trainer:
+    rollback: Optional[faults.Rollback] = None  # set when run() restarts after non-finite steps
+    rollbacks = 0
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self._init_distributed()
@@ -63,7 +67,6 @@ class Trainer:
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
 
     # ------------------------------------------------------------------ set-up
@@ -77,7 +80,8 @@ class Trainer:
                 "the converters"
             )
         eng._skip_cpu_shm_build()
-        init_model_parallel(self.cfg.parallel.tp, self.cfg.parallel.pp, seed=self.cfg.seed)
+        init_model_parallel(self.cfg.parallel.tp, self.cfg.parallel.pp, seed=self.cfg.seed,
+                            timeout_s=self.cfg.parallel.comm_timeout_s)
 
     def _load_source(self):
         """(Architecture, canonical state dict or None, tokenizer path)."""
@@ -164,18 +168,26 @@ class Trainer:
         arch, canonical, tokenizer = self._load_source()
         self.source_arch = arch
         self.tokenizer = tokenizer
+        from megatron_effllm.training import preflight
+        from megatron_effllm.training.pruning_runtime import PruningRuntime
+
+        # Cheap checks of the inputs against each other first, before any expensive work.
+        pruning = PruningRuntime(cfg, arch, arch.num_params())
+        preflight.check_prune_target(cfg, arch, pruning.target)
         from megatron_effllm.data.loader import make_train_iterator, prepare_data
 
         self.data_args = prepare_data(
             cfg.data, tokenizer=tokenizer, out_dir=os.path.join(self.run_dir, "data"), seed=cfg.seed,
             train_samples=cfg.train.steps * cfg.data.global_batch, progress=self.is_main,
         )
-        from megatron_effllm.training.pruning_runtime import PruningRuntime
-
-        pruning = PruningRuntime(cfg, arch, arch.num_params())
+        preflight.check_data_tokens(self.data_args, arch, tokenizer, cfg.data.eos_token)
         start_step, trainer_state, resume_dir = 0, {}, None
-        if cfg.resume != "none":
-            resume_dir = cfg.resume if cfg.resume != "auto" else ckpt.find_resumable(self.ckpt_root, log=_log)
+        rollback = self.rollback
+        if rollback is not None or cfg.resume != "none":
+            if rollback is not None:
+                resume_dir = rollback.folder
+            else:
+                resume_dir = cfg.resume if cfg.resume != "auto" else ckpt.find_resumable(self.ckpt_root, log=_log)
             if resume_dir is not None:
                 ckpt.verify(resume_dir)
                 arch_json, trainer_state = ckpt.read_meta(resume_dir)
@@ -183,6 +195,8 @@ class Trainer:
                 canonical = None
                 start_step = trainer_state["step"]
                 pruning.load_state_dict(trainer_state["pruning"])
+                if rollback is not None:  # the data stream goes on past the batches that failed
+                    trainer_state["data"] = rollback.data_state
         model = self._build_model(arch, canonical)
         del canonical
         engine = eng.initialize_engine(model, self._ds_config(), self._make_optimizer(model), mpu=self._mpu())
@@ -202,6 +216,8 @@ class Trainer:
                           if isinstance(ref, dict) else dict(self.source_heldout))
         if data_iter.sampler is not None and hasattr(data_iter.sampler, "set_reference_losses"):
             data_iter.sampler.set_reference_losses(self.reference)
+        if self.is_main:  # only once the run has really started: a failed start changes nothing
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         _log(f"[run] {arch.num_params():,} parameters, target {pruning.target:,}; "
              f"{cfg.train.steps} steps x {cfg.data.global_batch} x {cfg.data.seq_len} tokens; "
              f"DP={self.dp_size} ZeRO-{cfg.parallel.zero_stage} {cfg.model.dtype}")
@@ -213,7 +229,8 @@ class Trainer:
             bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True)
         tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
         consumed = trainer_state.get("consumed_tokens", start_step * tokens_per_step)
-        faults = 0
+        guard = faults.StepGuard(cfg.train, self.ckpt_root, rollbacks_done=self.rollbacks, log=_log,
+                                 metrics=self.metrics)
         timing = {"train": 0.0, "prune": 0.0, "compact": 0.0}
         loss_val = float("nan")
         for step in range(start_step, cfg.train.steps):
@@ -223,13 +240,16 @@ class Trainer:
                                schedule=cfg.optim.schedule, decay_fraction=cfg.optim.decay_fraction)
             eng.set_learning_rate(engine, lr)
             in_window = pruning.enabled and pruning.p.start_step <= step < pruning.p.end_step
+            guard.begin_step(pruning, in_window)
             # The engine divides the loss by the accumulation steps before backward.
             pruning.start_step(in_window, samples_per_rank=cfg.data.global_batch / self.dp_size,
                                grad_scale=float(self.grad_accum))
             losses = []
-            for _ in range(self.grad_accum):
+            for k in range(self.grad_accum):
                 batch = next(data_iter)
-                loss = self._loss(engine, batch)
+                loss = faults.inject_nonfinite(self._loss(engine, batch), step + 1)
+                # One engine.step() per global batch: tell DeepSpeed which backward ends it.
+                engine.set_gradient_accumulation_boundary(k == self.grad_accum - 1)
                 engine.backward(loss)
                 pruning.end_micro_batch(float(batch["tokens"].shape[0]))
                 losses.append(loss.detach().float())
@@ -238,14 +258,8 @@ class Trainer:
                 dist.all_reduce(loss_t)
                 loss_t /= dist.get_world_size()
             loss_val = float(loss_t)
-            if not math.isfinite(loss_val):
-                faults += 1
-                engine.optimizer.zero_grad() if hasattr(engine.optimizer, "zero_grad") else None
-                self.metrics.log({"kind": "fault", "step": step + 1, "loss": loss_val})
-                _log(f"[fault] step {step + 1}: non-finite loss, step skipped")
-                if cfg.train.nonfinite_policy == "stop" or faults > 3:
-                    raise UserError(f"non-finite loss at step {step + 1}; lower optim.lr or check the data")
-            engine.step()
+            # The update, or (non-finite loss or gradients on any rank) a skipped one.
+            guard.finish_step(engine, pruning, step + 1, loss_val, data_iter)
             consumed += tokens_per_step
             timing["train"] += time.time() - t0
             done = step + 1
@@ -253,13 +267,17 @@ class Trainer:
             if pruning.event_due(done):
                 t1 = time.time()
                 record = pruning.prune_event(engine, done)
+                faults.kill_point("prune.after_event", done)
                 timing["prune"] += time.time() - t1
                 if record is not None:
                     self.metrics.log({**record, "kind": "architecture"})
                 if pruning.compaction_due(done):
                     t2 = time.time()
-                    engine = self._compact(engine, pruning)
+                    engine = self._compact(engine, pruning, done)
                     timing["compact"] += time.time() - t2
+            if done % cfg.train.eval_interval == 0 and done != cfg.train.steps:
+                self.metrics.log({"kind": "eval", "step": done, "tokens": consumed,
+                                  "heldout_loss": self.heldout_losses(engine)})
             if data_iter.sampler is not None and data_iter.sampler.update_due:
                 held = self.heldout_losses(engine)
                 weights = data_iter.update_domain_weights(held)
@@ -283,23 +301,35 @@ class Trainer:
                     _log(f"[prune] step {done}: {eff.widths_summary()} hidden {eff.hidden_size}")
             if bar is not None:
                 bar.update(1)
+            faults.kill_point("step.end", done)
             if done % cfg.train.checkpoint_interval == 0 or done == cfg.train.steps:
                 self._save(engine, pruning, data_iter, done, consumed)
         if bar is not None:
             bar.close()
         # Whatever is still only masked goes now, so the exported model is the small one.
         if not pruning.effective_plan().is_identity:
-            engine = self._compact(engine, pruning)
+            engine = self._compact(engine, pruning, cfg.train.steps)
         summary = self._finish(engine, pruning, timing, time.time() - t_start, loss_val)
         self.metrics.close()
         return summary
 
-    def _compact(self, engine, pruning):
+    def _compact(self, engine, pruning, step: Optional[int] = None):
         plan = pruning.compaction_plan()
         new_model = self._build_model(plan.after, None)
+        slice_state = pruning.slice_engine_state(plan)
+
+        def sliced(full):  # fault-injection points around the old engine's destruction
+            out = slice_state(full)
+            faults.kill_point("compact.after_gather", step)
+            return out
+
+        def make_opt(model):
+            faults.kill_point("compact.after_destroy", step)
+            return self._make_optimizer(model)
+
         engine = eng.rebuild_engine(
-            engine, new_model, pruning.slice_engine_state(plan), ds_config=self._ds_config(),
-            make_opt=self._make_optimizer, mpu=self._mpu(),
+            engine, new_model, sliced, ds_config=self._ds_config(),
+            make_opt=make_opt, mpu=self._mpu(),
             carry_optimizer_state=self.cfg.prune.optimizer_state == "carry",
         )
         pruning.after_compaction(plan)
@@ -356,6 +386,15 @@ class Trainer:
                 save_hf_model(arch, {k: v.float() for k, v in canonical.items()},
                               os.path.join(final, "hf"), tokenizer_dir=tok_dir, dtype=dtype, overwrite=True)
                 summary["hf_dir"] = os.path.join(final, "hf")
+                if self.cfg.export.gguf:
+                    from megatron_effllm.convert.gguf_export import export_gguf
+
+                    try:
+                        export_gguf(summary["hf_dir"], os.path.join(final, "model.gguf"), dtype="f16",
+                                    overwrite=True)
+                        summary["gguf"] = os.path.join(final, "model.gguf")
+                    except UserError as err:  # the HF model is the result; say why GGUF is missing
+                        _log(f"[export] no GGUF: {err}")
             self.metrics.log({"kind": "architecture", "step": self.cfg.train.steps,
                               "params": arch.num_params(), "architecture": arch.to_dict()})
             self.metrics.log({"kind": "summary", **summary})
@@ -368,4 +407,14 @@ class Trainer:
 
 
 def run(cfg: RunConfig) -> dict:
-    return Trainer(cfg).run()
+    """Train; a lost peer becomes a one-line PeerFailure, a rollback restarts the loop."""
+    from megatron_effllm.parallel.runtime import comm_timeout_s
+
+    with faults.peer_failures(comm_timeout_s(cfg.parallel.comm_timeout_s)):
+        trainer = Trainer(cfg)
+        while True:
+            try:
+                return trainer.run()
+            except faults.Rollback as rb:
+                trainer.rollback = rb
+                trainer.rollbacks += 1
