@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from megatron_effllm.pruning.groups import PrunePlan
 from megatron_effllm.pruning.hooks import ActivationRecorder
 from megatron_effllm.pruning.obs import (
     HessianAccumulator,

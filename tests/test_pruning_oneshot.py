@@ -82,7 +82,7 @@ def test_cli_prunes_saves_and_reloads(tiny_folder, tmp_path, capsys):
     prune_oneshot.main(["--model", str(root / "model"), "--target-params", "0.6", "--out", str(out),
                         "--calib", *files, "--calib-tokens", "256", "--seq-len", "32", "--obs", "--dtype", "float32"])
     text = capsys.readouterr().out
-    assert "[prune] taylor / global + OBS" in text and "reloaded with AutoModelForCausalLM" in text
+    assert "[prune] fisher / global + OBS" in text and "reloaded with AutoModelForCausalLM" in text
     diff = float(text.split("max |logit diff| ")[1].split(";")[0])
     assert diff < 1e-4
     from megatron_effllm.convert import hf_io

@@ -6,7 +6,6 @@ other pruning tests share.
 """
 import math
 import os
-import sys
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 """One-shot structured pruning of a Hugging Face model (or GGUF) to a parameter target.
 
     python tools/prune_oneshot.py --model SmolLM2-135M-Instruct.Q4_1.gguf --target-params 0.5 --out pruned
-    python tools/prune_oneshot.py --model hf_dir --target-params 67M --out pruned --selector uniform --obs
+    python tools/prune_oneshot.py --model hf_dir --target-params 67M --out pruned --selector uniform --obs --eval-ppl
 
 Calibration text (default: the shipped corpus sample's train files) is tokenized with the
 model's tokenizer; saliency is accumulated over the calibration windows (forward + backward of
@@ -43,8 +43,10 @@ def parse_args(argv=None):
     ap.add_argument("--target-params", required=True,
                     help="total parameters to keep (embeddings included): a count (67M, 67000000) or a fraction (0.5)")
     ap.add_argument("--out", required=True, help="output HF folder")
-    ap.add_argument("--estimator", default="taylor",
-                    choices=("taylor", "taylor_elem", "fisher", "mix", "activation", "magnitude", "obs"))
+    ap.add_argument("--estimator", default="fisher",
+                    choices=("taylor", "taylor_elem", "fisher", "mix", "activation", "magnitude", "obs"),
+                    help="group saliency (default fisher: on a converged model the first-order sums are mostly "
+                         "noise, and group-wise 'taylor' makes large groups look cheap in a global ranking)")
     ap.add_argument("--selector", default="global", choices=("global", "uniform", "adaptive"))
     ap.add_argument("--obs", action="store_true", help="OBS-update o_proj/down_proj for removed heads/FFN channels")
     ap.add_argument("--obs-hidden", action="store_true",

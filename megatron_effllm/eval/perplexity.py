@@ -1,9 +1,21 @@
-"""Held-out perplexity per domain on fixed token windows.
+"""Held-out perplexity per domain on fixed token windows (the number the benchmarks report).
 
-Each domain's documents (JSON lines with a "text" field, optionally gzipped, or plain text
-files) are tokenized in file order, joined with the tokenizer's EOS token, and cut into
-non-overlapping windows of ``seq_len`` tokens; the first ``windows`` windows are scored.
-Perplexity = exp(mean next-token negative log-likelihood over all scored positions), in fp32.
+Definition, for one domain file (JSON lines with a "text" field, optionally gzipped, or a plain
+text file taken as one document):
+
+1. documents are read in file order, each tokenized on its own without special tokens, and
+   joined into one stream with the tokenizer's EOS token after every document;
+2. the stream is cut into non-overlapping windows of ``seq_len`` tokens from its start, and the
+   first ``windows`` of them are kept (fewer if the file is shorter; a file shorter than one
+   window is an error);
+3. each window is one independent forward (no context carried over); every position but the
+   last predicts the next token, so a window contributes ``seq_len - 1`` scored tokens;
+4. perplexity = exp(mean negative log-likelihood over all scored tokens of all windows), with the
+   log-softmax taken in fp32 on the logits of the model's own dtype.
+
+Across domains the benchmarks report the geometric mean (``geometric_mean``), which weights every
+domain equally. The defaults (16 windows of 512 tokens, batches of 4) are the project's standard.
+Works with any Hugging Face causal LM (``model(input_ids=...).logits``).
 """
 from __future__ import annotations
 
@@ -42,7 +54,7 @@ def token_stream(tokenizer, path: str, max_tokens: int) -> list[int]:
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in read_texts(path):
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
         if len(ids) >= max_tokens:
@@ -101,4 +113,37 @@ def heldout_perplexity(
 
 def geometric_mean(values: Iterable[float]) -> float:
     values = list(values)
+    if not values:
+        raise ValueError("geometric mean of no values")
     return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def perplexity_files(spec: str) -> dict[str, str]:
+    """{domain: path} from ``builtin`` (the shipped held-out corpus sample) or a comma-separated
+    list of ``path`` or ``domain=path`` entries (domain defaults to the file name up to its first dot)."""
+    if spec.strip() == "builtin":
+        from megatron_effllm.assets import corpus_files
+
+        return corpus_files("heldout")
+    files: dict[str, str] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        domain, sep, path = part.partition("=")
+        if not sep:
+            domain, path = os.path.basename(part).split(".")[0], part
+        if not os.path.isfile(path):
+            raise UserError(f"perplexity file {path} not found; pass existing .jsonl(.gz)/.txt files or 'builtin'")
+        if domain in files:
+            raise UserError(f"two perplexity files for domain {domain!r}; name them as domain=path")
+        files[domain] = path
+    if not files:
+        raise UserError("no perplexity files given; pass --ppl builtin or --ppl FILE[,FILE...]")
+    return files
+
+
+def evaluate_perplexity(model, tokenizer, files: dict[str, str], windows: int = 16, seq_len: int = 512,
+                        batch_size: int = 4) -> dict:
+    """{"windows", "seq_len", "domains": {domain: perplexity}, "geometric_mean"}."""
+    ppl = heldout_perplexity(model, tokenizer, files, windows=windows, seq_len=seq_len, batch_size=batch_size)
+    return {"windows": windows, "seq_len": seq_len, "domains": ppl, "geometric_mean": geometric_mean(ppl.values())}

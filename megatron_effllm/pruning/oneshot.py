@@ -36,7 +36,7 @@ SELECTORS = ("global", "uniform", "adaptive")
 @dataclass
 class OneShotOptions:
     target_params: int
-    estimator: str = "taylor"
+    estimator: str = "fisher"
     selector: str = "global"
     obs: bool = False
     obs_hidden: bool = False

@@ -70,7 +70,7 @@ def _chunk(width: int, step: int) -> int:
     return r if r else step
 
 
-def _floor_multiple(x: int, step: int) -> int:
+def _ceil_multiple(x: int, step: int) -> int:
     return -(-x // step) * step  # smallest multiple of step >= x
 
 
@@ -324,7 +324,7 @@ def _ratio_widths(shape: LayerShape, ratio: float, c: Constraints, prune_kv: boo
     hpg_new = min(hpg, max(1, _round(hpg * (1 - ratio)))) if c.prune_heads else hpg
     kv_new = K
     if prune_kv and c.prune_kv:
-        kv_new = min(K, max(_floor_multiple(c.min_kv, t), _round(K * (1 - ratio) / t) * t))
+        kv_new = min(K, max(_ceil_multiple(c.min_kv, t), _round(K * (1 - ratio) / t) * t))
     while kv_new * hpg_new < c.min_heads and hpg_new < hpg:
         hpg_new += 1
     while kv_new * hpg_new < c.min_heads and kv_new < K:
@@ -332,13 +332,13 @@ def _ratio_widths(shape: LayerShape, ratio: float, c: Constraints, prune_kv: boo
     ffn_new = F
     if c.prune_ffn:
         step = c.ffn_step
-        ffn_new = min(F, max(_floor_multiple(c.min_ffn, step), _round(F * (1 - ratio) / step) * step))
+        ffn_new = min(F, max(_ceil_multiple(c.min_ffn, step), _round(F * (1 - ratio) / step) * step))
     return kv_new, hpg_new, ffn_new
 
 
 def _hidden_width(D: int, ratio: float, c: Constraints) -> int:
     step = c.hidden_multiple
-    return min(D, max(_floor_multiple(c.min_hidden, step), _round(D * (1 - min(max(ratio, 0.0), 1.0)) / step) * step))
+    return min(D, max(_ceil_multiple(c.min_hidden, step), _round(D * (1 - min(max(ratio, 0.0), 1.0)) / step) * step))
 
 
 def _params(arch: Architecture, widths, hidden: int) -> int:

@@ -95,7 +95,17 @@ def write_manifest(folder: str) -> None:
 def verify(folder: str) -> None:
     """Raise CheckpointError naming the first missing, truncated or corrupted file."""
     manifest = os.path.join(folder, MANIFEST)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
     if not os.path.isfile(manifest):
+        for marker, what, hint in (
+            ("effllm_checkpoint.json", "a model checkpoint of tools/convert_hf_to_megatron.py",
+             "export it with tools/convert_megatron_to_hf.py to start from it with model.source"),
+            ("config.json", "a Hugging Face model folder", "to start from it, set model.source"),
+        ):
+            if os.path.isfile(os.path.join(folder, marker)):
+                raise CheckpointError(f"{folder} is {what}, not a training checkpoint; resume takes a "
+                                      f"RUN/checkpoints/step_N folder ({hint})")
         raise CheckpointError(f"checkpoint {folder} has no {MANIFEST}: it was not completely written")
     try:
         with open(manifest) as f:

@@ -326,6 +326,13 @@ def validate(cfg: RunConfig) -> None:
             )
         if not 0.0 <= p.ema < 1.0:
             raise ConfigError(f"prune.ema must be in [0, 1), got {p.ema}")
+    ref = d.reference_losses
+    if isinstance(ref, str) and ref != "source":
+        raise ConfigError(f"data.reference_losses must be 'source' or a mapping domain -> loss, got {ref!r}")
+    if isinstance(ref, dict):
+        for dom, val in ref.items():
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+                raise ConfigError(f"data.reference_losses.{dom} must be a number, got {val!r}")
     if not cfg.model.source and not cfg.model.init:
         raise ConfigError("set model.source (HF folder, .gguf or smollm2-135m) or model.init (random init)")
     if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):

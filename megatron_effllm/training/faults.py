@@ -18,6 +18,7 @@ group's timeout (``parallel.comm_timeout_s``). ``peer_failures()`` turns that er
 Fault injection for tests (environment variables, read at each call):
 
     EFFLLM_KILL_AT=POINT[@STEP][:RANK]          SIGKILL this process at a named point
+    EFFLLM_KILL_SIGNAL=STOP                     SIGSTOP instead (a hung rank, not a dead one)
     EFFLLM_INJECT_NONFINITE=KIND@STEP[:RANK],.. KIND loss (NaN loss) or grad (finite loss,
                                                  infinite gradients); each fires once
 
@@ -87,7 +88,7 @@ def _parse(spec: str) -> tuple[str, Optional[int], Optional[int]]:
 
 
 def kill_point(name: str, step: Optional[int] = None) -> None:
-    """SIGKILL this process here when EFFLLM_KILL_AT names this point (and step and rank)."""
+    """SIGKILL (or SIGSTOP) this process here when EFFLLM_KILL_AT names this point, step, rank."""
     spec = os.environ.get("EFFLLM_KILL_AT")
     if not spec:
         return
@@ -96,7 +97,8 @@ def kill_point(name: str, step: Optional[int] = None) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    stop = os.environ.get("EFFLLM_KILL_SIGNAL", "KILL").upper() == "STOP"
+    os.kill(os.getpid(), signal.SIGSTOP if stop else signal.SIGKILL)
 
 
 _fired: set = set()
@@ -145,12 +147,11 @@ def grads_finite(engine) -> bool:
         return not opt.has_overflow(partition_gradients=getattr(opt, "partition_gradients", True))
     from deepspeed.runtime.utils import has_inf_or_nan
 
-    bad = None
+    device = next(engine.module.parameters()).device  # NCCL reduces device tensors only
+    flag = torch.zeros(1, device=device)
     for p in engine.module.parameters():
-        if p.grad is not None:
-            hit = has_inf_or_nan(p.grad).float()
-            bad = hit if bad is None else torch.maximum(bad, hit)
-    flag = (bad if bad is not None else torch.zeros(())).reshape(1).float()
+        if p.grad is not None:  # no host sync per tensor: the flag stays on the device
+            flag = torch.maximum(flag, has_inf_or_nan(p.grad).float().reshape(1).to(device))
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return not bool(flag.item())
@@ -191,7 +192,6 @@ class StepGuard:
         self.metrics = metrics
         self.in_row = 0
         self.first_bad: Optional[int] = None
-        self.skipped = 0
         self._saved: Optional[dict] = None
 
     def begin_step(self, pruning, collecting: bool) -> None:
@@ -221,7 +221,6 @@ class StepGuard:
             pruning.layer_cos = self._saved["layer_cos"]
             self._saved = None
         self.in_row += 1
-        self.skipped += 1
         self.first_bad = self.first_bad or step
         what = f"loss ({loss})" if not loss_ok else "gradient"
         if self.metrics is not None:
@@ -233,7 +232,8 @@ class StepGuard:
             raise NonFiniteError(f"non-finite {what} at step {step} (train.nonfinite_policy=stop); {advice}")
         if self.in_row < self.max_in_row:
             return False
-        streak = f"non-finite loss or gradients in {self.in_row} steps in a row ({self.first_bad}-{step})"
+        streak = (f"non-finite loss or gradients in {self.in_row} steps in a row ({self.first_bad}-{step})"
+                  if self.in_row > 1 else f"non-finite {what} at step {step}")
         if self.policy == "skip":
             raise NonFiniteError(f"{streak} (train.max_nonfinite={self.max_in_row}); {advice}, or set "
                                  "train.nonfinite_policy=rollback")

@@ -1,0 +1,29 @@
+"""Real model (slow, ~1-3 min on 2 CPU cores): SmolLM2-135M-Instruct, read from its GGUF through
+tools/evaluate.py, is above chance on the first 50 PIQA and ARC-Easy validation examples."""
+import importlib.util
+import os
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("effllm_tools_evaluate", os.path.join(ROOT, "tools", "evaluate.py"))
+evaluate_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(evaluate_cli)
+
+
+def test_smollm2_gguf_is_above_chance_on_piqa_and_arc_easy(capsys):
+    from megatron_effllm.assets import smollm2_gguf
+
+    threads = torch.get_num_threads()
+    try:
+        report = evaluate_cli.main(["--model", smollm2_gguf(), "--tasks", "piqa,arc_easy", "--limit", "50",
+                                    "--batch-size", "16", "--threads", "2", "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    with capsys.disabled():
+        print("\n" + evaluate_cli.format_report(report))
+    piqa, arc = report["tasks"]["piqa"], report["tasks"]["arc_easy"]
+    assert piqa["n"] == arc["n"] == 50
+    # measured 0.70 (PIQA) and 0.40 (ARC-Easy) acc_norm; chance is 0.50 and 0.25
+    assert piqa["acc_norm"] >= 0.60 and piqa["acc"] >= 0.58
+    assert arc["acc_norm"] >= 0.32 and arc["acc"] >= 0.36
