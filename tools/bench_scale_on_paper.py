@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Communication of pruning at cluster scale, on paper: saliency and OBS-Hessian traffic per prune
+event against the gradient traffic of one training step, from the code's own group counts.
+
+    python tools/bench_scale_on_paper.py [--model llama3-8b] [--tp 8] [--pp 2] [--dp 64]
+        [--estimator taylor] [--grad-bytes 4] [--benchmarks-md BENCHMARKS.md]
+
+Nothing is run on a cluster: the script builds the model's ``Architecture``, instantiates the
+saliency accumulator (``GradSaliency``) that a training run keeps and counts the entries of its
+state that one rank holds and reduces at a prune event (its layers on its pipeline stage, its
+heads / KV groups / FFN channels on its tensor-parallel rank, every hidden channel as a partial
+sum), and the OBS layer Hessians (X^T X of the o_proj / down_proj inputs, whose columns a
+row-parallel rank holds 1/TP of) that are reduced once per compaction. The gradient all-reduce
+of one step is that of the rank's parameter shard over the data-parallel group. Bytes are what a
+ring all-reduce sends per rank: 2 (n - 1) / n x payload.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
+
+MODELS = {  # Architecture.uniform fields of the published configs
+    "llama3-8b": dict(num_layers=32, hidden_size=4096, num_heads=32, num_kv_groups=8, ffn_hidden_size=14336,
+                      vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    "llama3.2-1b": dict(num_layers=16, hidden_size=2048, num_heads=32, num_kv_groups=8, ffn_hidden_size=8192,
+                        vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "smollm2-135m": dict(num_layers=30, hidden_size=576, num_heads=9, num_kv_groups=3, ffn_hidden_size=1536,
+                         vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
+}
+
+
+def ring_bytes(payload_bytes: float, n: int) -> float:
+    return 2.0 * (n - 1) / n * payload_bytes if n > 1 else 0.0
+
+
+def per_rank_saliency_entries(state: dict, arch, tp: int, pp: int) -> int:
+    """Entries of the saliency state one (TP, PP) rank holds: the vectors of its own layers,
+    1/tp of each per-layer group vector, the full hidden-channel vector, the count."""
+    layers_per_stage = -(-arch.num_layers // pp)
+    total = 0
+    for key, v in state.items():
+        parts = key.split(".")
+        if key == "count":
+            total += 1
+        elif parts[1] == "hidden":
+            total += v.numel()
+        elif parts[1] == "layer":  # one score per layer: the stage's own
+            total += v.numel() // pp
+        else:  # "<q>.<kind>.<layer>": one stage's layers, one TP rank's share of the groups
+            layer = int(parts[2])
+            if layer < layers_per_stage:
+                total += v.numel() // tp
+    return total
+
+
+@cli_entry
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama3-8b", choices=sorted(MODELS))
+    ap.add_argument("--tp", type=int, default=8)
+    ap.add_argument("--pp", type=int, default=2)
+    ap.add_argument("--dp", type=int, default=64)
+    ap.add_argument("--estimator", default="taylor", choices=("taylor", "taylor_elem", "fisher", "mix"))
+    ap.add_argument("--grad-bytes", type=int, default=4, help="bytes per gradient element in the all-reduce (fp32: 4, bf16: 2)")
+    ap.add_argument("--stat-bytes", type=int, default=8, help="bytes per saliency entry (the accumulators are fp64)")
+    ap.add_argument("--hessian-bytes", type=int, default=4, help="bytes per Hessian entry (fp32)")
+    ap.add_argument("--compact-every", type=int, default=10, help="prune events per compaction (OBS Hessian reduce)")
+    ap.add_argument("--benchmarks-md", default="BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    from megatron_effllm.architecture import Architecture
+    from megatron_effllm.eval.report import append_section, command_line
+    from megatron_effllm.pruning.saliency import GradSaliency
+
+    arch = Architecture.uniform(**MODELS[args.model])
+    try:
+        arch.validate(tensor_parallel=args.tp)
+    except Exception as err:
+        raise UserError(f"{args.model} at TP={args.tp}: {err}") from None
+    if arch.num_layers % args.pp:
+        raise UserError(f"--pp {args.pp} does not divide the {arch.num_layers} layers")
+    sal = GradSaliency(arch, estimators=(args.estimator,))
+    entries = per_rank_saliency_entries(sal.state, arch, args.tp, args.pp)
+    layers_per_stage = arch.num_layers // args.pp
+    s = arch.layers[0]
+    # OBS Hessians of one rank: o_proj input (its heads x head_dim) and down_proj input (its FFN share)
+    hess = layers_per_stage * ((s.num_heads * arch.head_dim // args.tp) ** 2 + (s.ffn_hidden_size // args.tp) ** 2)
+    params_per_rank = arch.num_params() / (args.tp * args.pp)  # embeddings and norms included, roughly
+    grad_step = ring_bytes(params_per_rank * args.grad_bytes, args.dp)
+    sal_event = ring_bytes(entries * args.stat_bytes, args.dp)
+    hess_compaction = ring_bytes(hess * args.hessian_bytes, args.dp)
+    # the decision: TP and PP all-gathers of the score vectors (each rank's share to every other)
+    gather_tp = entries * args.stat_bytes * (args.tp - 1)
+    gather_pp = entries * args.stat_bytes * (args.pp - 1)
+    rows = [
+        ("gradient all-reduce of one training step (DP)", grad_step),
+        ("saliency all-reduce per prune event (DP)", sal_event),
+        ("score all-gather over TP + PP per prune event", gather_tp + gather_pp),
+        (f"OBS Hessian all-reduce per compaction (DP), every {args.compact_every} events", hess_compaction),
+        ("pruning traffic per event, Hessians amortised", sal_event + gather_tp + gather_pp + hess_compaction / args.compact_every),
+    ]
+    table = "| what, per rank | bytes sent | vs. one step's gradient all-reduce |\n|---|---|---|\n"
+    for name, b in rows:
+        table += f"| {name} | {b / 1e6:,.3f} MB | {b / grad_step:.2e} |\n"
+    notes = (f"{args.model}: {arch.num_params() / 1e9:.2f}B parameters, {arch.num_layers} layers, hidden "
+             f"{arch.hidden_size}, {s.num_heads} heads / {s.num_kv_groups} KV groups, FFN {s.ffn_hidden_size}; "
+             f"TP={args.tp}, PP={args.pp}, DP={args.dp} ({args.tp * args.pp * args.dp} ranks). Estimator "
+             f"`{args.estimator}`: the accumulator holds {sum(v.numel() for v in sal.state.values()):,} entries for "
+             f"the whole model, {entries:,} on one rank ({args.stat_bytes} bytes each); the rank's gradient "
+             f"shard is {params_per_rank / 1e6:,.0f}M elements ({args.grad_bytes} bytes each); its OBS Hessians "
+             f"{hess / 1e6:,.1f}M entries. Ring all-reduce: 2 (n-1)/n x payload per rank.")
+    section = append_section(args.benchmarks_md, "Scale on paper: pruning traffic vs gradient traffic",
+                             command_line(), table, notes)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
