@@ -6,13 +6,14 @@ event against the gradient traffic of one training step, from the code's own gro
         [--estimator taylor] [--grad-bytes 4] [--benchmarks-md BENCHMARKS.md]
 
 Nothing is run on a cluster: the script builds the model's ``Architecture``, instantiates the
-saliency accumulator (``GradSaliency``) that a training run keeps and counts the entries of its
-state that one rank holds and reduces at a prune event (its layers on its pipeline stage, its
-heads / KV groups / FFN channels on its tensor-parallel rank, every hidden channel as a partial
-sum), and the OBS layer Hessians (X^T X of the o_proj / down_proj inputs, whose columns a
-row-parallel rank holds 1/TP of) that are reduced once per compaction. The gradient all-reduce
-of one step is that of the rank's parameter shard over the data-parallel group. Bytes are what a
-ring all-reduce sends per rank: 2 (n - 1) / n x payload.
+saliency accumulator (``GradSaliency``) that a training run keeps and counts what
+``parallel/distributed_pruning.reduce_saliency`` sends at a prune event: the whole model's
+zero-padded score vectors (each rank fills its own layers, heads, KV groups, FFN channels and its
+partial hidden sums), all-reduced as one flat message over the TP, then the PP, then the DP group;
+and the OBS layer Hessians (X^T X of the o_proj / down_proj inputs, of which a row-parallel rank
+holds its own 1/TP of the columns) that are reduced over DP once per compaction. The gradient
+all-reduce of one step is that of the rank's parameter shard over the data-parallel group. Bytes
+are what a ring all-reduce sends per rank: 2 (n - 1) / n x payload.
 """
 import argparse
 import os
@@ -34,26 +35,6 @@ MODELS = {  # Architecture.uniform fields of the published configs
 
 def ring_bytes(payload_bytes: float, n: int) -> float:
     return 2.0 * (n - 1) / n * payload_bytes if n > 1 else 0.0
-
-
-def per_rank_saliency_entries(state: dict, arch, tp: int, pp: int) -> int:
-    """Entries of the saliency state one (TP, PP) rank holds: the vectors of its own layers,
-    1/tp of each per-layer group vector, the full hidden-channel vector, the count."""
-    layers_per_stage = -(-arch.num_layers // pp)
-    total = 0
-    for key, v in state.items():
-        parts = key.split(".")
-        if key == "count":
-            total += 1
-        elif parts[1] == "hidden":
-            total += v.numel()
-        elif parts[1] == "layer":  # one score per layer: the stage's own
-            total += v.numel() // pp
-        else:  # "<q>.<kind>.<layer>": one stage's layers, one TP rank's share of the groups
-            layer = int(parts[2])
-            if layer < layers_per_stage:
-                total += v.numel() // tp
-    return total
 
 
 @cli_entry
@@ -82,24 +63,23 @@ def main(argv=None):
     if arch.num_layers % args.pp:
         raise UserError(f"--pp {args.pp} does not divide the {arch.num_layers} layers")
     sal = GradSaliency(arch, estimators=(args.estimator,))
-    entries = per_rank_saliency_entries(sal.state, arch, args.tp, args.pp)
+    entries = sum(v.numel() for v in sal.state.values())  # one flat message, the whole model
     layers_per_stage = arch.num_layers // args.pp
     s = arch.layers[0]
     # OBS Hessians of one rank: o_proj input (its heads x head_dim) and down_proj input (its FFN share)
     hess = layers_per_stage * ((s.num_heads * arch.head_dim // args.tp) ** 2 + (s.ffn_hidden_size // args.tp) ** 2)
     params_per_rank = arch.num_params() / (args.tp * args.pp)  # embeddings and norms included, roughly
     grad_step = ring_bytes(params_per_rank * args.grad_bytes, args.dp)
-    sal_event = ring_bytes(entries * args.stat_bytes, args.dp)
+    payload = entries * args.stat_bytes
+    sal_mp = ring_bytes(payload, args.tp) + ring_bytes(payload, args.pp)
+    sal_dp = ring_bytes(payload, args.dp)
     hess_compaction = ring_bytes(hess * args.hessian_bytes, args.dp)
-    # the decision: TP and PP all-gathers of the score vectors (each rank's share to every other)
-    gather_tp = entries * args.stat_bytes * (args.tp - 1)
-    gather_pp = entries * args.stat_bytes * (args.pp - 1)
     rows = [
         ("gradient all-reduce of one training step (DP)", grad_step),
-        ("saliency all-reduce per prune event (DP)", sal_event),
-        ("score all-gather over TP + PP per prune event", gather_tp + gather_pp),
+        ("score all-reduce over TP and PP per prune event", sal_mp),
+        ("score all-reduce over DP per prune event", sal_dp),
         (f"OBS Hessian all-reduce per compaction (DP), every {args.compact_every} events", hess_compaction),
-        ("pruning traffic per event, Hessians amortised", sal_event + gather_tp + gather_pp + hess_compaction / args.compact_every),
+        ("pruning traffic per event, Hessians amortised", sal_mp + sal_dp + hess_compaction / args.compact_every),
     ]
     table = "| what, per rank | bytes sent | vs. one step's gradient all-reduce |\n|---|---|---|\n"
     for name, b in rows:
@@ -107,8 +87,8 @@ def main(argv=None):
     notes = (f"{args.model}: {arch.num_params() / 1e9:.2f}B parameters, {arch.num_layers} layers, hidden "
              f"{arch.hidden_size}, {s.num_heads} heads / {s.num_kv_groups} KV groups, FFN {s.ffn_hidden_size}; "
              f"TP={args.tp}, PP={args.pp}, DP={args.dp} ({args.tp * args.pp * args.dp} ranks). Estimator "
-             f"`{args.estimator}`: the accumulator holds {sum(v.numel() for v in sal.state.values()):,} entries for "
-             f"the whole model, {entries:,} on one rank ({args.stat_bytes} bytes each); the rank's gradient "
+             f"`{args.estimator}`: the accumulator holds {entries:,} entries for the whole model "
+             f"({args.stat_bytes} bytes each, fp64), reduced as one message; the rank's gradient "
              f"shard is {params_per_rank / 1e6:,.0f}M elements ({args.grad_bytes} bytes each); its OBS Hessians "
              f"{hess / 1e6:,.1f}M entries. Ring all-reduce: 2 (n-1)/n x payload per rank.")
     section = append_section(args.benchmarks_md, "Scale on paper: pruning traffic vs gradient traffic",

@@ -368,3 +368,100 @@ def all_shards(
         for p in range(pp_size)
         for t in range(tp_size)
     }
+
+
+# ----------------------------------------------------------------------------- shard -> canonical pieces
+_NORM_TO_CANONICAL = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+}
+
+
+def canonical_pieces(
+    arch: Architecture,
+    name: str,
+    t: Tensor,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    pp_rank: int = 0,
+    pp_size: int = 1,
+) -> dict[str, tuple[Tensor, dict[int, int]]]:
+    """The parts of canonical tensors that megatron tensor ``name`` of shard (tp_rank, pp_rank)
+    holds: ``{canonical name: (piece, {dim: start})}``.
+
+    ``t`` may be the weight or anything shaped like it (a gradient, an Adam moment, a mask);
+    pieces are views of ``t``, except the q/k/v pieces of ``linear_qkv`` (copies).
+    ``{dim: start}`` has one entry per dimension that tensor parallelism splits (where this
+    rank's piece starts in the canonical tensor), so an empty dict means the tensor is
+    replicated on every TP rank (norms). A stage's local layer numbers become global layer
+    positions. With tied embeddings the last stage's
+    ``output_layer.weight`` (megatron's copy of the embedding) maps to the embedding.
+    ``_extra_state`` keys give nothing.
+    """
+    if is_extra_state(name):
+        return {}
+    vocab_rows = {0: tp_rank * (arch.vocab_size // tp_size)}
+    if name == "embedding.word_embeddings.weight":
+        pieces = {"model.embed_tokens.weight": (t, vocab_rows)}
+    elif name == "output_layer.weight":
+        target = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
+        pieces = {target: (t, vocab_rows)}
+    elif name == "decoder.final_layernorm.weight":
+        pieces = {"model.norm.weight": (t, {})}
+    elif name.startswith("decoder.layers."):
+        parts = name.split(".")
+        local, rest = int(parts[2]), ".".join(parts[3:])
+        held = stage_layers(arch.num_layers, pp_size, pp_rank)
+        if local >= len(held):
+            raise UserError(
+                f"{name}: pipeline stage {pp_rank} of {pp_size} holds only {len(held)} layers; "
+                "the tensors were made for another architecture or layout"
+            )
+        i = held[local]
+        pieces = {f"model.layers.{i}.{k}": v for k, v in _layer_pieces(arch, i, rest, t, tp_rank, tp_size).items()}
+    else:
+        raise UserError(f"no canonical tensor corresponds to megatron tensor {name}")
+    _check_pieces(arch, name, pieces, tp_size)
+    return pieces
+
+
+def _layer_pieces(arch: Architecture, i: int, rest: str, t: Tensor, tp_rank: int, tp_size: int):
+    shape, d = arch.layers[i], arch.head_dim
+    heads, kv, ffn = (n // tp_size for n in (shape.num_heads, shape.num_kv_groups, shape.ffn_hidden_size))
+    if rest in _NORM_TO_CANONICAL:
+        return {_NORM_TO_CANONICAL[rest]: (t, {})}
+    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        # A TP shard holds whole KV groups, so it is itself a fused qkv of the local heads.
+        q, k, v = unfuse_qkv(t, heads, kv)
+        kind = rest.rsplit(".", 1)[1]
+        return {
+            f"self_attn.q_proj.{kind}": (q, {0: tp_rank * heads * d}),
+            f"self_attn.k_proj.{kind}": (k, {0: tp_rank * kv * d}),
+            f"self_attn.v_proj.{kind}": (v, {0: tp_rank * kv * d}),
+        }
+    if rest == "mlp.linear_fc1.weight":
+        gate, up = t.chunk(2, dim=0)
+        return {"mlp.gate_proj.weight": (gate, {0: tp_rank * ffn}), "mlp.up_proj.weight": (up, {0: tp_rank * ffn})}
+    if rest == "self_attention.linear_proj.weight":
+        return {"self_attn.o_proj.weight": (t, {1: tp_rank * heads * d})}
+    if rest == "mlp.linear_fc2.weight":
+        return {"mlp.down_proj.weight": (t, {1: tp_rank * ffn})}
+    raise UserError(f"no canonical tensor corresponds to megatron tensor decoder.layers.N.{rest}")
+
+
+def _check_pieces(arch: Architecture, name: str, pieces: dict, tp_size: int) -> None:
+    """Each piece must be the TP share (split dims) or the whole (other dims) of its tensor."""
+    shapes = canonical_shapes(arch)
+    for canon, (piece, offsets) in pieces.items():
+        full = shapes.get(canon)
+        want = None if full is None else tuple(
+            n // tp_size if dim in offsets else n for dim, n in enumerate(full)
+        )
+        if want is None or tuple(piece.shape) != want:
+            raise UserError(
+                f"megatron tensor {name} gives {canon} a piece of shape {tuple(piece.shape)}, the "
+                f"architecture at tensor parallel size {tp_size} needs {want}; the tensors were made "
+                "for another architecture or layout"
+            )

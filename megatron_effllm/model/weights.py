@@ -54,10 +54,15 @@ def load_canonical(model: torch.nn.Module, arch: Architecture, sd: Mapping[str, 
 def gather_shards(model: torch.nn.Module) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     """Every model-parallel rank's shard state dict (CPU copies), keyed (tp_rank, pp_rank),
     on every rank of the model-parallel group."""
+    return _gather_over_model_parallel(
+        {k: v.detach().cpu().clone() for k, v in local_state_dict(model).items()}
+    )
+
+
+def _gather_over_model_parallel(mine: dict) -> dict[tuple[int, int], dict]:
     from megatron.core import parallel_state
 
     tp_rank, tp, pp_rank, pp = model_parallel_sizes()
-    mine = {k: v.detach().cpu().clone() for k, v in local_state_dict(model).items()}
     if tp * pp == 1:
         return {(0, 0): mine}
     group = parallel_state.get_model_parallel_group()
@@ -70,3 +75,17 @@ def gather_canonical(model: torch.nn.Module, arch: Architecture) -> dict[str, to
     """The full canonical state dict of a sharded model, on every model-parallel rank."""
     _, tp, _, pp = model_parallel_sizes()
     return layout.from_megatron(arch, gather_shards(model), tp, pp)
+
+
+def gather_canonical_grads(model: torch.nn.Module, arch: Architecture) -> dict[str, torch.Tensor]:
+    """The canonical gradients (``.grad`` of every parameter) of a sharded model, on every
+    model-parallel rank. With tied embeddings under pipeline parallelism the embedding's
+    gradient is the first stage's: sum the two copies first (megatron's finalize_model_grads,
+    or ``parallel.distributed_pruning.allreduce_tied_embedding_grads_``)."""
+    _, tp, _, pp = model_parallel_sizes()
+    mine = {}
+    for k, p in model.named_parameters():
+        if p.grad is None:
+            raise UserError(f"parameter {k} has no gradient; run a backward pass first")
+        mine[k] = p.grad.detach().cpu().clone()
+    return layout.from_megatron(arch, _gather_over_model_parallel(mine), tp, pp)
