@@ -96,10 +96,10 @@ def test_launcher_runs_tiny_config_on_two_ranks(tmp_path):
     assert os.path.isfile(run_dir / "plots" / "architecture.png")
 
 
-@pytest.mark.parametrize("strategy", ["adapt", "uniform"])
+@pytest.mark.parametrize("strategy", ["adapt", "uniform", "sheared"])
 def test_other_strategies_reach_their_target(tmp_path, strategy):
-    """Adapt-Pruner (layer-wise sparsity from block cosine importance) and uniform widths, in
-    the same training loop; one process."""
+    """Adapt-Pruner (layer-wise sparsity from block cosine importance), uniform widths and
+    Sheared-LLaMA's learned L0 gates, in the same training loop; one process."""
     run_dir = str(tmp_path / strategy)
     extra = [f"prune.strategy={strategy}", "prune.count_embeddings=false", "prune.obs=false",
              "data.dynamic=false", "parallel.zero_stage=1"]
@@ -114,5 +114,98 @@ def test_other_strategies_reach_their_target(tmp_path, strategy):
     widths = {l.ffn_hidden_size for l in arch.layers}
     if strategy == "uniform":  # Minitron-style: one width everywhere, the stem too
         assert len(widths) == 1
+    elif strategy == "sheared":  # a fixed target shape: the same widths in every layer
+        assert len({(l.num_heads, l.num_kv_groups, l.ffn_hidden_size) for l in arch.layers}) == 1
+        assert arch.num_params() < src
+        records = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+        soft = [r for r in records if r["kind"] == "train" and "lambda1" in r]
+        assert soft and all(r["params"] == round(r["expected_params"]) for r in soft[:-1])
     else:  # Adapt-Pruner: heads and FFN per layer, never the stem
         assert arch.hidden_size == 64
+
+
+def _train_sheared(rank, world_size, run_dir, extra):
+    """_train, also returning what this rank's L0 gates were after each of their updates and at
+    the end of the soft phase."""
+    from megatron_effllm.training import l0_runtime
+
+    seen = {"after": {}}
+    event, finalize = l0_runtime.L0Runtime.prune_event, l0_runtime.L0Runtime._finalize
+
+    def spy_event(self, engine, step):
+        if step < self.p.end_step:
+            out = event(self, engine, step)
+            seen["after"][step] = self.log_alpha.detach().tolist()  # lists: exact, and they pickle
+            return out
+        return event(self, engine, step)
+
+    def spy_finalize(self, step):
+        seen["log_alpha"] = self.log_alpha.detach().tolist()
+        seen["lambdas"] = self.lambdas.detach().tolist()
+        record = finalize(self, step)
+        seen["architecture"] = record["architecture"]
+        return record
+
+    l0_runtime.L0Runtime.prune_event, l0_runtime.L0Runtime._finalize = spy_event, spy_finalize
+    # A NaN loss on rank 1 at step 5 (inside the soft phase): every rank skips that update.
+    os.environ["EFFLLM_INJECT_NONFINITE"] = "loss@5:1"
+    try:
+        return _train(rank, world_size, run_dir, extra), seen
+    finally:
+        del os.environ["EFFLLM_INJECT_NONFINITE"]
+
+
+def test_sheared_gates_agree_across_ranks_and_resume_exactly(tmp_path):
+    """Sheared-LLaMA on 2 ranks (ZeRO-2): identical gates and shape on both ranks, a skipped step
+    leaves the gates alone, and a run resumed from the step-12 checkpoint (inside the soft phase,
+    steps 2-16) ends bit-identical."""
+    extra = ["prune.strategy=sheared", "prune.obs=false"]
+    full = str(tmp_path / "full")
+    (s0, g0), (s1, g1) = run_ranks(_train_sheared, world_size=2, args=(full, extra))
+    assert g0["log_alpha"] == g1["log_alpha"] and g0["lambdas"] == g1["lambdas"]
+    assert g0["architecture"] == g1["architecture"] and s0["final_params"] == s1["final_params"]
+    assert sorted(g0["after"]) == list(range(3, 16))
+    assert all(g0["after"][step] == g1["after"][step] for step in range(3, 16))
+    assert g0["after"][5] == g0["after"][4]  # the skipped step
+    assert g0["after"][6] != g0["after"][5] and len(set(g0["log_alpha"])) > 1  # they learn
+    from megatron_effllm.architecture import Architecture
+
+    arch = Architecture.from_dict(g0["architecture"])
+    assert arch.num_params() <= round(0.6 * s0["source_params"])
+    assert len({(l.num_heads, l.ffn_hidden_size) for l in arch.layers}) == 1
+    state = torch.load(os.path.join(full, "checkpoints", "step_000012", "trainer_state.pt"), weights_only=False)
+    assert state["pruning"]["phase"] == "soft" and state["pruning"]["log_alpha"] is not None
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(os.path.join(resumed, "checkpoints"))
+    shutil.copytree(os.path.join(full, "checkpoints", "step_000012"),
+                    os.path.join(resumed, "checkpoints", "step_000012"))
+    shutil.copytree(os.path.join(full, "data"), os.path.join(resumed, "data"))
+    (_, r0), _ = run_ranks(_train_sheared, world_size=2, args=(resumed, extra))
+    assert sorted(r0["after"]) == [13, 14, 15]  # it did resume at step 12
+    assert r0["log_alpha"] == g0["log_alpha"] and r0["lambdas"] == g0["lambdas"]
+    a, b = _final_weights(full), _final_weights(resumed)
+    assert a.arch == b.arch == arch
+    for k in a.state_dict:
+        assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+
+
+def test_sheared_config_errors_are_one_line():
+    """What the L0 runtime refuses, before any work: layer gates, targets below its floors."""
+    from megatron_effllm.architecture import Architecture
+    from megatron_effllm.errors import UserError
+    from megatron_effllm.training.config import load_config
+    from megatron_effllm.training.l0_runtime import L0Runtime
+    from megatron_effllm.training.pruning_runtime import PruningRuntime, make_runtime
+
+    base = SHORT + ["prune.strategy=sheared", "run_dir=unused"]
+    arch = Architecture.uniform(**load_config(TINY, base).model.init)
+    assert isinstance(make_runtime(load_config(TINY, base), arch, arch.num_params()), L0Runtime)
+    for extra, match in ((["prune.allow_depth=true"], "no layer gates; set prune.allow_depth=false"),
+                         (["prune.prune_hidden=false", "prune.target_params=0.9"],
+                          "out of reach for prune.strategy=sheared")):
+        with pytest.raises(UserError, match=match) as err:
+            make_runtime(load_config(TINY, base + extra), arch, arch.num_params())
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="make_runtime"):
+        PruningRuntime(load_config(TINY, base), arch, arch.num_params())

@@ -4,7 +4,8 @@ Non-finite steps. ``StepGuard.finish_step`` replaces a bare ``engine.step()``: w
 loss or any gradient is not finite (agreed by every rank), the update is skipped: DeepSpeed runs
 its step at the accumulation boundary as usual, so it clears its gradient buffers and partitions
 its own way, but the client optimizer's ``step`` does nothing, so weights, Adam moments and the
-Adam step count stay as they were. The pruning statistics the step added are put back too.
+Adam step count stay as they were. The pruning statistics the step added are put back too, and
+learned L0 gates skip their update.
 ``train.nonfinite_policy`` then decides: ``skip`` goes on and stops after
 ``train.max_nonfinite`` faulty steps in a row; ``rollback`` goes back to the newest checkpoint
 from before the faults instead, keeping the data stream where it is so that the batches that
@@ -215,6 +216,7 @@ class StepGuard:
             self.in_row, self.first_bad, self._saved = 0, None, None
             return True
         skip_update(engine)
+        pruning.discard_step()  # learned gates (L0Runtime) drop the step's gradients too
         if self._saved is not None:
             pruning.saliency.state = self._saved["saliency"]
             pruning.hessians.state = self._saved["hessians"]

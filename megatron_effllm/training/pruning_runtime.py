@@ -36,7 +36,16 @@ from megatron_effllm.pruning.surgery import (
 )
 from megatron_effllm.training.schedules import target_params
 
-TRAINING_STRATEGIES = ("efficientllm", "uniform", "adapt", "none")
+TRAINING_STRATEGIES = ("efficientllm", "uniform", "adapt", "sheared", "none")
+
+
+def make_runtime(cfg, arch: Architecture, source_params: int) -> "PruningRuntime":
+    """The pruning runtime of ``cfg.prune.strategy``: learned L0 gates (sheared) or saliency."""
+    if cfg.prune.strategy == "sheared":
+        from megatron_effllm.training.l0_runtime import L0Runtime
+
+        return L0Runtime(cfg, arch, source_params)
+    return PruningRuntime(cfg, arch, source_params)
 
 
 def compose_plans(first: PrunePlan, second: PrunePlan) -> PrunePlan:
@@ -95,6 +104,9 @@ def _single_shard(arch: Architecture, tensors: dict) -> dict:
 class PruningRuntime:
     """Scores, masks, OBS statistics and the schedule of one training run (TP=1, PP=1)."""
 
+    STRATEGIES = ("efficientllm", "uniform", "adapt", "none")  # what this class runs (make_runtime)
+    USES_SALIENCY = True
+
     def __init__(self, cfg, arch: Architecture, source_params: int):
         p = cfg.prune
         if p.strategy not in TRAINING_STRATEGIES:
@@ -102,7 +114,10 @@ class PruningRuntime:
                 f"prune.strategy {p.strategy!r} is not available in the training loop yet; use one "
                 f"of {', '.join(TRAINING_STRATEGIES)} (or tools/prune_oneshot.py for the other selectors)"
             )
-        if p.estimator not in ("taylor", "taylor_elem", "fisher", "mix"):
+        if p.strategy not in self.STRATEGIES:
+            raise ValueError(f"{type(self).__name__} does not run prune.strategy {p.strategy!r}; "
+                             "build the runtime with make_runtime()")
+        if self.USES_SALIENCY and p.estimator not in ("taylor", "taylor_elem", "fisher", "mix"):
             raise UserError(
                 f"prune.estimator {p.estimator!r} needs activations; during training use taylor, "
                 "taylor_elem, fisher or mix"
@@ -123,7 +138,7 @@ class PruningRuntime:
                 f"prune.target_params {p.target_params:g} is not below the source size "
                 f"({source_params:,} parameters); choose a smaller target"
             )
-        self.saliency = GradSaliency(arch, estimators=(p.estimator,))
+        self.saliency = GradSaliency(arch, estimators=(p.estimator,) if self.USES_SALIENCY else ())
         self.hessians = obs_mod.HessianAccumulator()
         self.events = 0
         self._hooks = []
@@ -271,8 +286,9 @@ class PruningRuntime:
             self._hidden_kept = float(plan.after.hidden_size)
 
     # ------------------------------------------------------------------ saliency
-    def start_step(self, collecting: bool, samples_per_rank: float, grad_scale: float) -> None:
-        """Before a step's micro-batches: decay the running sums once (EMA) and arm the hooks.
+    def start_step(self, collecting: bool, samples_per_rank: float, grad_scale: float,
+                   step: Optional[int] = None) -> None:
+        """Before step ``step``'s micro-batches: decay the running sums once (EMA), arm the hooks.
 
         ``grad_scale`` undoes the engine's loss scaling for gradient accumulation, so that each
         hooked gradient times ``samples_per_micro`` is a sum over samples; summed over micro-batches
@@ -289,6 +305,19 @@ class PruningRuntime:
     def end_micro_batch(self, samples: float) -> None:
         if self._collecting:
             self.saliency.add_count(samples)
+
+    def discard_step(self) -> None:
+        """The step's update was skipped (non-finite): forget what it would have applied.
+
+        The saliency sums are put back by faults.StepGuard; learned gates (L0Runtime) override."""
+
+    def current_params(self) -> int:
+        """The model size the progress line shows: that of the masked model."""
+        return self.effective_arch().num_params()
+
+    def step_metrics(self, step: int) -> dict:
+        """Extra fields for the step's ``train`` record (L0Runtime: expected size, lambdas)."""
+        return {}
 
     _collecting = False
 

@@ -92,7 +92,13 @@ class Trainer:
             src = load_hf_model(resolve_source(m.source))
             return src.arch, src.state_dict, src.tokenizer_dir
         try:
-            arch = Architecture.uniform(**m.init)
+            if set(m.init) == {"architecture"}:  # any shape, e.g. a pruned run's final/architecture.json
+                if not os.path.isfile(str(m.init["architecture"])):
+                    raise UserError(f"model.init.architecture {m.init['architecture']} not found; give an "
+                                    "architecture.json (a run's final/architecture.json)")
+                arch = Architecture.load(m.init["architecture"])
+            else:
+                arch = Architecture.uniform(**m.init)
         except TypeError as err:
             raise UserError(f"model.init: {err}; give Architecture.uniform fields "
                             "(num_layers, hidden_size, num_heads, num_kv_groups, ffn_hidden_size, vocab_size, ...)") from None
@@ -169,10 +175,10 @@ class Trainer:
         self.source_arch = arch
         self.tokenizer = tokenizer
         from megatron_effllm.training import preflight
-        from megatron_effllm.training.pruning_runtime import PruningRuntime
+        from megatron_effllm.training.pruning_runtime import make_runtime
 
         # Cheap checks of the inputs against each other first, before any expensive work.
-        pruning = PruningRuntime(cfg, arch, arch.num_params())
+        pruning = make_runtime(cfg, arch, arch.num_params())
         preflight.check_prune_target(cfg, arch, pruning.target)
         from megatron_effllm.data.loader import make_train_iterator, prepare_data
 
@@ -243,7 +249,7 @@ class Trainer:
             guard.begin_step(pruning, in_window)
             # The engine divides the loss by the accumulation steps before backward.
             pruning.start_step(in_window, samples_per_rank=cfg.data.global_batch / self.dp_size,
-                               grad_scale=float(self.grad_accum))
+                               grad_scale=float(self.grad_accum), step=step)
             losses = []
             for k in range(self.grad_accum):
                 batch = next(data_iter)
@@ -285,16 +291,17 @@ class Trainer:
             eff = pruning.effective_arch()
             if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
                 dt = time.time() - t0
+                params = pruning.current_params()  # the expected size while L0 gates are soft
                 rec = {"kind": "train", "step": done, "loss": loss_val, "lr": lr,
-                       "params": eff.num_params(), "tokens": consumed,
-                       "tokens_per_s": tokens_per_step / max(dt, 1e-9)}
+                       "params": params, "tokens": consumed,
+                       "tokens_per_s": tokens_per_step / max(dt, 1e-9), **pruning.step_metrics(done)}
                 if data_iter.sampler is not None:
                     rec["domain_weights"] = dict(zip(self.data_args.domains, map(float, data_iter.sampler.weights)))
                 self.metrics.log(rec)
                 msg = (f"step {done}/{cfg.train.steps} loss {loss_val:.4f} lr {lr:.2e} "
-                       f"params {eff.num_params() / 1e6:.2f}M tok/s {rec['tokens_per_s']:.0f}")
+                       f"params {params / 1e6:.2f}M tok/s {rec['tokens_per_s']:.0f}")
                 if bar is not None:
-                    bar.set_postfix_str(f"loss {loss_val:.3f} params {eff.num_params() / 1e6:.1f}M")
+                    bar.set_postfix_str(f"loss {loss_val:.3f} params {params / 1e6:.1f}M")
                 else:
                     _log(msg)
                 if record is not None:
