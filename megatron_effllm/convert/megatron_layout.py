@@ -387,6 +387,7 @@ def canonical_pieces(
     tp_size: int = 1,
     pp_rank: int = 0,
     pp_size: int = 1,
+    check: bool = True,
 ) -> dict[str, tuple[Tensor, dict[int, int]]]:
     """The parts of canonical tensors that megatron tensor ``name`` of shard (tp_rank, pp_rank)
     holds: ``{canonical name: (piece, {dim: start})}``.
@@ -398,7 +399,8 @@ def canonical_pieces(
     replicated on every TP rank (norms). A stage's local layer numbers become global layer
     positions. With tied embeddings the last stage's
     ``output_layer.weight`` (megatron's copy of the embedding) maps to the embedding.
-    ``_extra_state`` keys give nothing.
+    ``_extra_state`` keys give nothing. ``check=False`` skips the shape check against the
+    architecture (for hot paths that feed tensors of a model built from it).
     """
     if is_extra_state(name):
         return {}
@@ -423,7 +425,8 @@ def canonical_pieces(
         pieces = {f"model.layers.{i}.{k}": v for k, v in _layer_pieces(arch, i, rest, t, tp_rank, tp_size).items()}
     else:
         raise UserError(f"no canonical tensor corresponds to megatron tensor {name}")
-    _check_pieces(arch, name, pieces, tp_size)
+    if check:
+        _check_pieces(arch, name, pieces, tp_size)
     return pieces
 
 
@@ -465,3 +468,86 @@ def _check_pieces(arch: Architecture, name: str, pieces: dict, tp_size: int) -> 
                 f"architecture at tensor parallel size {tp_size} needs {want}; the tensors were made "
                 "for another architecture or layout"
             )
+
+
+# ----------------------------------------------------------------------------- one tensor, both ways
+def canonical_from_shards(
+    arch: Architecture,
+    name: str,
+    shards: Sequence[Tensor],
+    pp_rank: int = 0,
+    pp_size: int = 1,
+) -> dict[str, Tensor]:
+    """The full canonical tensors that megatron tensor ``name`` holds parts of, from every TP
+    rank's copy of it (``shards`` in TP rank order, all of one pipeline stage).
+
+    Works on anything shaped like the weight (fp32 masters, Adam moments); pure data movement,
+    so a round trip through ``megatron_tensor`` is exact. Replicated tensors (norms) are
+    taken from TP rank 0. One megatron tensor at a time: the transient is one full tensor.
+    """
+    tp_size = len(shards)
+    shapes = canonical_shapes(arch)
+    out: dict[str, Tensor] = {}
+    for tp_rank, t in enumerate(shards):
+        for canon, (piece, offsets) in canonical_pieces(arch, name, t, tp_rank, tp_size, pp_rank, pp_size).items():
+            if not offsets:
+                if tp_rank == 0:
+                    out[canon] = piece.clone()
+                continue
+            if canon not in out:
+                out[canon] = torch.empty(shapes[canon], dtype=piece.dtype, device=piece.device)
+            index = [slice(None)] * piece.dim()
+            for dim, start in offsets.items():
+                index[dim] = slice(start, start + piece.shape[dim])
+            out[canon][tuple(index)] = piece
+    return out
+
+
+def megatron_tensor(
+    arch: Architecture,
+    name: str,
+    canon: Mapping[str, Tensor],
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    pp_rank: int = 0,
+    pp_size: int = 1,
+) -> Tensor:
+    """Shard ``tp_rank`` of megatron tensor ``name`` (layer numbers local to stage ``pp_rank``)
+    from the full canonical tensors it holds parts of (``canonical_from_shards``' output, or a
+    canonical state dict): the one-tensor inverse of ``canonical_pieces``."""
+
+    def get(key: str) -> Tensor:
+        if key not in canon:
+            raise UserError(f"megatron tensor {name} needs canonical tensor {key}, which is missing")
+        return canon[key]
+
+    if name == "embedding.word_embeddings.weight":
+        return column_shard(get("model.embed_tokens.weight"), tp_rank, tp_size)
+    if name == "output_layer.weight":
+        src = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
+        return column_shard(get(src), tp_rank, tp_size)
+    if name == "decoder.final_layernorm.weight":
+        return get("model.norm.weight").clone()
+    if not name.startswith("decoder.layers."):
+        raise UserError(f"no canonical tensor corresponds to megatron tensor {name}")
+    parts = name.split(".")
+    local, rest = int(parts[2]), ".".join(parts[3:])
+    held = stage_layers(arch.num_layers, pp_size, pp_rank)
+    if local >= len(held):
+        raise UserError(f"{name}: pipeline stage {pp_rank} of {pp_size} holds only {len(held)} layers")
+    i = held[local]
+    shape, pre = arch.layers[i], f"model.layers.{i}."
+    if rest in _NORM_TO_CANONICAL:
+        return get(pre + _NORM_TO_CANONICAL[rest]).clone()
+    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        return qkv_to_megatron(get(f"{pre}self_attn.q_proj.{kind}"), get(f"{pre}self_attn.k_proj.{kind}"),
+                               get(f"{pre}self_attn.v_proj.{kind}"), shape.num_heads, shape.num_kv_groups,
+                               tp_rank, tp_size)
+    if rest == "mlp.linear_fc1.weight":
+        return fc1_to_megatron(get(pre + "mlp.gate_proj.weight"), get(pre + "mlp.up_proj.weight"), tp_rank, tp_size)
+    if rest == "self_attention.linear_proj.weight":
+        return row_shard(get(pre + "self_attn.o_proj.weight"), tp_rank, tp_size)
+    if rest == "mlp.linear_fc2.weight":
+        return row_shard(get(pre + "mlp.down_proj.weight"), tp_rank, tp_size)
+    raise UserError(f"no canonical tensor corresponds to megatron tensor {name}")

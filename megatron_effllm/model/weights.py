@@ -60,11 +60,29 @@ def gather_shards(model: torch.nn.Module) -> dict[tuple[int, int], dict[str, tor
 
 
 def _gather_over_model_parallel(mine: dict) -> dict[tuple[int, int], dict]:
+    """Every model-parallel rank's ``{name: tensor}`` (CPU), keyed (tp_rank, pp_rank).
+
+    Without pipeline parallelism every TP rank has the same names and shapes, so the shards
+    travel tensor by tensor through the communication device (an all-gather per tensor: the
+    transient there is one full tensor, not the pickled model); across pipeline stages the
+    names differ and the dicts go as objects."""
     from megatron.core import parallel_state
 
     tp_rank, tp, pp_rank, pp = model_parallel_sizes()
     if tp * pp == 1:
         return {(0, 0): mine}
+    if pp == 1:
+        group = parallel_state.get_tensor_model_parallel_group()
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+        out: dict[tuple[int, int], dict] = {(t, 0): {} for t in range(tp)}
+        for name in sorted(mine):
+            t = mine[name].contiguous()
+            t = t.to(device) if device is not None else t
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(parts, t, group=group)
+            for r, part in enumerate(parts):
+                out[(r, 0)][name] = part.cpu()
+        return out
     group = parallel_state.get_model_parallel_group()
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, ((tp_rank, pp_rank), mine), group=group)

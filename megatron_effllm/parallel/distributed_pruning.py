@@ -19,6 +19,9 @@ process groups enter:
   MAX), raising ``DecisionMismatchError`` on every rank if any differs, before a weight is touched.
 - ``local_weight_masks`` / ``apply_masks_`` apply a canonical mask dict to this rank's shards
   (with the RMSNorm correction for masked hidden channels), for masking at any TP/PP layout.
+- ``reshard_state`` slices an engine's state (fp32 masters, Adam moments) for a compaction at
+  any TP size, one tensor at a time through its canonical form, and ``reshard_block_hessians``
+  re-cuts the per-rank (block-diagonal) OBS Hessians of row-parallel inputs along the new shards.
 
 Gradients fed must be this rank's own (before any data-parallel reduction), and the embedding
 gradient of a tied model under PP must already be the sum of both copies (megatron's
@@ -313,3 +316,139 @@ def apply_masks_(model: torch.nn.Module, arch: Architecture, masks: Mapping[str,
 
     return [module.register_forward_hook(norm_hook) for name, module in model.named_modules()
             if name.endswith(_NORM_MODULES)]
+
+
+# ---------------------------------------------------------------------- compaction at any TP
+def all_reduce_(t: torch.Tensor, group=None, op=None) -> torch.Tensor:
+    """In-place all-reduce of ``t`` wherever it lives: through the communication device when the
+    backend needs it (NCCL and a CPU tensor), else directly (gloo: exactly ``dist.all_reduce``)."""
+    op = dist.ReduceOp.SUM if op is None else op
+    device = _comm_device(group)
+    if t.device == device:
+        dist.all_reduce(t, op=op, group=group)
+        return t
+    buf = t.to(device)
+    dist.all_reduce(buf, op=op, group=group)
+    t.copy_(buf)
+    return t
+
+
+def tp_layout() -> tuple[int, int]:
+    """(tensor-parallel rank, size) of this process; (0, 1) without megatron's groups."""
+    tp_rank, tp, _, _ = model_parallel_sizes()
+    return tp_rank, tp
+
+
+def tp_all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every TP rank's ``t`` (equal shapes), in TP rank order; ``[t]`` at TP=1. Collective
+    over the tensor-parallel group."""
+    _, tp = tp_layout()
+    if tp == 1:
+        return [t]
+    from megatron.core import parallel_state as ps
+
+    t = t.contiguous()
+    out = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(out, t, group=ps.get_tensor_model_parallel_group())
+    return out
+
+
+def _renamed(name: str, new_pos: Mapping[int, int], prefix: str) -> Optional[str]:
+    """``name`` with its layer number (after ``prefix``) moved to the kept layer's new position;
+    None when the layer is removed; unchanged for tensors outside the layers."""
+    if not name.startswith(prefix):
+        return name
+    rest = name[len(prefix):]
+    layer, tail = rest.split(".", 1)
+    if int(layer) not in new_pos:
+        return None
+    return f"{prefix}{new_pos[int(layer)]}.{tail}"
+
+
+def reshard_state(
+    arch: Architecture,
+    plan: PrunePlan,
+    full: dict,
+    *,
+    fold=None,
+) -> dict:
+    """Slice an engine's state for a compaction at any TP size (PP=1), one tensor at a time.
+
+    ``full``: ``{megatron parameter name: {"param" | "exp_avg" | "exp_avg_sq": this TP rank's
+    shard}}`` (full over data parallelism, as ``training.engine.gather_full_state`` gives it);
+    entries are consumed (popped) as they are done. For each tensor, the TP shards are
+    all-gathered, mapped to canonical tensors, sliced by ``plan``, mapped to the new
+    architecture's TP layout, and this rank's shard is kept: kept heads and FFN channels need
+    not be balanced over the old shards (the global ranking may empty one rank's range more than
+    another's), so the new shards take channels from any old one. The transient is one full
+    tensor, not the model. ``fold(canonical dict) -> canonical dict`` transforms the gathered
+    fp32 masters ("param") before slicing (L0 gate values). Pure data movement otherwise: at
+    TP=1 the result is exactly the single-process slicing. Collective over the TP group: every
+    rank calls it with the same names.
+    """
+    from megatron_effllm.pruning.groups import layer_of, layer_prefix, tensor_axes
+    from megatron_effllm.pruning.surgery import slice_tensor
+
+    _, _, _, pp = model_parallel_sizes()
+    if pp != 1:
+        raise PruningError("compaction under pipeline parallelism is not supported; use parallel.pp=1")
+    tp_rank, tp = tp_layout()
+    new_arch = plan.after
+    axes = tensor_axes(arch)
+    new_pos = {old: new for new, old in enumerate(plan.kept_layers)}
+    out: dict = {}
+    for name in sorted(full):
+        entry = full.pop(name)
+        new_name = _renamed(name, new_pos, "decoder.layers.")
+        if new_name is None:  # a removed layer (the same on every rank: nothing to gather)
+            continue
+        new_entry = {}
+        for key in sorted(entry):
+            local = entry.pop(key)
+            canon = layout.canonical_from_shards(arch, name, tp_all_gather(local))
+            del local
+            if fold is not None and key == "param":
+                canon = fold(canon)
+            sliced = {}
+            for c, t in canon.items():
+                l = layer_of(c)
+                new_c = c if l is None else layer_prefix(new_pos[l]) + c[len(layer_prefix(l)):]
+                sliced[new_c] = slice_tensor(t, axes[c], plan).contiguous()
+            del canon
+            new_entry[key] = layout.megatron_tensor(new_arch, new_name, sliced, tp_rank, tp)
+        out[new_name] = new_entry
+    return out
+
+
+def reshard_block_hessians(state: Mapping[str, torch.Tensor], plan: PrunePlan) -> dict[str, torch.Tensor]:
+    """``obs.HessianAccumulator`` state of row-parallel inputs (o_proj / down_proj columns held by
+    this TP rank) after a compaction by ``plan``: the block-diagonal Hessian over the kept
+    columns, cut along the new shards.
+
+    Each rank holds X^T X of its own columns only (the block-diagonal approximation: a full-width
+    Hessian would cost O(width^2) per rank and an all-gather of activations every step). The old
+    blocks are all-gathered, laid on the diagonal, sliced by the kept columns and cut at the new
+    shard boundaries: entries between columns that came from different old ranks are zero, as
+    they were in the approximation. One layer's full matrix at a time. Collective over TP.
+    """
+    from megatron_effllm.pruning.groups import expand_units, layer_prefix, tensor_axes
+
+    tp_rank, tp = tp_layout()
+    axes = tensor_axes(plan.before)
+    new_pos = {old: new for new, old in enumerate(plan.kept_layers)}
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(k for k in state if k.startswith("xtx.")):
+        name = key[4:]
+        ax = axes[name][1]
+        if ax.layer not in new_pos:
+            continue
+        blocks = tp_all_gather(state[key])
+        full = torch.block_diag(*blocks)
+        del blocks
+        idx = expand_units(plan.kept(ax.kind, ax.layer), ax.unit).to(full.device)
+        full = full.index_select(0, idx).index_select(1, idx)
+        n = full.shape[0] // tp
+        new = layer_prefix(new_pos[ax.layer]) + name[len(layer_prefix(ax.layer)):]
+        out[f"xtx.{new}"] = full[tp_rank * n:(tp_rank + 1) * n, tp_rank * n:(tp_rank + 1) * n].clone()
+        out[f"n.{new}"] = state[f"n.{name}"].clone()
+    return out

@@ -6,6 +6,8 @@ Layout of ``RUN/checkpoints/``::
         architecture.json   the shape the model had when saved (the engine is rebuilt from it)
         trainer_state.pt    step, consumed tokens, pruning state, data-sampler state (rank 0)
         rng/rank_00000.pt   every rank's RNG states
+        ranks/rank_00000.pt every rank's own pruning state, when ranks differ (TP > 1: the Hessians
+                            of each rank's columns)
         layout.json         world size, ZeRO stage, TP, PP it was written with (it loads only into the same)
         ds/...              DeepSpeed's engine checkpoint (model + ZeRO optimizer partitions)
         MANIFEST.json       size and sha256 of every file above; written last
@@ -240,8 +242,11 @@ def layout_of(engine) -> dict:
 
 
 def save(engine, ckpt_root: str, step: int, *, architecture_json: str, trainer_state: dict,
-         keep: int = 2) -> str:
+         keep: int = 2, rank_state: Optional[dict] = None) -> str:
     """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    ``rank_state``: this rank's own state (every rank passes one, or none does), written to
+    ``ranks/rank_N.pt`` and read back by ``read_rank_state``.
 
     On any failed write (a full disk, a quota) every rank raises the same CheckpointError, the
     partial folder is removed, and the previous checkpoints and ``latest`` are untouched.
@@ -263,6 +268,8 @@ def save(engine, ckpt_root: str, step: int, *, architecture_json: str, trainer_s
                 if entry.endswith(".partial"):
                     shutil.rmtree(os.path.join(ckpt_root, entry), ignore_errors=True)
             os.makedirs(os.path.join(partial, "rng"))
+            if rank_state is not None:  # every rank passes one, or none does
+                os.makedirs(os.path.join(partial, "ranks"))
         except OSError as err:
             error = _write_error(err, rank, partial)
     error = _agree(error)
@@ -279,6 +286,8 @@ def save(engine, ckpt_root: str, step: int, *, architecture_json: str, trainer_s
             kill_point("ckpt.after_engine_save", step)
             try:
                 torch.save(rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
+                if rank_state is not None:
+                    torch.save(rank_state, os.path.join(partial, "ranks", f"rank_{rank:05d}.pt"))
                 if rank == 0:
                     with open(os.path.join(partial, "architecture.json"), "w") as f:
                         f.write(architecture_json)
@@ -333,6 +342,14 @@ def read_meta(folder: str) -> tuple[str, dict]:
         arch_json = f.read()
     trainer_state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=False)
     return arch_json, trainer_state
+
+
+def read_rank_state(folder: str) -> Optional[dict]:
+    """This rank's own state saved with ``save(rank_state=...)``, or None if none was saved."""
+    path = os.path.join(folder, "ranks", f"rank_{_rank():05d}.pt")
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, weights_only=False)
 
 
 def check_layout(engine, folder: str) -> None:

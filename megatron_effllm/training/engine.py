@@ -5,6 +5,8 @@ engine is rebuilt: every surviving parameter's fp32 master and Adam moments are 
 (collectively, on every data-parallel rank), sliced with the same kept indices as the weight,
 and written into the new engine's partitions; the step count is kept. The slicing itself is a
 function supplied by the caller (the pruning adapter): this module knows nothing of pruning.
+Under tensor parallelism "full" means full over the data-parallel group: each TP rank gathers
+and sets its own shards, and the caller's function re-shards between them.
 """
 from __future__ import annotations
 

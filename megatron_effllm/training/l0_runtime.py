@@ -25,8 +25,13 @@ Phases (``L0Runtime.phase``):
   moments alike (``slice_engine_state``).
 - ``done``: the gates are gone; continued pretraining to train.steps.
 
-Not supported: layer gates (prune.allow_depth), OBS (the folded gates compensate instead), TP/PP > 1
-(the trainer refuses them). With TransformerEngine layers the norms fused into linear_qkv /
+Tensor parallelism: the gates are replicated on every rank; the head and FFN gates act on this
+rank's slice of the linear_proj / linear_fc2 input, so their gradients come from the rank that
+holds them (summed over TP, the hidden gates' from TP rank 0: they are computed on replicated
+activations), and the compaction folds and re-shards tensor by tensor.
+
+Not supported: layer gates (prune.allow_depth), OBS (the folded gates compensate instead), PP > 1
+(the trainer refuses it). With TransformerEngine layers the norms fused into linear_qkv /
 linear_fc1 keep their statistics over every channel during the soft phase.
 """
 from __future__ import annotations
@@ -36,7 +41,6 @@ from typing import Optional
 import torch
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.convert import megatron_layout as layout
 from megatron_effllm.errors import UserError
 from megatron_effllm.pruning import l0
 from megatron_effllm.pruning import obs as obs_mod
@@ -44,7 +48,8 @@ from megatron_effllm.pruning.groups import PrunePlan
 from megatron_effllm.pruning.saliency import GradSaliency, GroupScores
 from megatron_effllm.pruning.selection import plan_from_widths
 from megatron_effllm.pruning.surgery import masks_from_plan
-from megatron_effllm.training.pruning_runtime import PruningRuntime, _single_shard
+from megatron_effllm.parallel import distributed_pruning as dist_pruning
+from megatron_effllm.training.pruning_runtime import PruningRuntime
 
 
 def _dp():
@@ -77,6 +82,41 @@ def _segments(arch: Architecture, hidden: bool) -> dict[str, tuple[int, int]]:
             off += n
     if hidden:
         out["hidden"] = (off, arch.hidden_size)
+    return out
+
+
+def fold_tensors(tensors: dict, arch: Architecture, *, hidden=None, heads=None, ffn=None) -> dict:
+    """``l0.fold_gates`` for any subset of the canonical tensors (those of one megatron tensor,
+    during a tensor-by-tensor compaction): for each tensor given, the same products in the same
+    order as ``fold_gates``; the others are not needed."""
+    out = dict(tensors)
+
+    def scale(name, v, dim):
+        t = out[name]
+        shape = [1] * t.dim()
+        shape[dim] = -1
+        out[name] = t * v.to(device=t.device, dtype=t.dtype).view(shape)
+
+    d = arch.head_dim
+    for name in list(out):
+        if name.startswith("model.layers."):
+            l = int(name.split(".")[2])
+            if name.endswith("self_attn.o_proj.weight"):
+                if heads is not None:
+                    scale(name, heads[l].repeat_interleave(d), 1)
+            elif name.endswith("mlp.down_proj.weight"):
+                if ffn is not None:
+                    scale(name, ffn[l], 1)
+            else:
+                continue
+            if hidden is not None:
+                scale(name, hidden, 0)
+        elif name == "model.embed_tokens.weight" and hidden is not None:
+            scale(name, hidden, 1)
+        elif name == "model.norm.weight" and hidden is not None and arch.tie_word_embeddings:
+            h = hidden.double()
+            inv = torch.where(h > 0, 1.0 / torch.where(h > 0, h, torch.ones_like(h)), torch.ones_like(h))
+            scale(name, inv, 0)
     return out
 
 
@@ -171,7 +211,11 @@ class L0Runtime(PruningRuntime):
             if self._z is None:
                 return None
             x = args[0]
-            return (x * self._z[key].to(x.dtype),) + tuple(args[1:])
+            z = self._z[key]
+            if self._tp > 1:  # this rank's heads / FFN channels: a contiguous range of the input
+                n = z.numel() // self._tp
+                z = z[self._tp_rank * n:(self._tp_rank + 1) * n]
+            return (x * z.to(x.dtype),) + tuple(args[1:])
 
         return hook
 
@@ -199,6 +243,7 @@ class L0Runtime(PruningRuntime):
     # ------------------------------------------------------------------ hooks on the live model
     def install(self, model: torch.nn.Module) -> None:
         self.remove_hooks()
+        self._tp_rank, self._tp = dist_pruning.tp_layout()
         self._model = model
         if self.log_alpha is None:
             return
@@ -287,6 +332,16 @@ class L0Runtime(PruningRuntime):
     def _update_gates(self, step: int) -> None:
         la, lam = self.log_alpha, self.lambdas
         grad = la.grad.detach().clone() if la.grad is not None else torch.zeros_like(la)
+        if self._tp > 1:
+            # Head / FFN gates: each TP rank has the gradient of its own slice (zero elsewhere);
+            # hidden gates act on replicated activations, so take TP rank 0's. Summed over TP,
+            # every rank holds the same gradient.
+            from megatron.core import parallel_state as ps
+
+            if self._hidden and self._tp_rank != 0:
+                off, n = self._seg["hidden"]
+                grad[off:off + n] = 0.0
+            torch.distributed.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
         group, size = _dp()
         if size > 1:  # the gradient of the global batch's loss: identical gates on every rank
             torch.distributed.all_reduce(grad, group=group)
@@ -331,6 +386,8 @@ class L0Runtime(PruningRuntime):
     # ------------------------------------------------------------------ the end of the soft phase
     def _check_ranks_agree(self) -> None:
         group, size = _dp()
+        if self._tp > 1:  # every rank (data and tensor parallel) holds the same gates
+            group, size = None, torch.distributed.get_world_size()
         if size == 1:
             return
         x = torch.cat([self.log_alpha.detach(), self.lambdas.detach()])
@@ -338,7 +395,7 @@ class L0Runtime(PruningRuntime):
         torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=group)
         torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=group)
         if not torch.equal(hi, lo):
-            raise RuntimeError("the L0 gates differ between data-parallel ranks; the final shape would too")
+            raise RuntimeError("the L0 gates differ between ranks; the final shape would too")
 
     @torch.no_grad()
     def _finalize(self, step: int) -> dict:
@@ -369,17 +426,10 @@ class L0Runtime(PruningRuntime):
 
         Adam moments carry over unscaled: Adam's step m / sqrt(v) does not depend on the
         gradient's scale, and a kept gate of value zero would make rescaled moments infinite."""
-        sliced = super().slice_engine_state(plan)
         fold, arch = self._fold, self.arch
         if fold is None:
-            return sliced
-
-        def fn(full: dict) -> dict:
-            canon = _single_shard(arch, {name: entry["param"] for name, entry in full.items()})
-            folded = layout.to_megatron(arch, l0.fold_gates(canon, arch, **fold))
-            return sliced({name: {**entry, "param": folded[name]} for name, entry in full.items()})
-
-        return fn
+            return super().slice_engine_state(plan)
+        return super().slice_engine_state(plan, fold=lambda canon: fold_tensors(canon, arch, **fold))
 
     def after_compaction(self, plan: PrunePlan) -> None:
         super().after_compaction(plan)

@@ -10,10 +10,16 @@ signal and the forward is exactly the pruned model's, RMSNorm statistics include
 compensates the surviving columns of o_proj / down_proj. Every ``compact_every`` events the
 masked groups are removed physically: weights, fp32 masters and Adam moments are sliced with
 the same indices and the engine is rebuilt.
+
+Tensor parallelism (any TP, PP=1): the gradient hooks feed this rank's shard at its offsets in
+the canonical tensors (``parallel.distributed_pruning``), a prune event sums the scores over TP
+and DP, selects on every rank from the same numbers and checks that every rank chose the same
+plan before any weight changes; masks are applied shard by shard; OBS keeps the Hessian of the
+o_proj / down_proj columns this rank holds (block-diagonal over TP, exact at TP=1); a compaction
+re-shards each tensor (weights and Adam moments) through its canonical form, one at a time.
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Optional
 
@@ -22,6 +28,7 @@ import torch
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.convert import megatron_layout as layout
 from megatron_effllm.errors import UserError
+from megatron_effllm.parallel import distributed_pruning as dist_pruning
 from megatron_effllm.pruning import obs as obs_mod
 from megatron_effllm.pruning.groups import PrunePlan
 from megatron_effllm.pruning.saliency import GradSaliency
@@ -32,7 +39,6 @@ from megatron_effllm.pruning.surgery import (
     masks_from_plan,
     plan_from_masks,
     slice_group_vectors,
-    slice_state_dict,
 )
 from megatron_effllm.training.schedules import target_params
 
@@ -61,48 +67,25 @@ def compose_plans(first: PrunePlan, second: PrunePlan) -> PrunePlan:
     return PrunePlan.build(first.before, layers, heads, kv, ffn, first.hidden[second.hidden])
 
 
-def _param_pieces(arch: Architecture, name: str, w: torch.Tensor, g: torch.Tensor) -> dict:
-    """{canonical name: (weight piece, gradient piece)} of one megatron parameter (TP=1, PP=1)."""
-    if name.startswith("embedding."):
-        return {"model.embed_tokens.weight": (w, g)}
-    if name == "output_layer.weight":
-        return {"lm_head.weight": (w, g)}
-    if name == "decoder.final_layernorm.weight":
-        return {"model.norm.weight": (w, g)}
-    parts = name.split(".")
-    layer = int(parts[2])
-    shape = arch.layers[layer]
-    rest = ".".join(parts[3:])
-    pre = f"model.layers.{layer}."
-    if rest.startswith("self_attention.linear_qkv."):
-        kind = parts[-1]
-        qw, kw, vw = layout.unfuse_qkv(w, shape.num_heads, shape.num_kv_groups)
-        qg, kg, vg = layout.unfuse_qkv(g, shape.num_heads, shape.num_kv_groups)
-        return {f"{pre}self_attn.q_proj.{kind}": (qw, qg), f"{pre}self_attn.k_proj.{kind}": (kw, kg),
-                f"{pre}self_attn.v_proj.{kind}": (vw, vg)}
-    if rest == "mlp.linear_fc1.weight":
-        (gw, uw), (gg, ug) = w.chunk(2, dim=0), g.chunk(2, dim=0)
-        return {f"{pre}mlp.gate_proj.weight": (gw, gg), f"{pre}mlp.up_proj.weight": (uw, ug)}
-    simple = {
-        "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-        "mlp.linear_fc2.weight": "mlp.down_proj.weight",
-        "input_layernorm.weight": "input_layernorm.weight",
-        "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-        "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-        "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
-    }
-    if rest in simple:
-        return {pre + simple[rest]: (w, g)}
-    raise KeyError(f"no canonical name for megatron parameter {name}")
-
-
-def _single_shard(arch: Architecture, tensors: dict) -> dict:
-    """Canonical tensors from this process's megatron tensors (TP=1, PP=1)."""
-    return layout.from_megatron(arch, {(0, 0): tensors}, 1, 1)
+def _param_pieces(arch: Architecture, name: str, w: torch.Tensor, g: torch.Tensor,
+                 tp_rank: int = 0, tp_size: int = 1) -> dict:
+    """{canonical name: (weight piece, gradient piece, {dim: start})} of one megatron parameter
+    of TP shard ``tp_rank`` (PP=1). Tensors replicated over TP (norms) come from TP rank 0 only,
+    so that the TP ranks' sums add up to the whole model's."""
+    if name == "output_layer.weight" and arch.tie_word_embeddings:
+        return {}  # megatron's copy of the tied embedding (only under PP): counted once
+    w_pieces = layout.canonical_pieces(arch, name, w, tp_rank, tp_size, check=False)
+    g_pieces = layout.canonical_pieces(arch, name, g, tp_rank, tp_size, check=False)
+    out = {}
+    for canon, (wc, off) in w_pieces.items():
+        if not off and tp_rank != 0:
+            continue
+        out[canon] = (wc, g_pieces[canon][0], off)
+    return out
 
 
 class PruningRuntime:
-    """Scores, masks, OBS statistics and the schedule of one training run (TP=1, PP=1)."""
+    """Scores, masks, OBS statistics and the schedule of one training run (any TP, PP=1)."""
 
     STRATEGIES = ("efficientllm", "uniform", "adapt", "none")  # what this class runs (make_runtime)
     USES_SALIENCY = True
@@ -147,6 +130,7 @@ class PruningRuntime:
         self.history: list[dict] = []
         self._obs_cache = {}
         self.layer_cos = torch.zeros(arch.num_layers, 2, dtype=torch.float64)  # [sum cos, count]
+        self._tp_rank, self._tp = 0, 1  # this rank's tensor-parallel layout (set in install)
 
     # ------------------------------------------------------------------ schedule
     def effective_plan(self) -> PrunePlan:
@@ -184,6 +168,7 @@ class PruningRuntime:
     def install(self, model: torch.nn.Module) -> None:
         """Forward hooks: zero masked weights, correct RMSNorm statistics, record OBS inputs."""
         self.remove_hooks()
+        self._tp_rank, self._tp = dist_pruning.tp_layout()
         self._hooks.append(model.register_forward_pre_hook(self._apply_masks))
         for name, module in model.named_modules():
             if name.endswith(("input_layernorm", "pre_mlp_layernorm", "final_layernorm")):
@@ -273,9 +258,12 @@ class PruningRuntime:
         plan = self.effective_plan()
         if plan.is_identity:
             return
+        from megatron_effllm.model.weights import model_style
+
         ones = {k: torch.ones(v) for k, v in layout.canonical_shapes(self.arch).items()}
         canon = mask_state_dict(ones, self.arch, self.masks)
-        meg = layout.to_megatron(self.arch, canon)
+        # This rank's shard of the masks (at TP=1 the whole model).
+        meg = layout.to_megatron(self.arch, canon, self._tp_rank, self._tp, 0, 1, model_style(self._model))
         params = dict(self._model.named_parameters())
         for name, m in meg.items():
             if name in params and not bool(m.all()):
@@ -303,7 +291,7 @@ class PruningRuntime:
             self._samples = samples_per_rank
 
     def end_micro_batch(self, samples: float) -> None:
-        if self._collecting:
+        if self._collecting and self._tp_rank == 0:  # one count per model replica
             self.saliency.add_count(samples)
 
     def discard_step(self) -> None:
@@ -329,11 +317,12 @@ class PruningRuntime:
                 with torch.no_grad():
                     w = param.detach().float()
                     g = grad.detach().float() * (self._grad_scale * samples_per_micro)
-                    for canon, (wc, gc) in _param_pieces(self.arch, name, w, g).items():
+                    pieces = _param_pieces(self.arch, name, w, g, self._tp_rank, self._tp)
+                    for canon, (wc, gc, off) in pieces.items():
                         wg = wc * gc
                         for q in self.saliency.quantities:
                             t = wg if q == "wg" else wg.abs() if q == "awg" else wg.square()
-                            self.saliency.add_elementwise(q, canon, t)
+                            self.saliency.add_elementwise(q, canon, t, off)
             return grad
 
         return hook
@@ -344,20 +333,13 @@ class PruningRuntime:
         if torch.distributed.is_initialized():
             from megatron.core import parallel_state as ps
 
-            torch.distributed.all_reduce(cos, group=ps.get_data_parallel_group())
+            dist_pruning.all_reduce_(cos, group=ps.get_data_parallel_group())
         mean = cos[:, 0] / cos[:, 1].clamp(min=1.0)
         return -mean[torch.as_tensor(eff_plan.kept_layers)]
 
     def reduced_saliency(self) -> GradSaliency:
-        """A copy of the scores summed over data-parallel ranks (tiny vectors)."""
-        scorer = copy.deepcopy(self.saliency)
-        if torch.distributed.is_initialized():
-            from megatron.core import parallel_state as ps
-
-            group = ps.get_data_parallel_group()
-            for v in scorer.state.values():
-                torch.distributed.all_reduce(v, group=group)
-        return scorer
+        """A copy of the scores summed over tensor- and data-parallel ranks (tiny vectors)."""
+        return dist_pruning.reduce_saliency(self.saliency)
 
     # ------------------------------------------------------------------ prune event (masking)
     def prune_event(self, engine, step: int) -> Optional[dict]:
@@ -382,6 +364,8 @@ class PruningRuntime:
         if plan.is_identity:
             return None
         total = compose_plans(eff_plan, plan)
+        # Every rank selected from the same reduced scores; make sure before touching a weight.
+        dist_pruning.check_same_decision(total)
         if self.p.obs and self.hessians.names():
             self._obs_update(engine, eff_plan, total)
         self.masks = masks_from_plan(total)
@@ -398,22 +382,33 @@ class PruningRuntime:
         Per layer, H^-1 over the still-alive columns is computed once per compaction cycle (one
         Cholesky) and then downdated as columns go (O(n^2 |P|) per event), as SparseGPT does; a
         fresh inverse every event would cost a Cholesky per layer per step.
+
+        Under tensor parallelism o_proj / down_proj are row-parallel: each rank holds a contiguous
+        range of their input columns, and its Hessian is that of its own columns (the hook sees
+        only its part of the input). So the update is block-diagonal over TP: each rank
+        compensates the columns removed from its range within its own columns, with no
+        communication (a full-width Hessian would cost O((heads*d)^2 + ffn^2) per layer on every
+        rank and an all-gather of activations every step). Exact at TP=1. Units (heads, FFN
+        channels) are numbered locally, from the start of this rank's range.
         """
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
         params = dict(engine.module.named_parameters())
         d = self.arch.head_dim
+        tp_rank, tp = self._tp_rank, self._tp
         for l, shape in enumerate(self.arch.layers):
             if l not in after.kept_layers or l not in before.kept_layers:
                 continue
-            for kind, meg, canon, unit in (
+            for kind, meg, canon, unit, width in (
                 ("head", f"decoder.layers.{l}.self_attention.linear_proj.weight",
-                 f"model.layers.{l}.self_attn.o_proj.weight", d),
+                 f"model.layers.{l}.self_attn.o_proj.weight", d, shape.num_heads),
                 ("ffn", f"decoder.layers.{l}.mlp.linear_fc2.weight",
-                 f"model.layers.{l}.mlp.down_proj.weight", 1),
+                 f"model.layers.{l}.mlp.down_proj.weight", 1, shape.ffn_hidden_size),
             ):
-                was = before.kept(kind, l).tolist()
-                now = set(after.kept(kind, l).tolist())
+                lo = tp_rank * (width // tp)
+                hi = lo + width // tp
+                was = [u - lo for u in before.kept(kind, l).tolist() if lo <= u < hi]
+                now = {u - lo for u in after.kept(kind, l).tolist() if lo <= u < hi}
                 gone = [u for u in was if u not in now]
                 if not gone or f"xtx.{canon}" not in self.hessians.state:
                     continue
@@ -458,33 +453,33 @@ class PruningRuntime:
             from megatron.core import parallel_state as ps
 
             for v in acc.state.values():
-                torch.distributed.all_reduce(v, group=ps.get_data_parallel_group())
+                dist_pruning.all_reduce_(v, group=ps.get_data_parallel_group())
         return acc.hessian(canon, self.p.obs_damp)
 
     # ------------------------------------------------------------------ compaction
     def compaction_plan(self) -> PrunePlan:
         return self.effective_plan()
 
-    def slice_engine_state(self, plan: PrunePlan):
-        """The function the engine rebuild calls: full megatron-named state -> sliced."""
-        new_arch = plan.after
+    def slice_engine_state(self, plan: PrunePlan, fold=None):
+        """The function the engine rebuild calls: this rank's megatron-named state -> sliced.
+
+        Any TP size: each tensor is gathered over TP, sliced in canonical form and re-sharded for
+        the new shape, one tensor at a time (``distributed_pruning.reshard_state``); ``fold``
+        transforms the canonical fp32 masters first (L0Runtime)."""
+        arch = self.arch
 
         def fn(full: dict) -> dict:
-            keys = sorted({k for entry in full.values() for k in entry})
-            per_key = {}
-            for key in keys:
-                meg = {name: entry[key] for name, entry in full.items() if key in entry}
-                canon = _single_shard(self.arch, meg)
-                per_key[key] = layout.to_megatron(new_arch, slice_state_dict(canon, plan))
-            names = per_key["param"].keys()
-            return {n: {k: per_key[k][n] for k in keys if n in per_key[k]} for n in names}
+            return dist_pruning.reshard_state(arch, plan, full, fold=fold)
 
         return fn
 
     def after_compaction(self, plan: PrunePlan) -> None:
         self.saliency.apply_plan(plan)
         if self.hessians.names():
-            self.hessians.apply_plan(plan)
+            if self._tp > 1:  # each rank's block of columns, re-cut along the new shards
+                self.hessians.state = dist_pruning.reshard_block_hessians(self.hessians.state, plan)
+            else:
+                self.hessians.apply_plan(plan)
         self.arch = plan.after
         self.masks = full_masks(self.arch)
         self._obs_cache = {}  # column numbering changed; the next event refreshes H^-1
@@ -495,50 +490,88 @@ class PruningRuntime:
     # ------------------------------------------------------------------ checkpoint
     @torch.no_grad()
     def consolidate(self) -> None:
-        """Move every data-parallel rank's running sums to DP rank 0 (others hold zeros).
+        """Move every data-parallel rank's running sums to DP rank 0 (others hold zeros), and the
+        saliency sums also to TP rank 0.
 
         The totals, which are all any decision reads, do not change; afterwards rank 0's state
-        alone is the whole state, so a checkpoint needs only one copy of it.
+        alone is the whole shared state, so a checkpoint needs only one copy of it. Under TP the
+        Hessians stay per TP rank (each its own columns: ``rank_state_dict``).
         """
         if not torch.distributed.is_initialized():
             return
         from megatron.core import parallel_state as ps
 
         group = ps.get_data_parallel_group()
-        if torch.distributed.get_world_size(group) == 1:
-            return
-        first = ps.get_data_parallel_rank() == 0
-        for state in (self.saliency.state, self.hessians.state, {"layer_cos": self.layer_cos}):
-            for key in sorted(state):
-                torch.distributed.all_reduce(state[key], group=group)
+        if torch.distributed.get_world_size(group) > 1:
+            first = ps.get_data_parallel_rank() == 0
+            for state in (self.saliency.state, self.hessians.state, {"layer_cos": self.layer_cos}):
+                for key in sorted(state):
+                    dist_pruning.all_reduce_(state[key], group=group)
+                    if not first:
+                        state[key].zero_()
+        tp_group = ps.get_tensor_model_parallel_group()
+        if torch.distributed.get_world_size(tp_group) > 1:
+            first = ps.get_tensor_model_parallel_rank() == 0
+            for key in sorted(self.saliency.state):  # partial, zero-padded sums: they add up
+                dist_pruning.all_reduce_(self.saliency.state[key], group=tp_group)
                 if not first:
-                    state[key].zero_()
+                    self.saliency.state[key].zero_()
 
-    def state_dict(self) -> dict:
+    def _tp_local_hessians(self) -> bool:
+        return self.cfg.parallel.tp > 1
+
+    def _local_obs_state(self) -> dict:
         return {
-            "arch": self.arch.to_dict(),
-            "masks": {k: v.clone() for k, v in self.masks.items()},
-            "saliency": {k: v.clone() for k, v in self.saliency.state_dict().items()},
             "hessians": {k: v.clone() for k, v in self.hessians.state_dict().items()},
-            "events": self.events,
-            "history": list(self.history),
-            "layer_cos": self.layer_cos.clone(),
             # The downdated H^-1 of the current compaction cycle: recomputing it on resume from
             # the newer Hessian would change the OBS updates that follow.
             "obs_cache": {k: (list(a), h.clone()) for k, (a, h) in self._obs_cache.items()},
         }
 
+    def state_dict(self) -> dict:
+        """The state every rank shares (saved once, by rank 0, after ``consolidate``)."""
+        state = {
+            "arch": self.arch.to_dict(),
+            "masks": {k: v.clone() for k, v in self.masks.items()},
+            "saliency": {k: v.clone() for k, v in self.saliency.state_dict().items()},
+            "events": self.events,
+            "history": list(self.history),
+            "layer_cos": self.layer_cos.clone(),
+        }
+        if not self._tp_local_hessians():
+            state.update(self._local_obs_state())
+        return state
+
+    def rank_state_dict(self) -> Optional[dict]:
+        """What differs between TP ranks and must be saved by each (None at TP=1): the Hessians
+        of this rank's o_proj / down_proj columns and their cached inverses."""
+        return self._local_obs_state() if self._tp_local_hessians() else None
+
+    def load_rank_state_dict(self, state: Optional[dict]) -> None:
+        """This rank's own ``rank_state_dict`` (after ``load_state_dict``)."""
+        if not self._tp_local_hessians():
+            return
+        if state is None:
+            raise UserError("the checkpoint has no per-rank pruning state for this rank; resume with the "
+                            "layout it was written with")
+        self.hessians = obs_mod.HessianAccumulator()
+        self.hessians.load_state_dict(state["hessians"])
+        self._obs_cache = dict(state.get("obs_cache", {}))
+
     def load_state_dict(self, state: dict) -> None:
-        """Load a state saved after ``consolidate`` (by DP rank 0): the other DP ranks start
-        their sums from zero."""
-        first = True
+        """Load a state saved after ``consolidate`` (by rank 0): the other DP ranks start their
+        sums from zero, and so do the other TP ranks' saliency sums."""
+        first = first_tp = True
         if torch.distributed.is_initialized():
             from megatron.core import parallel_state as ps
 
             first = ps.get_data_parallel_rank() == 0
-        if not first:
-            state = dict(state)
+            first_tp = ps.get_tensor_model_parallel_rank() == 0
+        state = dict(state)
+        state.setdefault("hessians", {})
+        if not (first and first_tp):
             state["saliency"] = {k: torch.zeros_like(v) for k, v in state["saliency"].items()}
+        if not first:
             state["hessians"] = {k: torch.zeros_like(v) for k, v in state["hessians"].items()}
         self.arch = Architecture.from_dict(state["arch"])
         self.masks = state["masks"]

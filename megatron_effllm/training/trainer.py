@@ -6,6 +6,9 @@ One step: forward/backward of ``global_batch / (micro_batch * dp)`` micro-batche
 -> saliency reads the fresh gradients -> optimizer step -> (schedule) prune event: mask and
 OBS-update -> (every K events) compaction: slice weights and Adam state, rebuild the engine ->
 log -> checkpoint. At the end the model is exported as an HF folder and evaluated.
+
+Parallelism: ZeRO over the data-parallel group, megatron tensor parallelism (parallel.tp) inside
+each replica; pipeline parallelism is not yet supported for training (parallel.pp=1).
 """
 from __future__ import annotations
 
@@ -43,6 +46,21 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def _check_tensor_parallel(cfg, arch: Architecture) -> None:
+    """Every width tensor parallelism splits must divide by parallel.tp (KV groups, query heads,
+    FFN widths, the vocabulary): one line, before any expensive work."""
+    tp = cfg.parallel.tp
+    if tp == 1:
+        return
+    if arch.vocab_size % tp:
+        raise UserError(f"parallel.tp={tp} does not divide the vocabulary size {arch.vocab_size}; choose a "
+                        "TP size that divides it")
+    try:
+        arch.validate(tensor_parallel=tp)
+    except UserError as err:
+        raise UserError(f"parallel.tp={tp}: {err}") from None
+
+
 class Trainer:
     rollback: Optional[faults.Rollback] = None  # set when run() restarts after non-finite steps
     rollbacks = 0
@@ -73,11 +91,16 @@ class Trainer:
     def _init_distributed(self) -> None:
         from megatron_effllm.parallel.runtime import init_model_parallel
 
-        if self.cfg.parallel.pp != 1 or self.cfg.parallel.tp != 1:
+        par = self.cfg.parallel
+        if par.pp != 1:
             raise UserError(
-                "training currently runs with parallel.tp=1 and parallel.pp=1 (data parallel with "
-                "ZeRO scales it); tensor/pipeline-parallel layouts are supported by the model and "
-                "the converters"
+                f"parallel.pp={par.pp}: pipeline parallelism is not yet supported for training; set "
+                "parallel.pp=1 (tensor parallelism, parallel.tp, and ZeRO data parallelism are)"
+            )
+        if par.tp > 1 and par.zero_stage == 3:
+            raise UserError(
+                f"parallel.zero_stage=3 with parallel.tp={par.tp} is not supported; use "
+                "parallel.zero_stage 1 or 2 with tensor parallelism"
             )
         eng._skip_cpu_shm_build()
         init_model_parallel(self.cfg.parallel.tp, self.cfg.parallel.pp, seed=self.cfg.seed,
@@ -178,6 +201,7 @@ class Trainer:
         from megatron_effllm.training.pruning_runtime import make_runtime
 
         # Cheap checks of the inputs against each other first, before any expensive work.
+        _check_tensor_parallel(cfg, arch)
         pruning = make_runtime(cfg, arch, arch.num_params())
         preflight.check_prune_target(cfg, arch, pruning.target)
         from megatron_effllm.data.loader import make_train_iterator, prepare_data
@@ -208,7 +232,8 @@ class Trainer:
         engine = eng.initialize_engine(model, self._ds_config(), self._make_optimizer(model), mpu=self._mpu())
         del model  # the engine owns it; a compaction replaces it
         if resume_dir is not None:
-            ckpt.load_engine_state(engine, resume_dir)
+            ckpt.load_engine_state(engine, resume_dir)  # refuses another layout in one line
+            pruning.load_rank_state_dict(ckpt.read_rank_state(resume_dir))
             _log(f"[resume] continuing from {resume_dir} at step {start_step}")
         pruning.install(engine.module)
         data_iter = make_train_iterator(self.data_args, self.dp_rank, self.dp_size, cfg.data.micro_batch,
@@ -226,7 +251,7 @@ class Trainer:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         _log(f"[run] {arch.num_params():,} parameters, target {pruning.target:,}; "
              f"{cfg.train.steps} steps x {cfg.data.global_batch} x {cfg.data.seq_len} tokens; "
-             f"DP={self.dp_size} ZeRO-{cfg.parallel.zero_stage} {cfg.model.dtype}")
+             f"DP={self.dp_size} TP={cfg.parallel.tp} ZeRO-{cfg.parallel.zero_stage} {cfg.model.dtype}")
 
         bar = None
         if cfg.train.progress_bar and self.is_main:
@@ -356,9 +381,11 @@ class Trainer:
             "source_heldout": self.source_heldout,
         }
         ckpt.save(engine, self.ckpt_root, step, architecture_json=pruning.arch.to_json(),
-                  trainer_state=state, keep=self.cfg.train.keep_checkpoints)
+                  trainer_state=state, keep=self.cfg.train.keep_checkpoints,
+                  rank_state=pruning.rank_state_dict())
 
     def _finish(self, engine, pruning, timing: dict, wall: float, last_loss: float) -> dict:
+        """Gather the canonical weights (over TP: collective), evaluate; rank 0 writes the results."""
         from megatron_effllm.model.weights import gather_canonical
 
         arch = pruning.arch
