@@ -366,7 +366,6 @@ def test_reshard_at_tp1_is_the_single_process_slicing():
     from megatron_effllm.pruning import l0
     from megatron_effllm.pruning.groups import PrunePlan
     from megatron_effllm.pruning.surgery import slice_state_dict
-    from megatron_effllm.training.l0_runtime import fold_tensors
     from megatron_fixtures import random_canonical
 
     for tied, bias in ((True, False), (False, True)):
@@ -386,7 +385,7 @@ def test_reshard_at_tp1_is_the_single_process_slicing():
         for fold in (None, gates):
             full = {n: {k: meg[k][n].clone() for k in keys} for n in meg["param"]}
             got = dp.reshard_state(arch, plan, full,
-                                   fold=None if fold is None else (lambda c: fold_tensors(c, arch, **fold)))
+                                   fold=None if fold is None else (lambda c: l0.fold_gates(c, arch, **fold)))
             assert not full  # consumed tensor by tensor
             for k in keys:
                 src = canon[k] if (fold is None or k != "param") else l0.fold_gates(canon[k], arch, **fold)

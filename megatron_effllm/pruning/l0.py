@@ -287,6 +287,8 @@ def fold_gates(
     out = dict(tensors)
 
     def scale(name, v, dim):
+        if name not in out:  # any subset of the tensors may be folded (one at a time, at a compaction)
+            return
         t = out[name]
         shape = [1] * t.dim()
         shape[dim] = -1

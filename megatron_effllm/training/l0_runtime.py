@@ -85,41 +85,6 @@ def _segments(arch: Architecture, hidden: bool) -> dict[str, tuple[int, int]]:
     return out
 
 
-def fold_tensors(tensors: dict, arch: Architecture, *, hidden=None, heads=None, ffn=None) -> dict:
-    """``l0.fold_gates`` for any subset of the canonical tensors (those of one megatron tensor,
-    during a tensor-by-tensor compaction): for each tensor given, the same products in the same
-    order as ``fold_gates``; the others are not needed."""
-    out = dict(tensors)
-
-    def scale(name, v, dim):
-        t = out[name]
-        shape = [1] * t.dim()
-        shape[dim] = -1
-        out[name] = t * v.to(device=t.device, dtype=t.dtype).view(shape)
-
-    d = arch.head_dim
-    for name in list(out):
-        if name.startswith("model.layers."):
-            l = int(name.split(".")[2])
-            if name.endswith("self_attn.o_proj.weight"):
-                if heads is not None:
-                    scale(name, heads[l].repeat_interleave(d), 1)
-            elif name.endswith("mlp.down_proj.weight"):
-                if ffn is not None:
-                    scale(name, ffn[l], 1)
-            else:
-                continue
-            if hidden is not None:
-                scale(name, hidden, 0)
-        elif name == "model.embed_tokens.weight" and hidden is not None:
-            scale(name, hidden, 1)
-        elif name == "model.norm.weight" and hidden is not None and arch.tie_word_embeddings:
-            h = hidden.double()
-            inv = torch.where(h > 0, 1.0 / torch.where(h > 0, h, torch.ones_like(h)), torch.ones_like(h))
-            scale(name, inv, 0)
-    return out
-
-
 class L0Runtime(PruningRuntime):
     """The pruning runtime of prune.strategy=sheared (same interface the Trainer calls)."""
 
@@ -429,7 +394,7 @@ class L0Runtime(PruningRuntime):
         fold, arch = self._fold, self.arch
         if fold is None:
             return super().slice_engine_state(plan)
-        return super().slice_engine_state(plan, fold=lambda canon: fold_tensors(canon, arch, **fold))
+        return super().slice_engine_state(plan, fold=lambda canon: l0.fold_gates(canon, arch, **fold))
 
     def after_compaction(self, plan: PrunePlan) -> None:
         super().after_compaction(plan)
