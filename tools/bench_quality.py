@@ -28,7 +28,8 @@ tokens of each shipped held-out file, megatron_effllm/eval/perplexity.py) and ze
 on the EfficientLLM 7-task set (first --limit validation examples per task; acc_norm / acc as
 lm-eval-harness defines them). A method already in OUT/results.json is not run again (delete it
 to redo). Each final model is an HF folder in OUT/<method>/hf; numbers in OUT/results.json;
-held-out loss against tokens in OUT/heldout_loss.png; a section appended to BENCHMARKS.md.
+held-out loss against tokens in tools/bench_plots/quality_heldout_loss.png; a section appended to
+BENCHMARKS.md.
 """
 import argparse
 import json
@@ -214,6 +215,7 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default="runs/bench_quality")
     ap.add_argument("--benchmarks-md", default="BENCHMARKS.md")
+    ap.add_argument("--plot-dir", default="tools/bench_plots", help="where the held-out loss plot goes")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -236,7 +238,8 @@ def main(argv=None):
         write_result(args.out, "results.json", results)  # after every method: a crash keeps the rest
     order = {m: i for i, m in enumerate(METHODS)}
     results = dict(sorted(results.items(), key=lambda kv: order.get(kv[0], 99)))
-    plot = os.path.join(args.out, "heldout_loss.png")
+    plot = os.path.join(args.plot_dir, "quality_heldout_loss.png")  # kept in the repository, shown in the README
+    os.makedirs(args.plot_dir, exist_ok=True)
     plot_curves(results, plot)
     tokens = args.steps * 4 * 256
     notes = (f"T = {args.steps} steps x 4 x 256 = {tokens:,} training tokens per method (bf16, one CPU process, "

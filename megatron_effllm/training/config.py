@@ -96,7 +96,7 @@ class PruneConfig:
     curve: str = "linear"  # linear | cubic
     interval: int = 1  # a prune event (masking) every k steps
     compact_every: int = 10  # physical compaction (slice + engine rebuild) every K events
-    estimator: str = "taylor"  # taylor | taylor_elem | fisher | mix | activation | magnitude
+    estimator: str = "fisher"  # fisher | taylor | taylor_elem | mix (the gradient estimators)
     ema: float = 0.9  # exponential moving average of scores across steps
     obs: bool = True  # local second-order update of the surviving columns at compaction
     obs_damp: float = 0.01
