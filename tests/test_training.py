@@ -209,3 +209,32 @@ def test_sheared_config_errors_are_one_line():
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="make_runtime"):
         PruningRuntime(load_config(TINY, base), arch, arch.num_params())
+
+
+def test_random_init_from_a_pruned_architecture(full_run, tmp_path):
+    """model.init={architecture: FILE}: a non-uniform shape trained from scratch (the benchmarks'
+    from-scratch baseline); a missing file is one clear line."""
+    from megatron_effllm.architecture import Architecture
+
+    pruned = os.path.join(full_run[0], "final", "architecture.json")
+    want = Architecture.load(pruned)
+    run_dir = str(tmp_path / "scratch")
+    extra = [f"model.init={{architecture: {pruned}}}", "prune.strategy=none", "train.steps=2",
+             "train.checkpoint_interval=2", "train.eval_interval=2", "data.dynamic=false", "parallel.zero_stage=1"]
+    (summary,) = run_ranks(_train, world_size=1, args=(run_dir, extra))
+    got = Architecture.load(os.path.join(run_dir, "final", "architecture.json"))
+    assert got.to_dict() == want.to_dict() and summary["final_params"] == want.num_params()
+    assert len({l.ffn_hidden_size for l in got.layers}) > 1  # really non-uniform
+    (message,) = run_ranks(_error_of, world_size=1, args=(str(tmp_path / "bad"), [
+        "model.init={architecture: /nowhere.json}", "prune.strategy=none"]))
+    assert "model.init.architecture /nowhere.json not found" in message and "\n" not in message
+
+
+def _error_of(rank, world_size, run_dir, extra):
+    from megatron_effllm.errors import UserError
+
+    try:
+        _train(rank, world_size, run_dir, extra)
+    except UserError as err:
+        return str(err)
+    return "no error"
