@@ -9,9 +9,10 @@ T = steps x global_batch x seq_len tokens of the shipped 4-domain train sample (
 100 x 4 x 256 = 102,400), bf16, one process, the same data order, learning-rate schedule
 (warm-up + WSD) and seed for every method:
 
-  efficientllm  this project's default: pruning-aware continued pretraining, global saliency,
-                auto-designed per-layer widths, OBS at every event (prune steps 5..70 of T)
-  efficientllm_fisher  the same with the diagonal-Fisher saliency instead of first-order Taylor
+  efficientllm  this project's default: pruning-aware continued pretraining, global saliency
+                (diagonal Fisher), auto-designed per-layer widths, OBS at every event (prune steps
+                5..70 of T)
+  efficientllm_taylor  the same with first-order Taylor saliency (the ablation behind the default)
   llm_pruner    LLM-Pruner style: one-shot element-wise Taylor (param_first) on heads + FFN,
                 the same ratio in every layer, 16k calibration tokens; then T tokens of training
   minitron      Minitron style: one-shot activation importance, uniform widths (hidden, heads,
@@ -45,7 +46,7 @@ from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "smollm2_135m_cpu_demo.yaml")
-METHODS = ("source", "efficientllm", "efficientllm_fisher", "llm_pruner", "minitron", "sheared", "adapt", "scratch")
+METHODS = ("source", "efficientllm", "efficientllm_taylor", "llm_pruner", "minitron", "sheared", "adapt", "scratch")
 ONESHOT = {  # method -> (estimator, selector, prune hidden channels)
     "llm_pruner": ("taylor_elem", "uniform", False),
     "minitron": ("activation", "uniform", True),
@@ -98,13 +99,13 @@ def _heldout_curve(run_dir: str, token_offset: int = 0) -> list:
     """[(tokens, mean held-out loss over domains)] from a run's eval records."""
     from megatron_effllm.training.metrics import read_metrics
 
-    curve = []
+    curve, trained = [], 0
     for r in read_metrics(run_dir):
+        if r.get("kind") == "train":
+            trained = max(trained, int(r["tokens"]))
         if r.get("kind") == "eval" or (r.get("kind") == "summary" and "heldout_ppl_final" in r):
             losses = r.get("heldout_loss") or {d: math.log(v) for d, v in r["heldout_ppl_final"].items()}
-            tokens = r.get("tokens", None)
-            if tokens is None:
-                tokens = max((c[0] for c in curve), default=0)
+            tokens = r.get("tokens", trained)  # the summary comes after the last step
             curve.append((int(tokens) + token_offset, sum(losses.values()) / len(losses)))
     return sorted(set(curve))
 
