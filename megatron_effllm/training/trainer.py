@@ -340,7 +340,9 @@ class Trainer:
             bar.close()
         # Whatever is still only masked goes now, so the exported model is the small one.
         if not pruning.effective_plan().is_identity:
+            t2 = time.time()
             engine = self._compact(engine, pruning, cfg.train.steps)
+            timing["compact"] += time.time() - t2
         summary = self._finish(engine, pruning, timing, time.time() - t_start, loss_val)
         self.metrics.close()
         return summary
