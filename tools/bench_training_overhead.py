@@ -47,6 +47,10 @@ def main(argv=None):
     common = [f"train.steps={args.steps}", "train.checkpoint_interval=100000", "train.progress_bar=false",
               "export.hf=false", "data.dynamic=false", "optim.warmup_steps=2",
               f"train.log_interval={args.steps}"] + list(args.overrides)
+    import shutil
+
+    for sub in ("plain", "pruned"):  # metrics.jsonl appends: an earlier run's records would count
+        shutil.rmtree(os.path.join(args.out, sub), ignore_errors=True)
     plain, _, _ = _run(args.config, common + ["prune.strategy=none", f"run_dir={args.out}/plain", "resume=none"])
     # Masks only during the steps (compaction once, after the last step), so every pruning-aware
     # step runs at the source's size, like the plain one: the ratio is the machinery's overhead,
