@@ -1,4 +1,5 @@
 """A tiny byte-level BPE tokenizer and a tiny random Llama for the evaluation tests."""
+import pytest
 import torch
 
 TRAIN_TEXT = [
@@ -35,3 +36,13 @@ def tiny_llama(vocab_size: int, max_positions: int = 256, seed: int = 0):
             if p.dim() == 2:
                 p.normal_(0.0, 0.3)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_llama(len(tok))

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from eval_fixtures import tiny_llama, tiny_tokenizer
+from eval_fixtures import model, tok  # noqa: F401 (pytest fixtures)
 from megatron_effllm.errors import UserError
 from megatron_effllm.eval.perplexity import (evaluate_perplexity, geometric_mean, heldout_perplexity,
                                              perplexity_files)
@@ -24,16 +24,6 @@ def write_jsonl_gz(path, texts):
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for t in texts:
             f.write(json.dumps({"text": t, "domain": "x"}) + "\n")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(len(tok))
 
 
 @pytest.fixture()

@@ -6,23 +6,13 @@ import os
 import pytest
 import torch
 
-from eval_fixtures import tiny_llama, tiny_tokenizer
+from eval_fixtures import model, tiny_llama, tok  # noqa: F401 (model, tok: pytest fixtures)
 from megatron_effllm.errors import UserError
 from megatron_effllm.eval import tasks as T
 from megatron_effllm.eval.zero_shot import (Score, encode_pair, evaluate_task, loglikelihoods, paper7_average,
                                             predictions, task_metrics)
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(len(tok))
 
 
 @pytest.fixture(scope="module")
