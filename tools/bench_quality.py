@@ -18,7 +18,11 @@ T = steps x global_batch x seq_len tokens of the shipped 4-domain train sample (
   minitron      Minitron style: one-shot activation importance, uniform widths (hidden, heads,
                 FFN); then T tokens
   sheared       Sheared-LLaMA: hard-concrete L0 gates + Lagrangian to a uniform target shape
-                during the same window, folded, then continued training; same total T
+                during the same window, folded, then continued training; same total T. Gates
+                start open (drop rate 0.05: Sheared-LLaMA's 0.5 gates a random half of every
+                group from the first step, which a 65-step window cannot recover from; measured:
+                loss 12-14 in the soft phase), mask lr 1.0 as Sheared-LLaMA, lambda lr 10 so the
+                expected size can follow the schedule within the window
   adapt         Adapt-Pruner: adaptive layer-wise sparsity from block cosine importance,
                 incremental, in the same window
   scratch       the efficientllm result's exact shape, randomly initialised, trained on T tokens
@@ -47,6 +51,7 @@ from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "smollm2_135m_cpu_demo.yaml")
 METHODS = ("source", "efficientllm", "efficientllm_taylor", "llm_pruner", "minitron", "sheared", "adapt", "scratch")
+SHEARED_SHORT_WINDOW = ["prune.l0_droprate_init=0.05", "prune.l0_lr=1.0", "prune.lagrangian_lr=10.0"]
 ONESHOT = {  # method -> (estimator, selector, prune hidden channels)
     "llm_pruner": ("taylor_elem", "uniform", False),
     "minitron": ("activation", "uniform", True),
@@ -154,6 +159,8 @@ def run_method(method: str, out: str, steps: int, target: float, calib_tokens: i
     else:
         strategy, _, estimator = method.partition("_")
         extra = [f"prune.estimator={estimator}"] if estimator else []
+        if strategy == "sheared":
+            extra += SHEARED_SHORT_WINDOW
         summary = _train(run_dir, steps, [f"prune.strategy={strategy}", *target_keys, *_prune_window(steps), *extra])
     hf = os.path.join(mdir, "hf")
     if os.path.isdir(hf):

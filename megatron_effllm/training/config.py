@@ -110,6 +110,9 @@ class PruneConfig:
     adapt_step: float = 0.02
     l0_lr: float = 0.1
     lagrangian_lr: float = 1.0
+    # sheared: the gates' initial drop rate. 0.5 is Sheared-LLaMA's (a random half of every group
+    # gated from the first step, recovered over thousands of steps); a short window wants them open.
+    l0_droprate_init: float = 0.5
 
 
 @dataclass
@@ -327,6 +330,8 @@ def validate(cfg: RunConfig) -> None:
             )
         if not 0.0 <= p.ema < 1.0:
             raise ConfigError(f"prune.ema must be in [0, 1), got {p.ema}")
+        if not 0.0 < p.l0_droprate_init < 1.0:
+            raise ConfigError(f"prune.l0_droprate_init must be in (0, 1), got {p.l0_droprate_init}")
     ref = d.reference_losses
     if isinstance(ref, str) and ref != "source":
         raise ConfigError(f"data.reference_losses must be 'source' or a mapping domain -> loss, got {ref!r}")
