@@ -107,3 +107,30 @@ def gather_canonical_grads(model: torch.nn.Module, arch: Architecture) -> dict[s
             raise UserError(f"parameter {k} has no gradient; run a backward pass first")
         mine[k] = p.grad.detach().cpu().clone()
     return layout.from_megatron(arch, _gather_over_model_parallel(mine), tp, pp)
+
+
+def random_canonical(arch: Architecture, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """A randomly initialised canonical state dict, the same at every TP/PP layout.
+
+    megatron-core's own initialisation draws each stage's layers from that stage's generator,
+    so a from-scratch model would differ between PP=1 and PP=2 (and a run's result with its
+    layout). This draws the whole model once, in canonical order, from one generator:
+    megatron's scheme (normal(0, std); the residual writers o_proj / down_proj scaled by
+    1/sqrt(2 * layers); norms one, biases zero).
+    """
+    import math
+
+    from megatron_effllm.convert.hf_io import canonical_shapes
+
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    scaled = std / math.sqrt(2.0 * max(arch.num_layers, 1))
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in canonical_shapes(arch).items():
+        if name.endswith("norm.weight"):
+            out[name] = torch.ones(shape)
+        elif name.endswith(".bias"):
+            out[name] = torch.zeros(shape)
+        else:
+            s = scaled if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            out[name] = torch.empty(shape).normal_(0.0, s, generator=gen)
+    return out

@@ -372,7 +372,7 @@ def reshard_state(
     *,
     fold=None,
 ) -> dict:
-    """Slice an engine's state for a compaction at any TP size (PP=1), one tensor at a time.
+    """Slice an engine's state for a compaction at any TP/PP size, one tensor at a time.
 
     ``full``: ``{megatron parameter name: {"param" | "exp_avg" | "exp_avg_sq": this TP rank's
     shard}}`` (full over data parallelism, as ``training.engine.gather_full_state`` gives it);
@@ -384,15 +384,16 @@ def reshard_state(
     tensor, not the model. ``fold(canonical dict) -> canonical dict`` transforms the gathered
     fp32 masters ("param") before slicing (L0 gate values). Pure data movement otherwise: at
     TP=1 the result is exactly the single-process slicing. Collective over the TP group: every
-    rank calls it with the same names.
+    rank calls it with the same names. Under PP each stage slices its own layers (layer numbers
+    local to the stage); removing layers would move layers between stages and is refused.
     """
     from megatron_effllm.pruning.groups import layer_of, layer_prefix, tensor_axes
     from megatron_effllm.pruning.surgery import slice_tensor
 
-    _, _, _, pp = model_parallel_sizes()
-    if pp != 1:
-        raise PruningError("compaction under pipeline parallelism is not supported; use parallel.pp=1")
-    tp_rank, tp = tp_layout()
+    tp_rank, tp, pp_rank, pp = model_parallel_sizes()
+    if pp != 1 and len(plan.kept_layers) != arch.num_layers:
+        raise PruningError("removing layers under pipeline parallelism would move layers between stages; "
+                           "set prune.allow_depth=false or parallel.pp=1")
     new_arch = plan.after
     axes = tensor_axes(arch)
     new_pos = {old: new for new, old in enumerate(plan.kept_layers)}
@@ -405,7 +406,7 @@ def reshard_state(
         new_entry = {}
         for key in sorted(entry):
             local = entry.pop(key)
-            canon = layout.canonical_from_shards(arch, name, tp_all_gather(local))
+            canon = layout.canonical_from_shards(arch, name, tp_all_gather(local), pp_rank, pp)
             del local
             if fold is not None and key == "param":
                 canon = fold(canon)
@@ -415,7 +416,7 @@ def reshard_state(
                 new_c = c if l is None else layer_prefix(new_pos[l]) + c[len(layer_prefix(l)):]
                 sliced[new_c] = slice_tensor(t, axes[c], plan).contiguous()
             del canon
-            new_entry[key] = layout.megatron_tensor(new_arch, new_name, sliced, tp_rank, tp)
+            new_entry[key] = layout.megatron_tensor(new_arch, new_name, sliced, tp_rank, tp, pp_rank, pp)
         out[new_name] = new_entry
     return out
 

@@ -102,7 +102,7 @@ class L0Runtime(PruningRuntime):
         self._seg = _segments(arch, self._hidden)
         n = sum(size for _, size in self._seg.values())
         # One flat fp32 leaf: one all-reduce, one optimizer tensor, one checkpoint entry.
-        self.log_alpha: Optional[torch.Tensor] = torch.full((n,), l0.init_log_alpha(), dtype=torch.float32,
+        self.log_alpha: Optional[torch.Tensor] = torch.full((n,), l0.init_log_alpha(p.l0_droprate_init), dtype=torch.float32,
                                                             requires_grad=True)
         self.lambdas: Optional[torch.Tensor] = torch.zeros(2, dtype=torch.float32, requires_grad=True)
         self._opt: Optional[torch.optim.Optimizer] = None
@@ -208,7 +208,7 @@ class L0Runtime(PruningRuntime):
     # ------------------------------------------------------------------ hooks on the live model
     def install(self, model: torch.nn.Module) -> None:
         self.remove_hooks()
-        self._tp_rank, self._tp = dist_pruning.tp_layout()
+        self._tp_rank, self._tp, self._pp_rank, self._pp = dist_pruning.model_parallel_sizes()
         self._model = model
         if self.log_alpha is None:
             return
@@ -217,7 +217,7 @@ class L0Runtime(PruningRuntime):
         for name, module in model.named_modules():
             parts = name.split(".")
             if name.endswith("self_attention.linear_proj") or name.endswith("mlp.linear_fc2"):
-                l = int(parts[parts.index("layers") + 1])
+                l = self.global_layer(int(parts[parts.index("layers") + 1]))
                 key = f"head.{l}" if name.endswith("linear_proj") else f"ffn.{l}"
                 self._hooks.append(module.register_forward_pre_hook(self._scale_input(key)))
                 if self._hidden:
@@ -258,6 +258,9 @@ class L0Runtime(PruningRuntime):
 
     def end_micro_batch(self, samples: float) -> None:
         pass
+
+    def extra_grad_leaves(self) -> list:
+        return [self.log_alpha] if self.phase == "soft" and self.log_alpha is not None else []
 
     def discard_step(self) -> None:
         self._skip = True
@@ -307,6 +310,12 @@ class L0Runtime(PruningRuntime):
                 off, n = self._seg["hidden"]
                 grad[off:off + n] = 0.0
             torch.distributed.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
+        if self._pp > 1:
+            # Each stage has the gradient of its own layers' gates and its part of the hidden
+            # gates' (the embedding, its layers' residual writers and norms): they add up.
+            from megatron.core import parallel_state as ps
+
+            torch.distributed.all_reduce(grad, group=ps.get_pipeline_model_parallel_group())
         group, size = _dp()
         if size > 1:  # the gradient of the global batch's loss: identical gates on every rank
             torch.distributed.all_reduce(grad, group=group)
@@ -351,7 +360,7 @@ class L0Runtime(PruningRuntime):
     # ------------------------------------------------------------------ the end of the soft phase
     def _check_ranks_agree(self) -> None:
         group, size = _dp()
-        if self._tp > 1:  # every rank (data and tensor parallel) holds the same gates
+        if self._tp > 1 or self._pp > 1:  # every rank (data and model parallel) holds the same gates
             group, size = None, torch.distributed.get_world_size()
         if size == 1:
             return

@@ -11,15 +11,19 @@ compensates the surviving columns of o_proj / down_proj. Every ``compact_every``
 masked groups are removed physically: weights, fp32 masters and Adam moments are sliced with
 the same indices and the engine is rebuilt.
 
-Tensor parallelism (any TP, PP=1): the gradient hooks feed this rank's shard at its offsets in
+Model parallelism (any TP and PP): the gradient hooks feed this rank's shard at its offsets in
 the canonical tensors (``parallel.distributed_pruning``), a prune event sums the scores over TP
-and DP, selects on every rank from the same numbers and checks that every rank chose the same
+(and PP) and DP, selects on every rank from the same numbers and checks that every rank chose the same
 plan before any weight changes; masks are applied shard by shard; OBS keeps the Hessian of the
 o_proj / down_proj columns this rank holds (block-diagonal over TP, exact at TP=1); a compaction
 re-shards each tensor (weights and Adam moments) through its canonical form, one at a time.
+Under PP every stage hooks, masks, OBS-updates and slices its own layers (global layer numbers
+in the canonical names), the scores are summed over TP, PP and DP, and the layer count stays
+fixed (prune.allow_depth=false), so no layer moves between stages.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -68,14 +72,16 @@ def compose_plans(first: PrunePlan, second: PrunePlan) -> PrunePlan:
 
 
 def _param_pieces(arch: Architecture, name: str, w: torch.Tensor, g: torch.Tensor,
-                 tp_rank: int = 0, tp_size: int = 1) -> dict:
+                 tp_rank: int = 0, tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1) -> dict:
     """{canonical name: (weight piece, gradient piece, {dim: start})} of one megatron parameter
-    of TP shard ``tp_rank`` (PP=1). Tensors replicated over TP (norms) come from TP rank 0 only,
-    so that the TP ranks' sums add up to the whole model's."""
-    if name == "output_layer.weight" and arch.tie_word_embeddings:
-        return {}  # megatron's copy of the tied embedding (only under PP): counted once
-    w_pieces = layout.canonical_pieces(arch, name, w, tp_rank, tp_size, check=False)
-    g_pieces = layout.canonical_pieces(arch, name, g, tp_rank, tp_size, check=False)
+    of shard (tp_rank, pp_rank). Tensors replicated over TP (norms) come from TP rank 0 only,
+    so that the TP ranks' sums add up to the whole model's.
+
+    Under PP a tied embedding has two copies, each seeing the gradient of one use (input on the
+    first stage, output on the last): the training runtime feeds the last stage's copy and adds
+    the first stage's part after the schedule (``PruningRuntime.end_pipeline_schedule``)."""
+    w_pieces = layout.canonical_pieces(arch, name, w, tp_rank, tp_size, pp_rank, pp_size, check=False)
+    g_pieces = layout.canonical_pieces(arch, name, g, tp_rank, tp_size, pp_rank, pp_size, check=False)
     out = {}
     for canon, (wc, off) in w_pieces.items():
         if not off and tp_rank != 0:
@@ -84,8 +90,17 @@ def _param_pieces(arch: Architecture, name: str, w: torch.Tensor, g: torch.Tenso
     return out
 
 
+# A tied embedding's two megatron copies under PP: the first stage's, the last stage's.
+_TIED_COPIES = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _elementwise(quantity: str, wg: torch.Tensor) -> torch.Tensor:
+    """The element-wise term of a saliency quantity from w * g."""
+    return wg if quantity == "wg" else wg.abs() if quantity == "awg" else wg.square()
+
+
 class PruningRuntime:
-    """Scores, masks, OBS statistics and the schedule of one training run (any TP, PP=1)."""
+    """Scores, masks, OBS statistics and the schedule of one training run (any TP, PP)."""
 
     STRATEGIES = ("efficientllm", "uniform", "adapt", "none")  # what this class runs (make_runtime)
     USES_SALIENCY = True
@@ -131,6 +146,7 @@ class PruningRuntime:
         self._obs_cache = {}
         self.layer_cos = torch.zeros(arch.num_layers, 2, dtype=torch.float64)  # [sum cos, count]
         self._tp_rank, self._tp = 0, 1  # this rank's tensor-parallel layout (set in install)
+        self._pp_rank, self._pp = 0, 1  # and pipeline stage
 
     # ------------------------------------------------------------------ schedule
     def effective_plan(self) -> PrunePlan:
@@ -168,18 +184,20 @@ class PruningRuntime:
     def install(self, model: torch.nn.Module) -> None:
         """Forward hooks: zero masked weights, correct RMSNorm statistics, record OBS inputs."""
         self.remove_hooks()
-        self._tp_rank, self._tp = dist_pruning.tp_layout()
+        self._tp_rank, self._tp, self._pp_rank, self._pp = dist_pruning.model_parallel_sizes()
         self._hooks.append(model.register_forward_pre_hook(self._apply_masks))
         for name, module in model.named_modules():
             if name.endswith(("input_layernorm", "pre_mlp_layernorm", "final_layernorm")):
                 self._hooks.append(module.register_forward_hook(self._norm_hook))
             if self.p.strategy == "adapt" and name.startswith("decoder.layers.") and name.count(".") == 2:
-                self._hooks.append(module.register_forward_hook(self._block_hook(int(name.split(".")[2])),
-                                                                with_kwargs=True))
+                self._hooks.append(module.register_forward_hook(
+                    self._block_hook(self.global_layer(int(name.split(".")[2]))), with_kwargs=True))
             if self.p.obs and (name.endswith("self_attention.linear_proj") or name.endswith("mlp.linear_fc2")):
-                canon = self._canonical_site(name)
+                canon = self._canonical_site(name, self.global_layer)
                 self._hooks.append(module.register_forward_pre_hook(self._hessian_hook(canon)))
         samples_per_micro = float(self.cfg.data.micro_batch)
+        self._tied_pp = self._pp > 1 and self.arch.tie_word_embeddings
+        self._tied_rows, self._tied_in, self._tied_out = [], [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
                 self._hooks.append(p.register_hook(self._grad_hook(name, p, samples_per_micro)))
@@ -191,12 +209,20 @@ class PruningRuntime:
             h.remove()
         self._hooks = []
 
+    def global_layer(self, local: int) -> int:
+        """The model's layer number of this pipeline stage's layer ``local``."""
+        return layout.stage_layers(self.arch.num_layers, self._pp, self._pp_rank)[local]
+
+    def local_layers(self) -> range:
+        """The model's layer numbers this pipeline stage holds."""
+        return layout.stage_layers(self.arch.num_layers, self._pp, self._pp_rank)
+
     @staticmethod
-    def _canonical_site(module_name: str) -> str:
+    def _canonical_site(module_name: str, to_global=lambda l: l) -> str:
         # "decoder.layers.3.self_attention.linear_proj" -> "model.layers.3.self_attn.o_proj.weight"
         parts = module_name.split(".")
         i = parts.index("layers")
-        layer = int(parts[i + 1])
+        layer = to_global(int(parts[i + 1]))
         leaf = "self_attn.o_proj.weight" if module_name.endswith("linear_proj") else "mlp.down_proj.weight"
         return f"model.layers.{layer}.{leaf}"
 
@@ -263,7 +289,8 @@ class PruningRuntime:
         ones = {k: torch.ones(v) for k, v in layout.canonical_shapes(self.arch).items()}
         canon = mask_state_dict(ones, self.arch, self.masks)
         # This rank's shard of the masks (at TP=1 the whole model).
-        meg = layout.to_megatron(self.arch, canon, self._tp_rank, self._tp, 0, 1, model_style(self._model))
+        meg = layout.to_megatron(self.arch, canon, self._tp_rank, self._tp, self._pp_rank, self._pp,
+                                 model_style(self._model))
         params = dict(self._model.named_parameters())
         for name, m in meg.items():
             if name in params and not bool(m.all()):
@@ -291,8 +318,22 @@ class PruningRuntime:
             self._samples = samples_per_rank
 
     def end_micro_batch(self, samples: float) -> None:
-        if self._collecting and self._tp_rank == 0:  # one count per model replica
+        if self._collecting and self._tp_rank == 0 and self._pp_rank == 0:  # one count per model replica
             self.saliency.add_count(samples)
+
+    def extra_grad_leaves(self) -> list:
+        """Leaves outside the model whose ``.grad`` the step's backward fills (L0 gates)."""
+        return []
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No recording by the gradient hooks inside (the pipeline's hand-over backward, which
+        carries gradients the hooks have already seen)."""
+        was, self._collecting = self._collecting, False
+        try:
+            yield
+        finally:
+            self._collecting = was
 
     def discard_step(self) -> None:
         """The step's update was skipped (non-finite): forget what it would have applied.
@@ -317,23 +358,81 @@ class PruningRuntime:
                 with torch.no_grad():
                     w = param.detach().float()
                     g = grad.detach().float() * (self._grad_scale * samples_per_micro)
-                    pieces = _param_pieces(self.arch, name, w, g, self._tp_rank, self._tp)
+                    if self._tied_pp and name in _TIED_COPIES:
+                        first = name == _TIED_COPIES[0]
+                        kept = self._tied_in if first else self._tied_out
+                        kept.append(g[self._tied_rows[len(kept)]])
+                        if first:  # added to the last stage's copy after the schedule
+                            return grad
+                    pieces = _param_pieces(self.arch, name, w, g, self._tp_rank, self._tp,
+                                           self._pp_rank, self._pp)
                     for canon, (wc, gc, off) in pieces.items():
                         wg = wc * gc
                         for q in self.saliency.quantities:
-                            t = wg if q == "wg" else wg.abs() if q == "awg" else wg.square()
-                            self.saliency.add_elementwise(q, canon, t, off)
+                            self.saliency.add_elementwise(q, canon, _elementwise(q, wg), off)
             return grad
 
         return hook
 
+    # ------------------------------------------------------------------ tied embedding under PP
+    _tied_pp = False
+
+    def before_micro_batch_backward(self, batch: dict) -> None:
+        """Pipeline schedule: ``batch``'s backward comes next on this stage. Its input tokens are
+        the embedding rows whose gradient has two parts under PP with tied embeddings: the input
+        use's (first stage) and the output use's (last stage)."""
+        if not (self._tied_pp and self._collecting):
+            return
+        n = self.arch.vocab_size // self._tp
+        rows = torch.unique(batch["tokens"]) - self._tp_rank * n  # this TP rank's vocabulary shard
+        self._tied_rows.append(rows[(rows >= 0) & (rows < n)])
+
+    @torch.no_grad()
+    def end_pipeline_schedule(self) -> None:
+        """After the step's micro-batches: the first stage's part of the tied embedding's
+        gradient joins the last stage's. The scores see each micro-batch's full gradient
+        g = g_in + g_out, as at PP=1: the last stage fed f(w * g_out) for every row, and adds
+        f(w * g) - f(w * g_out) on the rows the micro-batch's tokens touch (g_in is zero
+        elsewhere). The transfer is the touched rows only (tokens x hidden per micro-batch).
+        Collective over the embedding group (first and last stage)."""
+        rows, g_in, g_out = self._tied_rows, self._tied_in, self._tied_out
+        self._tied_rows, self._tied_in, self._tied_out = [], [], []
+        if not (self._tied_pp and self._collecting) or not rows:
+            return
+        from megatron.core import parallel_state as ps
+
+        if not ps.is_rank_in_embedding_group():
+            return
+        first = ps.is_pipeline_first_stage()
+        sizes = [len(r) for r in rows]
+        if first:
+            buf = torch.cat(g_in)
+        else:
+            w = dict(self._model.named_parameters())[_TIED_COPIES[1]].detach().float()
+            buf = torch.empty(sum(sizes), w.shape[1], dtype=torch.float32, device=w.device)
+        torch.distributed.broadcast(buf, src=ps.get_pipeline_model_parallel_first_rank(),
+                                    group=ps.get_embedding_group())
+        if first:
+            return
+        for r, gi, go in zip(rows, buf.split(sizes), g_out):
+            wr = w[r]
+            for q in self.saliency.quantities:
+                corr = torch.zeros_like(w)
+                corr[r] = _elementwise(q, wr * (gi + go)) - _elementwise(q, wr * go)
+                for canon, (_, cc, off) in _param_pieces(self.arch, _TIED_COPIES[1], w, corr, self._tp_rank,
+                                                         self._tp, self._pp_rank, self._pp).items():
+                    self.saliency.add_elementwise(q, canon, cc, off)
+
     def _layer_importance(self, eff_plan: PrunePlan) -> torch.Tensor:
-        """I_l = -mean cos(x_in, x_out) over data-parallel ranks, for the layers still there."""
+        """I_l = -mean cos(x_in, x_out) over data-parallel ranks (and the pipeline stages, each of
+        which holds its own layers' sums), for the layers still there."""
         cos = self.layer_cos.clone()
         if torch.distributed.is_initialized():
             from megatron.core import parallel_state as ps
 
             dist_pruning.all_reduce_(cos, group=ps.get_data_parallel_group())
+            if self._pp > 1:
+                dist_pruning.all_reduce_(cos, group=ps.get_pipeline_model_parallel_group())
         mean = cos[:, 0] / cos[:, 1].clamp(min=1.0)
         return -mean[torch.as_tensor(eff_plan.kept_layers)]
 
@@ -396,13 +495,14 @@ class PruningRuntime:
         params = dict(engine.module.named_parameters())
         d = self.arch.head_dim
         tp_rank, tp = self._tp_rank, self._tp
-        for l, shape in enumerate(self.arch.layers):
+        for local, l in enumerate(self.local_layers()):
+            shape = self.arch.layers[l]
             if l not in after.kept_layers or l not in before.kept_layers:
                 continue
             for kind, meg, canon, unit, width in (
-                ("head", f"decoder.layers.{l}.self_attention.linear_proj.weight",
+                ("head", f"decoder.layers.{local}.self_attention.linear_proj.weight",
                  f"model.layers.{l}.self_attn.o_proj.weight", d, shape.num_heads),
-                ("ffn", f"decoder.layers.{l}.mlp.linear_fc2.weight",
+                ("ffn", f"decoder.layers.{local}.mlp.linear_fc2.weight",
                  f"model.layers.{l}.mlp.down_proj.weight", 1, shape.ffn_hidden_size),
             ):
                 lo = tp_rank * (width // tp)
@@ -516,9 +616,19 @@ class PruningRuntime:
                 dist_pruning.all_reduce_(self.saliency.state[key], group=tp_group)
                 if not first:
                     self.saliency.state[key].zero_()
+        pp_group = ps.get_pipeline_model_parallel_group()
+        if torch.distributed.get_world_size(pp_group) > 1:  # each stage: its own layers' sums
+            first = ps.get_pipeline_model_parallel_rank() == 0
+            for state in (self.saliency.state, {"layer_cos": self.layer_cos}):
+                for key in sorted(state):
+                    dist_pruning.all_reduce_(state[key], group=pp_group)
+                    if not first:
+                        state[key].zero_()
 
     def _tp_local_hessians(self) -> bool:
-        return self.cfg.parallel.tp > 1
+        """Whether model-parallel ranks hold different Hessians (TP: their own columns; PP: their
+        own layers), so that each saves its own."""
+        return self.cfg.parallel.tp > 1 or self.cfg.parallel.pp > 1
 
     def _local_obs_state(self) -> dict:
         return {
@@ -561,15 +671,16 @@ class PruningRuntime:
     def load_state_dict(self, state: dict) -> None:
         """Load a state saved after ``consolidate`` (by rank 0): the other DP ranks start their
         sums from zero, and so do the other TP ranks' saliency sums."""
-        first = first_tp = True
+        first = first_tp = first_pp = True
         if torch.distributed.is_initialized():
             from megatron.core import parallel_state as ps
 
             first = ps.get_data_parallel_rank() == 0
             first_tp = ps.get_tensor_model_parallel_rank() == 0
+            first_pp = ps.get_pipeline_model_parallel_rank() == 0
         state = dict(state)
         state.setdefault("hessians", {})
-        if not (first and first_tp):
+        if not (first and first_tp and first_pp):
             state["saliency"] = {k: torch.zeros_like(v) for k, v in state["saliency"].items()}
         if not first:
             state["hessians"] = {k: torch.zeros_like(v) for k, v in state["hessians"].items()}
@@ -581,5 +692,6 @@ class PruningRuntime:
         self.hessians.load_state_dict(state["hessians"])
         self.events = state["events"]
         self.history = list(state["history"])
-        self.layer_cos = state["layer_cos"].clone() if first else torch.zeros_like(state["layer_cos"])
+        self.layer_cos = (state["layer_cos"].clone() if first and first_pp
+                          else torch.zeros_like(state["layer_cos"]))
         self._obs_cache = dict(state.get("obs_cache", {}))

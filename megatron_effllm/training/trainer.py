@@ -7,8 +7,10 @@ One step: forward/backward of ``global_batch / (micro_batch * dp)`` micro-batche
 OBS-update -> (every K events) compaction: slice weights and Adam state, rebuild the engine ->
 log -> checkpoint. At the end the model is exported as an HF folder and evaluated.
 
-Parallelism: ZeRO over the data-parallel group, megatron tensor parallelism (parallel.tp) inside
-each replica; pipeline parallelism is not yet supported for training (parallel.pp=1).
+Parallelism: ZeRO over the data-parallel group, megatron tensor parallelism (parallel.tp) and
+pipeline parallelism (parallel.pp: a 1F1B schedule over megatron-core's point-to-point
+communication whose gradients reach DeepSpeed in one backward per step, training.pipeline)
+inside each replica.
 """
 from __future__ import annotations
 
@@ -86,16 +88,27 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
+        self.pipeline = None
+        if cfg.parallel.pp > 1:
+            from megatron_effllm.training.pipeline import PipelineStep
+
+            self.pipeline = PipelineStep(seq_len=d.seq_len, micro_batch=d.micro_batch)
 
     # ------------------------------------------------------------------ set-up
     def _init_distributed(self) -> None:
         from megatron_effllm.parallel.runtime import init_model_parallel
 
         par = self.cfg.parallel
-        if par.pp != 1:
+        if par.pp > 1 and par.zero_stage not in (1, 2):
             raise UserError(
-                f"parallel.pp={par.pp}: pipeline parallelism is not yet supported for training; set "
-                "parallel.pp=1 (tensor parallelism, parallel.tp, and ZeRO data parallelism are)"
+                f"parallel.pp={par.pp} needs parallel.zero_stage 1 or 2 (got {par.zero_stage}): ZeRO-3 "
+                "partitions each stage's parameters, and without ZeRO DeepSpeed's clipping counts only "
+                "the first stage's replicated tensors"
+            )
+        if par.pp > 1 and self.cfg.prune.strategy != "none" and self.cfg.prune.allow_depth:
+            raise UserError(
+                f"prune.allow_depth=true with parallel.pp={par.pp}: removing layers would move layers "
+                "between pipeline stages; set prune.allow_depth=false or parallel.pp=1"
             )
         if par.tp > 1 and par.zero_stage == 3:
             raise UserError(
@@ -127,7 +140,9 @@ class Trainer:
                             "(num_layers, hidden_size, num_heads, num_kv_groups, ffn_hidden_size, vocab_size, ...)") from None
         if not m.tokenizer:
             raise UserError("model.init needs model.tokenizer (HF folder, .gguf, .model or smollm2-135m)")
-        return arch, None, m.tokenizer
+        from megatron_effllm.model.weights import random_canonical
+
+        return arch, random_canonical(arch, self.cfg.seed), m.tokenizer  # the same at any TP/PP
 
     def _build_model(self, arch: Architecture, canonical: Optional[dict]):
         from megatron_effllm.model.builder import build_gpt_model
@@ -137,6 +152,10 @@ class Trainer:
         model = build_gpt_model(arch, params_dtype=torch.float32, init_weights=canonical is None)
         if canonical is not None:
             load_canonical(model, arch, canonical)
+        if self.pipeline is not None:
+            from megatron_effllm.training.pipeline import mark_replicated_copies
+
+            mark_replicated_copies(model)
         return model
 
     def _ds_config(self) -> dict:
@@ -179,8 +198,13 @@ class Trainer:
             tot = torch.zeros(2, dtype=torch.float64)
             for batch in items:
                 device = next(engine.module.parameters()).device
-                per_token = engine.module(batch["tokens"].to(device), batch["position_ids"].to(device),
-                                          None, labels=batch["labels"].to(device))
+                if self.pipeline is not None:  # the last stage has the loss; the others add zeros
+                    per_token = self.pipeline.forward(engine.module, batch)
+                    if per_token is None:
+                        continue
+                else:
+                    per_token = engine.module(batch["tokens"].to(device), batch["position_ids"].to(device),
+                                              None, labels=batch["labels"].to(device))
                 mask = batch["loss_mask"].to(device).float()
                 tot += torch.tensor([float((per_token.float() * mask).sum()), float(mask.sum())],
                                     dtype=torch.float64)
@@ -251,7 +275,7 @@ class Trainer:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         _log(f"[run] {arch.num_params():,} parameters, target {pruning.target:,}; "
              f"{cfg.train.steps} steps x {cfg.data.global_batch} x {cfg.data.seq_len} tokens; "
-             f"DP={self.dp_size} TP={cfg.parallel.tp} ZeRO-{cfg.parallel.zero_stage} {cfg.model.dtype}")
+             f"DP={self.dp_size} TP={cfg.parallel.tp} PP={cfg.parallel.pp} ZeRO-{cfg.parallel.zero_stage} {cfg.model.dtype}")
 
         bar = None
         if cfg.train.progress_bar and self.is_main:
@@ -275,16 +299,25 @@ class Trainer:
             # The engine divides the loss by the accumulation steps before backward.
             pruning.start_step(in_window, samples_per_rank=cfg.data.global_batch / self.dp_size,
                                grad_scale=float(self.grad_accum), step=step)
-            losses = []
-            for k in range(self.grad_accum):
-                batch = next(data_iter)
-                loss = faults.inject_nonfinite(self._loss(engine, batch), step + 1)
-                # One engine.step() per global batch: tell DeepSpeed which backward ends it.
-                engine.set_gradient_accumulation_boundary(k == self.grad_accum - 1)
-                engine.backward(loss)
-                pruning.end_micro_batch(float(batch["tokens"].shape[0]))
-                losses.append(loss.detach().float())
-            loss_t = torch.stack(losses).mean()
+            if self.pipeline is not None:
+                loss_t = self.pipeline.train(
+                    engine, [next(data_iter) for _ in range(self.grad_accum)],
+                    loss_hook=lambda loss: faults.inject_nonfinite(loss, step + 1),
+                    extra_leaves=pruning.extra_grad_leaves(), paused=pruning.paused,
+                    after_micro_batch=lambda b: pruning.end_micro_batch(float(b["tokens"].shape[0])),
+                    before_backward=pruning.before_micro_batch_backward,
+                    after_schedule=pruning.end_pipeline_schedule)
+            else:
+                losses = []
+                for k in range(self.grad_accum):
+                    batch = next(data_iter)
+                    loss = faults.inject_nonfinite(self._loss(engine, batch), step + 1)
+                    # One engine.step() per global batch: tell DeepSpeed which backward ends it.
+                    engine.set_gradient_accumulation_boundary(k == self.grad_accum - 1)
+                    engine.backward(loss)
+                    pruning.end_micro_batch(float(batch["tokens"].shape[0]))
+                    losses.append(loss.detach().float())
+                loss_t = torch.stack(losses).mean()
             if dist.is_initialized():
                 dist.all_reduce(loss_t)
                 loss_t /= dist.get_world_size()

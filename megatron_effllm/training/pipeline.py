@@ -1,0 +1,218 @@
+"""Pipeline-parallel training steps (parallel.pp > 1) for a megatron-core GPTModel stage inside a
+DeepSpeed engine.
+
+The schedule is megatron's non-interleaved 1F1B (warm-up forwards, steady one-forward-one-
+backward, cool-down backwards; at most ``pp - stage`` micro-batches in flight per stage) over
+megatron-core's own point-to-point communication (``P2PCommunicator``). What differs from
+megatron-core's ``forward_backward_pipelining_without_interleaving`` is where the gradients go:
+
+- each micro-batch's backward is ``torch.autograd.grad`` over this stage's parameters (and the
+  activation it received), accumulated into fp32 buffers. Tensor hooks on parameters (the
+  pruning runtime's saliency) see every micro-batch's gradient exactly as at PP=1; DeepSpeed's
+  post-accumulate hooks do not fire, so ZeRO-2 does not reduce or free anything mid-schedule;
+- after the last micro-batch the two copies of a tied embedding (first and last stage) get the
+  sum of their gradients over megatron's embedding group, as megatron's finalize_model_grads
+  does, and one ``engine.backward(sum(p * g))`` hands exactly ``g`` to DeepSpeed: ZeRO's
+  gradient hooks, its data-parallel reduction and the accumulation boundary run as for any
+  backward, on any ZeRO stage that supports pipelines (1, 2).
+
+Why not megatron-core's schedules as they are: their backward is ``torch.autograd.backward``
+per micro-batch and their gradient finalisation expects megatron's DDP wrapper; under ZeRO-2
+every micro-batch would be reduced and the embedding copies could not be summed before ZeRO
+takes their gradients. Why not DeepSpeed's PipelineEngine: it wants the model as a
+PipelineModule (a list of layers), not megatron-core's GPTModel, and refuses ZeRO-2.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def _communicator(module: torch.nn.Module, dtype: torch.dtype):
+    """megatron-core's P2P communicator over this pipeline, receiving tensors of ``dtype``."""
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    config = copy.copy(module.config)  # the model's own config stays untouched
+    config.pipeline_dtype = dtype
+    config.variable_seq_lengths = False
+    config.timers = None
+    return P2PCommunicator(pp_group=_ps().get_pipeline_model_parallel_group(), config=config)
+
+
+def _stage_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def tied_embedding_weight(module: torch.nn.Module) -> Optional[torch.nn.Parameter]:
+    """This stage's copy of a tied embedding (first stage: the embedding, last stage: the output
+    layer's weight); None without tying or on a middle stage."""
+    if not getattr(module, "share_embeddings_and_output_weights", False):
+        return None
+    if _ps().get_pipeline_model_parallel_world_size() == 1 or not _ps().is_rank_in_embedding_group():
+        return None
+    return module.shared_embedding_or_output_weight()
+
+
+def mark_replicated_copies(module: torch.nn.Module) -> None:
+    """Tell DeepSpeed's gradient-norm computation that the last stage's copy of a tied embedding
+    duplicates the first stage's (counted once, as megatron's clipping does)."""
+    if _ps().get_pipeline_model_parallel_world_size() == 1 or _ps().is_pipeline_first_stage():
+        return
+    w = tied_embedding_weight(module)
+    if w is not None:
+        w.ds_pipe_replicated = True
+
+
+class PipelineStep:
+    """One global batch's micro-batches on this stage: ``train`` (1F1B, gradients handed to the
+    engine once) and ``forward`` (held-out evaluation, one micro-batch through every stage)."""
+
+    def __init__(self, seq_len: int, micro_batch: int):
+        self.seq_len = seq_len
+        self.micro_batch = micro_batch
+
+    def _shape(self, module) -> tuple[int, int, int]:
+        return (self.seq_len, self.micro_batch, module.config.hidden_size)
+
+    # ------------------------------------------------------------------ one micro-batch
+    @staticmethod
+    def _forward(engine_or_module, module, batch: dict, x: Optional[torch.Tensor]):
+        """This stage's forward of one micro-batch: hidden states (middle) or per-token loss (last)."""
+        device = next(module.parameters()).device
+        module.set_input_tensor(x)
+        tokens = batch["tokens"].to(device) if _ps().is_pipeline_first_stage() else None
+        positions = batch["position_ids"].to(device)
+        labels = batch["labels"].to(device) if _ps().is_pipeline_last_stage() else None
+        return engine_or_module(tokens, positions, None, labels=labels)
+
+    @staticmethod
+    def _mean_loss(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+        mask = batch["loss_mask"].to(per_token.device).float()
+        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        engine,
+        batches: Sequence[dict],
+        *,
+        loss_hook: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+        extra_leaves: Sequence[torch.Tensor] = (),
+        paused: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        after_micro_batch: Callable[[dict], None] = lambda b: None,
+        before_backward: Callable[[dict], None] = lambda b: None,
+        after_schedule: Callable[[], None] = lambda: None,
+    ) -> torch.Tensor:
+        """Forward and backward of ``batches`` (this data-parallel rank's micro-batches of one
+        step), then the gradients into ``engine`` (ready for ``engine.step()``). Returns the mean
+        micro-batch loss, equal on every rank of the pipeline.
+
+        ``loss_hook`` sees each micro-batch loss on the last stage (fault injection);
+        ``extra_leaves`` are non-parameter leaves whose ``.grad`` accumulates as under a plain
+        backward (L0 gates); ``paused()`` is a context in which the pruning runtime's hooks do
+        not record (the hand-over backward); ``after_micro_batch(batch)`` runs after each
+        micro-batch's backward on every stage, ``before_backward(batch)`` before it;
+        ``after_schedule()`` after the last one (every rank).
+        """
+        ps = _ps()
+        module = engine.module
+        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        stage, stages = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+        comm = _communicator(module, _stage_dtype(module))
+        shape = self._shape(module)
+        m = len(batches)
+        params = [p for p in module.parameters() if p.requires_grad]
+        leaves = params + list(extra_leaves)
+        acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in leaves]
+        losses: list[torch.Tensor] = []
+        in_flight: list[tuple[Optional[torch.Tensor], torch.Tensor, dict]] = []
+
+        def forward(k: int, x: Optional[torch.Tensor]) -> torch.Tensor:
+            if x is not None:
+                x.requires_grad_(True)
+            out = self._forward(module, module, batches[k], x)  # not engine(): its output hooks would run
+            # DeepSpeed's backward epilogue inside every torch.autograd.grad
+            if last:
+                loss = loss_hook(self._mean_loss(out, batches[k]))
+                losses.append(loss.detach().float())
+                out = loss / m  # as the engine's loss scaling for gradient accumulation
+            in_flight.append((x, out, batches[k]))
+            return out
+
+        def backward(grad_out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            x, out, batch = in_flight.pop(0)
+            before_backward(batch)
+            inputs = leaves + ([x] if x is not None else [])
+            grads = torch.autograd.grad(out, inputs, grad_outputs=None if last else grad_out,
+                                        allow_unused=True)
+            for buf, g in zip(acc, grads[:len(leaves)]):
+                if g is not None:
+                    buf.add_(g.float())
+            after_micro_batch(batch)
+            return grads[-1] if x is not None else None
+
+        warmup = min(stages - stage - 1, m)
+        for k in range(warmup):
+            out = forward(k, comm.recv_forward(shape, first))
+            comm.send_forward(None if last else out.detach(), last)
+        x = comm.recv_forward(shape, first) if warmup < m else None
+        for k in range(warmup, m):
+            out = forward(k, x)
+            grad_out = comm.send_forward_recv_backward(None if last else out.detach(), shape, last)
+            grad_in = backward(grad_out)
+            if k == m - 1:
+                x = None
+                comm.send_backward(grad_in, first)
+            else:
+                x = comm.send_backward_recv_forward(grad_in, shape, first)
+        for _ in range(warmup):
+            comm.send_backward(backward(comm.recv_backward(shape, last)), first)
+
+        after_schedule()
+        # The tied embedding's two copies (first / last stage) each hold the gradient of one use.
+        tied = tied_embedding_weight(module)
+        if tied is not None:
+            i = next(j for j, p in enumerate(params) if p is tied)
+            dist.all_reduce(acc[i], group=ps.get_embedding_group())
+        for leaf, buf in zip(leaves[len(params):], acc[len(params):]):
+            leaf.grad = buf.to(leaf.dtype) if leaf.grad is None else leaf.grad + buf.to(leaf.dtype)
+        # Hand the gradients to DeepSpeed: d/dp sum(p * g) = g exactly, through ZeRO's hooks.
+        with paused():
+            surrogate = sum((p * g.to(p.dtype)).sum() for p, g in zip(params, acc[:len(params)]))
+            del acc
+            engine.set_gradient_accumulation_boundary(True)
+            engine.backward(surrogate, scale_wrt_gas=False)
+        mean = torch.stack(losses).mean() if last else torch.zeros((), dtype=torch.float32)
+        return broadcast_from_last_stage(mean.to(next(module.parameters()).device))
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def forward(self, module, batch: dict) -> Optional[torch.Tensor]:
+        """Per-token loss [b, s] of one micro-batch on the last stage (None on the others)."""
+        ps = _ps()
+        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        comm = _communicator(module, _stage_dtype(module))
+        shape = (batch["tokens"].shape[1], batch["tokens"].shape[0], module.config.hidden_size)
+        x = comm.recv_forward(shape, first)
+        out = self._forward(module, module, batch, x)
+        comm.send_forward(None if last else out, last)
+        return out if last else None
+
+
+def broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
+    """The last pipeline stage's ``t`` on every stage of this pipeline."""
+    ps = _ps()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return t
