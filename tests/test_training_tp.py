@@ -10,7 +10,8 @@
 - DeepSpeed's gradient clipping sees the global norm (TP-split parameters summed over the
   ranks, replicated ones once), the block-diagonal Hessians re-shard along the new shards, and
   Sheared-LLaMA's L0 gates train identically on both ranks and like TP=1;
-- pipeline parallelism is refused in one line.
+- layouts that cannot work (PP with ZeRO-0/3 or depth pruning, TP with ZeRO-3) are refused in
+  one line.
 """
 import dataclasses
 import json
@@ -342,7 +343,9 @@ def test_uniform_and_adapt_strategies_at_tp2(tmp_path):
 
 # ---------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("extra, match", [
-    (["parallel.pp=2"], "pipeline parallelism is not yet supported for training"),
+    (["parallel.pp=2", "parallel.zero_stage=3", "prune.strategy=none"], "parallel.pp=2 needs parallel.zero_stage 1 or 2"),
+    (["parallel.pp=2", "parallel.zero_stage=0", "prune.strategy=none"], "parallel.pp=2 needs parallel.zero_stage 1 or 2"),
+    (["parallel.pp=2", "prune.allow_depth=true"], "removing layers would move layers between pipeline stages"),
     (["parallel.tp=2", "parallel.zero_stage=3", "prune.strategy=none"], "zero_stage=3 with parallel.tp=2"),
 ])
 def test_unsupported_layouts_are_refused_in_one_line(tmp_path, extra, match):

@@ -120,12 +120,10 @@ def random_canonical(arch: Architecture, seed: int, std: float = 0.02) -> dict[s
     """
     import math
 
-    from megatron_effllm.convert.hf_io import canonical_shapes
-
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     scaled = std / math.sqrt(2.0 * max(arch.num_layers, 1))
     out: dict[str, torch.Tensor] = {}
-    for name, shape in canonical_shapes(arch).items():
+    for name, shape in layout.canonical_shapes(arch).items():
         if name.endswith("norm.weight"):
             out[name] = torch.ones(shape)
         elif name.endswith(".bias"):

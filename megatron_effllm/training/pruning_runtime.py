@@ -395,9 +395,11 @@ class PruningRuntime:
         f(w * g) - f(w * g_out) on the rows the micro-batch's tokens touch (g_in is zero
         elsewhere). The transfer is the touched rows only (tokens x hidden per micro-batch).
         Collective over the embedding group (first and last stage)."""
+        if not self._tied_pp:
+            return
         rows, g_in, g_out = self._tied_rows, self._tied_in, self._tied_out
         self._tied_rows, self._tied_in, self._tied_out = [], [], []
-        if not (self._tied_pp and self._collecting) or not rows:
+        if not (self._collecting and rows):
             return
         from megatron.core import parallel_state as ps
 
