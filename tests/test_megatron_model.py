@@ -26,15 +26,24 @@ def _megatron_logits(arch, sd, ids, tp, pp):
 
 
 def _compare_families(rank, world_size):
-    """On every rank: max |HF - megatron| per model at TP=2, then at PP=2."""
-    diffs = {}
+    """On every rank: max |HF - megatron| per model at TP=2, then at PP=2; and per model at TP=2
+    (equal?, split weights) of the tensor-parallel attributes of a model built to load weights
+    vs one megatron initialised."""
+    diffs, attrs = {}, {}
     for tp, pp in ((2, 1), (1, 2)):
         for name in ALL_MODELS:
             hf, arch, sd = any_model(name)
             ids = sample_ids()
             got = _megatron_logits(arch, sd, ids, tp, pp)
             diffs[(name, f"TP={tp} PP={pp}")] = (got - hf_logits(hf, ids)).abs().max().item()
-    return diffs
+            if tp == 2:  # a model built to load weights marks its split weights as one initialised does
+                from megatron_effllm.model import build_gpt_model
+
+                flags = [{n: (getattr(p, "tensor_model_parallel", None), getattr(p, "partition_dim", None))
+                          for n, p in build_gpt_model(arch, init_weights=init).named_parameters()}
+                         for init in (True, False)]
+                attrs[name] = (flags[0] == flags[1], sum(v[0] is True for v in flags[0].values()))
+    return diffs, attrs
 
 
 @pytest.mark.parametrize("family", list(CASES))
@@ -68,9 +77,13 @@ def test_nonuniform_logits_match_hf_io_model(family):
 
 
 def test_tp2_and_pp2_logits_match_hf():
-    """Two real gloo ranks; every model at TP=2, then at PP=2 (llama: 3 layers split 2+1)."""
+    """Two real gloo ranks; every model at TP=2, then at PP=2 (llama: 3 layers split 2+1). A model
+    built to load weights carries megatron's tensor-parallel attributes (DeepSpeed's clipping
+    reads them)."""
     results = run_ranks(_compare_families, world_size=2)
-    for rank, diffs in enumerate(results):
+    for rank, (diffs, attrs) in enumerate(results):
+        for name, (same, split) in attrs.items():
+            assert same and split >= 4, (name, rank, same, split)  # embedding, qkv, proj, fc1, fc2
         for (name, layout), diff in diffs.items():
             print(f"{name} {layout} rank {rank} max abs logit diff {diff:.2e}")
             assert diff <= TOL, (name, layout, rank, diff)

@@ -216,9 +216,35 @@ def build_gpt_model(
             rotary_base=arch.rope_theta,
             seq_len_interpolation_factor=rope.get("seq_len_interpolation_factor"),
         )
+    if not init_weights:
+        mark_tensor_parallel_weights(model)
     if "llama3" in rope:
         rot = model.rotary_pos_emb
         rot.inv_freq = rot._apply_scaling(rot.inv_freq, **rope["llama3"])
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Give the split weights megatron's tensor-parallel attributes, which megatron-core sets only
+    while it initialises them (``perform_initialization``). Without them a model built to load
+    weights would look replicated to whatever reads the attributes: DeepSpeed's gradient-norm
+    clipping would count each shard on TP rank 0 only."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.nn.Parameter) and not hasattr(w, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(w, True, dim, 1)
