@@ -225,6 +225,11 @@ def test_random_init_from_a_pruned_architecture(full_run, tmp_path):
     got = Architecture.load(os.path.join(run_dir, "final", "architecture.json"))
     assert got.to_dict() == want.to_dict() and summary["final_params"] == want.num_params()
     assert len({l.ffn_hidden_size for l in got.layers}) > 1  # really non-uniform
+    # The tokenizer was named (smollm2-135m, a GGUF), not a folder: the export writes its HF files.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(run_dir, "final", "hf"))
+    assert tok("Hello world")["input_ids"] and tok.model_max_length == got.max_position_embeddings
     (message,) = run_ranks(_error_of, world_size=1, args=(str(tmp_path / "bad"), [
         "model.init={architecture: /nowhere.json}", "prune.strategy=none"]))
     assert "model.init.architecture /nowhere.json not found" in message and "\n" not in message

@@ -215,3 +215,16 @@ def load_tokenizer(path: str, eos_token: Optional[str] = None) -> Tokenizer:
                         "a .gguf file or a sentencepiece .model")
     tok.eos_token = eos_token
     return tok
+
+
+def save_hf_tokenizer(path: str, out_dir: str, model_max_length: Optional[int] = None) -> bool:
+    """Write HF tokenizer files for tokenizer ``path`` into ``out_dir`` (an exported model folder),
+    for any source AutoTokenizer reads (HF folder, .gguf, smollm2-135m, hub id). False for a
+    sentencepiece .model (no HF tokenizer class is implied by it)."""
+    tok = load_tokenizer(path)
+    if not isinstance(tok, HFTokenizer):
+        return False
+    if model_max_length:
+        tok.hf.model_max_length = model_max_length  # not the "unbounded" value set for tokenizing
+    tok.hf.save_pretrained(out_dir)
+    return True

@@ -455,6 +455,13 @@ class Trainer:
                 save_hf_model(arch, {k: v.float() for k, v in canonical.items()},
                               os.path.join(final, "hf"), tokenizer_dir=tok_dir, dtype=dtype, overwrite=True)
                 summary["hf_dir"] = os.path.join(final, "hf")
+                if tok_dir is None:  # a .gguf, the builtin or a hub id: write its HF tokenizer files
+                    from megatron_effllm.data.tokenizer import save_hf_tokenizer
+
+                    if not save_hf_tokenizer(str(self.tokenizer), summary["hf_dir"],
+                                             model_max_length=arch.max_position_embeddings):
+                        _log(f"[export] no tokenizer files in {summary['hf_dir']}: {self.tokenizer} is a "
+                             "sentencepiece model; copy the source's HF tokenizer files there")
                 if self.cfg.export.gguf:
                     from megatron_effllm.convert.gguf_export import export_gguf
 
