@@ -323,11 +323,6 @@ def validate(cfg: RunConfig) -> None:
                 f"prune.end_step {p.end_step} is after the last step train.steps {t.steps}; "
                 "lower prune.end_step or raise train.steps"
             )
-        if cfg.parallel.zero_stage == 3:
-            raise ConfigError(
-                "pruning while training needs whole parameters on every rank: use "
-                "parallel.zero_stage 1 or 2 (ZeRO-3 works with prune.strategy=none)"
-            )
         if not 0.0 <= p.ema < 1.0:
             raise ConfigError(f"prune.ema must be in [0, 1), got {p.ema}")
         if not 0.0 < p.l0_droprate_init < 1.0:

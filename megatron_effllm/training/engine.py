@@ -168,8 +168,6 @@ def _create_empty_adam_state(engine, step: int) -> None:
 
 def load_full_state(engine, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
     """Write full fp32 masters and Adam moments into a freshly built engine (collective)."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     has_moments = any("exp_avg" in e for e in state.values())
     if has_moments:
         _create_empty_adam_state(engine, step)
@@ -180,16 +178,41 @@ def load_full_state(engine, state: dict[str, dict[str, torch.Tensor]], step: int
         if tuple(entry["param"].shape) != tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape):
             raise ValueError(f"carried state for {name} has shape {tuple(entry['param'].shape)}")
         if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-            safe_set_full_fp32_param(p, entry["param"])
+            set_full_master(p, entry["param"])
         else:
             with torch.no_grad():
                 p.copy_(entry["param"].to(p.dtype))
         if has_moments:
             for key in OPTIMIZER_STATE_KEYS:
                 if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-                    safe_set_full_optimizer_state(p, entry[key], key)
+                    set_full_master(p, entry[key], key)
                 else:
                     engine.optimizer.state[p][key].copy_(entry[key])
+
+
+def set_full_master(p: torch.nn.Parameter, full: torch.Tensor, optim_state_key: Optional[str] = None) -> None:
+    """Set ``p``'s fp32 master (or Adam moment ``optim_state_key``) from its full value.
+
+    Under ZeRO-3 through this rank's partition: DeepSpeed's ``safe_set_full_*`` cuts the full
+    tensor without the padding of the last partition, so it fails for any size the
+    data-parallel size does not divide (a pruned width, e.g. 39 channels on 2 ranks)."""
+    from deepspeed.utils import (
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
+
+    if is_zero3_param(p):
+        local = zero3_local_part(full.float(), p)
+        if optim_state_key is None:
+            safe_set_local_fp32_param(p, local)
+        else:
+            safe_set_local_optimizer_state(p, local, optim_state_key)
+    elif optim_state_key is None:
+        safe_set_full_fp32_param(p, full)
+    else:
+        safe_set_full_optimizer_state(p, full, optim_state_key)
 
 
 def rebuild_engine(
@@ -225,3 +248,28 @@ def rebuild_engine(
     load_full_state(new_engine, new_state, step)
     set_learning_rate(new_engine, lr)
     return new_engine
+
+
+# ---------------------------------------------------------------------- ZeRO-3 partitions
+def is_zero3_param(p: torch.nn.Parameter) -> bool:
+    """Whether ``p`` is partitioned by ZeRO-3 (its data lives in ``p.ds_tensor`` between uses)."""
+    return hasattr(p, "ds_tensor")
+
+
+def zero3_local_part(full: torch.Tensor, p: torch.nn.Parameter, fill: float = 0.0) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of ``full`` (shaped like ``p``): ZeRO-3 flattens a parameter,
+    pads it to a multiple of the data-parallel size and gives rank r elements
+    [r * n, (r + 1) * n), n = ``p.ds_tensor.numel()``; the padding gets ``fill``."""
+    n = p.ds_tensor.numel()
+    start = torch.distributed.get_rank(group=p.ds_process_group) * n if torch.distributed.is_initialized() else 0
+    flat = full.reshape(-1)
+    out = torch.full((n,), fill, dtype=full.dtype, device=full.device)
+    piece = flat[start:start + n]
+    out[:piece.numel()] = piece
+    return out
+
+
+def set_zero3_module_param(p: torch.nn.Parameter, full: torch.Tensor) -> None:
+    """Write ``full`` into this rank's partition of the module's (low-precision) copy of ``p``,
+    which the next forward gathers; the fp32 master is set separately."""
+    p.ds_tensor.data.copy_(zero3_local_part(full.to(p.ds_tensor.dtype), p))

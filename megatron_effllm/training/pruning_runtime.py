@@ -44,6 +44,7 @@ from megatron_effllm.pruning.surgery import (
     plan_from_masks,
     slice_group_vectors,
 )
+from megatron_effllm.training import engine as eng
 from megatron_effllm.training.schedules import target_params
 
 TRAINING_STRATEGIES = ("efficientllm", "uniform", "adapt", "sheared", "none")
@@ -141,6 +142,7 @@ class PruningRuntime:
         self.events = 0
         self._hooks = []
         self._live: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self._mask_hooks: list = []  # ZeRO-3: per-module mask hooks (replaced at every event)
         self._hidden_mask: Optional[torch.Tensor] = None
         self.history: list[dict] = []
         self._obs_cache = {}
@@ -205,9 +207,9 @@ class PruningRuntime:
         self._refresh_live_masks()
 
     def remove_hooks(self) -> None:
-        for h in self._hooks:
+        for h in self._hooks + self._mask_hooks:
             h.remove()
-        self._hooks = []
+        self._hooks, self._mask_hooks = [], []
 
     def global_layer(self, local: int) -> int:
         """The model's layer number of this pipeline stage's layer ``local``."""
@@ -261,9 +263,26 @@ class PruningRuntime:
         self._collect_hessians = on
 
     def _apply_masks(self, module, args):
+        """Before the model's forward (ZeRO-3: ``_zero3_mask_hook`` instead)."""
         with torch.no_grad():
             for p, m in self._live:
                 p.data.mul_(m)
+
+    @staticmethod
+    def _zero3_mask_hook(masked: list):
+        """Pre-forward hook of a module owning ZeRO-3 parameters, after DeepSpeed's gather: the
+        gathered weights and this rank's partition (which a later gather reads, e.g. for the
+        backward) are masked; ZeRO-3 may keep parameters gathered across uses, so masking the
+        partitions alone is not enough."""
+
+        def hook(module, args):
+            with torch.no_grad():
+                for p, full, local in masked:
+                    if p.data.numel() == full.numel():
+                        p.data.mul_(full.view_as(p.data))
+                    p.ds_tensor.data.mul_(local)
+
+        return hook
 
     def _norm_hook(self, module, args, output):
         """Make RMSNorm's statistics run over the kept hidden channels only (as after removal)."""
@@ -280,6 +299,9 @@ class PruningRuntime:
     def _refresh_live_masks(self) -> None:
         """Megatron-layout 0/1 tensors for the parameters the current masks touch."""
         self._live = []
+        for h in self._mask_hooks:
+            h.remove()
+        self._mask_hooks = []
         self._hidden_mask = None
         plan = self.effective_plan()
         if plan.is_identity:
@@ -292,10 +314,20 @@ class PruningRuntime:
         meg = layout.to_megatron(self.arch, canon, self._tp_rank, self._tp, self._pp_rank, self._pp,
                                  model_style(self._model))
         params = dict(self._model.named_parameters())
+        zero3: dict[str, list] = {}  # owning module name -> [(param, full mask, local mask)]
         for name, m in meg.items():
             if name in params and not bool(m.all()):
                 p = params[name]
-                self._live.append((p, m.to(device=p.device, dtype=p.dtype)))
+                if eng.is_zero3_param(p):
+                    local = eng.zero3_local_part(m, p, fill=1.0)
+                    zero3.setdefault(name.rsplit(".", 1)[0], []).append(
+                        (p, m.to(device=p.ds_tensor.device, dtype=p.ds_tensor.dtype),
+                         local.to(device=p.ds_tensor.device, dtype=p.ds_tensor.dtype)))
+                else:
+                    self._live.append((p, m.to(device=p.device, dtype=p.dtype)))
+        modules = dict(self._model.named_modules())
+        for owner, masked in zero3.items():
+            self._mask_hooks.append(modules[owner].register_forward_pre_hook(self._zero3_mask_hook(masked)))
         if plan.after.hidden_size != self.arch.hidden_size:
             self._hidden_mask = self.masks["hidden"].float()
             self._hidden_kept = float(plan.after.hidden_size)
@@ -492,7 +524,7 @@ class PruningRuntime:
         rank and an all-gather of activations every step). Exact at TP=1. Units (heads, FFN
         channels) are numbered locally, from the start of this rank's range.
         """
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param
 
         params = dict(engine.module.named_parameters())
         d = self.arch.head_dim
@@ -527,8 +559,10 @@ class PruningRuntime:
                 W_alive[:, rm] = 0.0
                 W[:, cols] = W_alive.to(W.dtype)
                 if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
-                    safe_set_full_fp32_param(p, W)
-                if not hasattr(p, "ds_id"):
+                    eng.set_full_master(p, W)
+                if eng.is_zero3_param(p):
+                    eng.set_zero3_module_param(p, W)
+                else:
                     p.data.copy_(W.to(p.dtype))
                 keep = torch.tensor([i for i in range(len(alive) * unit) if i not in set(rm.tolist())])
                 Hinv = Hinv[keep][:, keep] - Hinv[keep][:, rm] @ M @ Hinv[rm][:, keep]

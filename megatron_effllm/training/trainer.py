@@ -196,8 +196,13 @@ class Trainer:
         out = {}
         for domain, items in batches.items():
             tot = torch.zeros(2, dtype=torch.float64)
-            for batch in items:
+            for batch in self._same_count_over_dp(engine, items):
                 device = next(engine.module.parameters()).device
+                if batch is None:  # a forward for ZeRO-3's collective parameter gathers only
+                    s = self.cfg.data.seq_len
+                    engine.module(torch.zeros(1, s, dtype=torch.long, device=device),
+                                  torch.arange(s, device=device).unsqueeze(0), None)
+                    continue
                 if self.pipeline is not None:  # the last stage has the loss; the others add zeros
                     per_token = self.pipeline.forward(engine.module, batch)
                     if per_token is None:
@@ -213,6 +218,18 @@ class Trainer:
             out[domain] = float(tot[0] / tot[1].clamp(min=1))
         engine.module.train(was)
         return out
+
+    def _same_count_over_dp(self, engine, items: list) -> list:
+        """``items`` padded with None to the longest list over the data-parallel ranks under
+        ZeRO-3, whose every forward gathers parameters collectively (the held-out batches are
+        dealt round-robin, so the ranks can hold different counts)."""
+        if engine.zero_optimization_stage() != 3 or self.dp_size == 1:
+            return items
+        from megatron.core import parallel_state as ps
+
+        n = torch.tensor([len(items)], dtype=torch.int64)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        return list(items) + [None] * (int(n) - len(items))
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
