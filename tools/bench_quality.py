@@ -179,7 +179,7 @@ def plot_curves(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for method, r in results.items():
         if r.get("curve"):
             xs, ys = zip(*r["curve"])
@@ -190,7 +190,7 @@ def plot_curves(results: dict, path: str) -> None:
     ax.set_xlabel("training tokens (one-shot methods: + calibration tokens)")
     ax.set_ylabel("held-out loss, mean over domains")
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)  # outside: the curves cross
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
