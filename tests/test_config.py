@@ -27,7 +27,7 @@ def test_overrides_and_types(tmp_path):
     (BASE, ["data.micro_batch=3", "data.global_batch=8"], "multiple of data.micro_batch"),
     (BASE, ["prune.end_step=500", "train.steps=100"], "prune.end_step 500 is after the last step"),
     (BASE, ["parallel.tp=0"], "parallel.tp must be >= 1"),
-    (BASE, ["parallel.zero_stage=3"], "use parallel.zero_stage 1 or 2"),
+    (BASE, ["prune.l0_droprate_init=0"], r"prune.l0_droprate_init must be in \(0, 1\)"),
     ("model: [1, 2]\n", [], "config section model. must be a mapping"),
     ("model:\n  source: ''\n", [], "set model.source"),
     ("a: [\n", [], "not valid YAML at line"),
