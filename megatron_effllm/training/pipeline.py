@@ -86,14 +86,17 @@ class PipelineStep:
 
     # ------------------------------------------------------------------ one micro-batch
     @staticmethod
-    def _forward(engine_or_module, module, batch: dict, x: Optional[torch.Tensor]):
-        """This stage's forward of one micro-batch: hidden states (middle) or per-token loss (last)."""
+    def _forward(module, batch: dict, x: Optional[torch.Tensor]):
+        """This stage's forward of one micro-batch: hidden states (middle) or per-token loss (last).
+
+        The module itself, not the engine: DeepSpeed's engine forward hooks the outputs so that
+        its backward epilogue would run inside every ``torch.autograd.grad``."""
         device = next(module.parameters()).device
         module.set_input_tensor(x)
         tokens = batch["tokens"].to(device) if _ps().is_pipeline_first_stage() else None
         positions = batch["position_ids"].to(device)
         labels = batch["labels"].to(device) if _ps().is_pipeline_last_stage() else None
-        return engine_or_module(tokens, positions, None, labels=labels)
+        return module(tokens, positions, None, labels=labels)
 
     @staticmethod
     def _mean_loss(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -140,8 +143,7 @@ class PipelineStep:
         def forward(k: int, x: Optional[torch.Tensor]) -> torch.Tensor:
             if x is not None:
                 x.requires_grad_(True)
-            out = self._forward(module, module, batches[k], x)  # not engine(): its output hooks would run
-            # DeepSpeed's backward epilogue inside every torch.autograd.grad
+            out = self._forward(module, batches[k], x)
             if last:
                 loss = loss_hook(self._mean_loss(out, batches[k]))
                 losses.append(loss.detach().float())
@@ -204,7 +206,7 @@ class PipelineStep:
         comm = _communicator(module, _stage_dtype(module))
         shape = (batch["tokens"].shape[1], batch["tokens"].shape[0], module.config.hidden_size)
         x = comm.recv_forward(shape, first)
-        out = self._forward(module, module, batch, x)
+        out = self._forward(module, batch, x)
         comm.send_forward(None if last else out, last)
         return out if last else None
 
