@@ -110,11 +110,6 @@ class Trainer:
                 f"prune.allow_depth=true with parallel.pp={par.pp}: removing layers would move layers "
                 "between pipeline stages; set prune.allow_depth=false or parallel.pp=1"
             )
-        if par.tp > 1 and par.zero_stage == 3:
-            raise UserError(
-                f"parallel.zero_stage=3 with parallel.tp={par.tp} is not supported; use "
-                "parallel.zero_stage 1 or 2 with tensor parallelism"
-            )
         eng._skip_cpu_shm_build()
         init_model_parallel(self.cfg.parallel.tp, self.cfg.parallel.pp, seed=self.cfg.seed,
                             timeout_s=self.cfg.parallel.comm_timeout_s)
