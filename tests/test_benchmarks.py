@@ -37,3 +37,9 @@ def test_scale_on_paper_counts_the_accumulator_it_reduces(tmp_path, capsys):
     grad = bench.ring_bytes(arch.num_params() / 16 * 4, 64)
     assert dp_bytes / grad < 1e-2  # the point of the design: scores are tiny next to gradients
     assert bench.ring_bytes(100.0, 1) == 0.0 and bench.ring_bytes(100.0, 2) == 100.0
+    assert "Measured here: rank (TP 0, PP 0) builds its prune-event weight masks" in text
+    # With hidden channels masked every weight is touched: one mask entry per weight of the shard.
+    small = Architecture.uniform(**bench.MODELS["smollm2-135m"])
+    assert bench.measure_mask_build(small, 1, 1)["entries"] == small.num_params()
+    norms = (2 * 30 + 1) * 576  # replicated on every TP rank, the rest split in three
+    assert bench.measure_mask_build(small, 3, 1)["entries"] == (small.num_params() - norms) // 3 + norms

@@ -14,10 +14,16 @@ and the OBS layer Hessians (X^T X of the o_proj / down_proj inputs, of which a r
 holds its own 1/TP of the columns) that are reduced over DP once per compaction. The gradient
 all-reduce of one step is that of the rank's parameter shard over the data-parallel group. Bytes
 are what a ring all-reduce sends per rank: 2 (n - 1) / n x payload.
+
+One thing is measured on this machine: the time and memory one rank (TP rank 0, PP stage 0) spends
+building its weight masks at a prune event (``distributed_pruning.local_weight_masks``) for a
+mid-run mask (10% of every FFN, one KV group of layer 0 and 1% of the hidden channels masked).
 """
 import argparse
 import os
+import resource
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,6 +41,28 @@ MODELS = {  # Architecture.uniform fields of the published configs
 
 def ring_bytes(payload_bytes: float, n: int) -> float:
     return 2.0 * (n - 1) / n * payload_bytes if n > 1 else 0.0
+
+
+def measure_mask_build(arch, tp: int, pp: int) -> dict:
+    """Seconds, peak-memory growth (bytes) and masked entries of one rank's prune-event masks."""
+    import torch
+
+    from megatron_effllm.parallel.distributed_pruning import local_weight_masks
+    from megatron_effllm.pruning.surgery import full_masks
+
+    masks = full_masks(arch)
+    g = torch.Generator().manual_seed(0)
+    for l, shape in enumerate(arch.layers):
+        masks[f"ffn.{l}"][torch.randperm(shape.ffn_hidden_size, generator=g)[: shape.ffn_hidden_size // 10]] = 0
+    masks["kv.0"][0] = 0
+    masks["hidden"][torch.randperm(arch.hidden_size, generator=g)[: arch.hidden_size // 100]] = 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    start = time.perf_counter()
+    local = local_weight_masks(arch, masks, tp_rank=0, tp_size=tp, pp_rank=0, pp_size=pp)
+    seconds = time.perf_counter() - start
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) * 1024
+    return {"seconds": seconds, "peak_growth": grown, "entries": sum(m.numel() for m in local.values()),
+            "tensors": len(local)}
 
 
 @cli_entry
@@ -91,6 +119,11 @@ def main(argv=None):
              f"({args.stat_bytes} bytes each, fp64), reduced as one message; the rank's gradient "
              f"shard is {params_per_rank / 1e6:,.0f}M elements ({args.grad_bytes} bytes each); its OBS Hessians "
              f"{hess / 1e6:,.1f}M entries. Ring all-reduce: 2 (n-1)/n x payload per rank.")
+    built = measure_mask_build(arch, args.tp, args.pp)
+    notes += (f" Measured here: rank (TP 0, PP 0) builds its prune-event weight masks (10% of every FFN, "
+              f"one KV group, 1% of the hidden channels masked) in {built['seconds']:.2f} s, peak memory "
+              f"+{built['peak_growth'] / 2**30:.2f} GiB: {built['tensors']} tensors, "
+              f"{built['entries'] / 1e6:,.0f}M bool entries, kept until the next event.")
     section = append_section(args.benchmarks_md, "Scale on paper: pruning traffic vs gradient traffic",
                              command_line(), table, notes)
     print(section)

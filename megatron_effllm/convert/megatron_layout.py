@@ -23,7 +23,7 @@ produced on write (the model keeps its defaults).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Sequence
+from typing import Callable, Dict, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -283,27 +283,37 @@ def to_megatron(
             f"vocab size {arch.vocab_size} is not divisible by tensor parallel size {tp_size}; "
             "choose a TP size that divides the vocabulary"
         )
+    return dict(iter_megatron(arch, sd.__getitem__, tp_rank, tp_size, pp_rank, pp_size, style))
+
+
+def iter_megatron(
+    arch: Architecture,
+    get: Callable[[str], Tensor],
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    pp_rank: int = 0,
+    pp_size: int = 1,
+    style: str = LOCAL,
+) -> Iterator[tuple[str, Tensor]]:
+    """``to_megatron`` one megatron tensor at a time, asking ``get`` for each canonical tensor
+    when it is needed: a caller that makes canonical tensors on demand (the pruning masks) holds
+    at most one layer's of them, never the whole model's."""
     first = pp_rank == 0
     last = pp_rank == pp_size - 1
-    out: dict[str, Tensor] = {}
     if first:
-        out["embedding.word_embeddings.weight"] = column_shard(
-            sd["model.embed_tokens.weight"], tp_rank, tp_size
-        )
+        yield "embedding.word_embeddings.weight", column_shard(get("model.embed_tokens.weight"), tp_rank, tp_size)
+    names = canonical_shapes(arch)
     for local, i in enumerate(stage_layers(arch.num_layers, pp_size, pp_rank)):
         prefix = f"model.layers.{i}."
-        hf = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        hf = {k[len(prefix):]: get(k) for k in names if k.startswith(prefix)}
         for name, t in layer_to_megatron(hf, arch.layers[i], tp_rank, tp_size, style).items():
-            out[f"decoder.layers.{local}.{name}"] = t
+            yield f"decoder.layers.{local}.{name}", t
     if last:
-        out["decoder.final_layernorm.weight"] = sd["model.norm.weight"].clone()
+        yield "decoder.final_layernorm.weight", get("model.norm.weight").clone()
         if not arch.tie_word_embeddings:
-            out["output_layer.weight"] = column_shard(sd["lm_head.weight"], tp_rank, tp_size)
+            yield "output_layer.weight", column_shard(get("lm_head.weight"), tp_rank, tp_size)
         elif not first:
-            out["output_layer.weight"] = column_shard(
-                sd["model.embed_tokens.weight"], tp_rank, tp_size
-            )
-    return out
+            yield "output_layer.weight", column_shard(get("model.embed_tokens.weight"), tp_rank, tp_size)
 
 
 def from_megatron(

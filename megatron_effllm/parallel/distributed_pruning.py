@@ -41,9 +41,9 @@ import torch.distributed as dist
 
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.convert import megatron_layout as layout
-from megatron_effllm.pruning.groups import PrunePlan, PruningError
+from megatron_effllm.pruning.groups import PrunePlan, PruningError, tensor_axes
 from megatron_effllm.pruning.saliency import GradSaliency
-from megatron_effllm.pruning.surgery import mask_state_dict
+from megatron_effllm.pruning.surgery import check_masks, mask_tensor
 from megatron_effllm.parallel.runtime import model_parallel_sizes
 
 
@@ -262,15 +262,24 @@ def local_weight_masks(
     pp_rank: int = 0,
     pp_size: int = 1,
     style: str = layout.LOCAL,
+    device: Optional[torch.device] = None,
 ) -> dict[str, torch.Tensor]:
     """0/1 tensors, megatron-named for shard (tp_rank, pp_rank), for the weights ``masks`` touch
     (all-ones tensors are left out). Multiplying the shard's weights by them zeroes exactly what
-    ``surgery.mask_state_dict`` zeroes in the canonical tensors (uint8; one byte per weight of
-    the whole model is built on the way)."""
-    ones = {k: torch.ones(s, dtype=torch.uint8) for k, s in layout.canonical_shapes(arch).items()}
-    canon = mask_state_dict(ones, arch, dict(masks))
-    local = layout.to_megatron(arch, canon, tp_rank, tp_size, pp_rank, pp_size, style)
-    return {k: m for k, m in local.items() if not bool(m.all())}
+    ``surgery.mask_state_dict`` zeroes in the canonical tensors (bool, on ``device``: the
+    model's, so that on a GPU the masking runs there). Built one tensor at a time from
+    zero-stride ones, so that a prune event (every step, at k = 1) holds this shard's masks and
+    one layer's canonical tensors, not a byte per weight of the whole model on every rank."""
+    masks = dict(masks)
+    check_masks(arch, masks)
+    shapes, axes = layout.canonical_shapes(arch), tensor_axes(arch)
+    one = torch.ones((), dtype=torch.bool, device=device)
+
+    def canonical_mask(name: str) -> torch.Tensor:
+        return mask_tensor(name, one.expand(shapes[name]), arch, masks, axes[name])
+
+    return {k: m for k, m in layout.iter_megatron(arch, canonical_mask, tp_rank, tp_size, pp_rank, pp_size, style)
+            if not bool(m.all())}
 
 
 _NORM_MODULES = ("input_layernorm", "pre_mlp_layernorm", "final_layernorm")
@@ -294,9 +303,10 @@ def apply_masks_(model: torch.nn.Module, arch: Architecture, masks: Mapping[str,
     if kept < arch.hidden_size and style != layout.LOCAL:
         raise PruningError("masking hidden channels needs the local layer spec (TransformerEngine fuses the "
                            "norms into linear_qkv / linear_fc1, where no hook can correct them)")
-    local = local_weight_masks(arch, masks, tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp,
-                               style=style)
     params = dict(model.named_parameters())
+    device = next(iter(params.values())).device if params else None
+    local = local_weight_masks(arch, masks, tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp,
+                               style=style, device=device)
     unknown = sorted(set(local) - set(params))
     if unknown:
         raise PruningError(f"the model has no parameters {unknown[:3]}; it was not built for this "

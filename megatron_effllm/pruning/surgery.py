@@ -105,19 +105,29 @@ def mask_state_dict(
     check_masks(arch, masks)
     out = {}
     for name, axes in tensor_axes(arch).items():
-        t = tensors[name]
-        for dim, ax in enumerate(axes):
-            if ax is None:
-                continue
-            m = _dim_mask(arch, masks, ax).to(device=t.device, dtype=t.dtype)
-            shape = [1] * t.dim()
-            shape[dim] = -1
-            t = t * m.view(shape)
-        l = layer_of(name)
-        if l is not None:
-            t = t * masks["layer"][l].to(device=t.device, dtype=t.dtype)
+        t = mask_tensor(name, tensors[name], arch, masks, axes)
         out[name] = t if t is not tensors[name] else t.clone()
     return out
+
+
+def mask_tensor(name: str, t: torch.Tensor, arch: Architecture, masks: dict[str, torch.Tensor],
+                axes: Optional[tuple] = None) -> torch.Tensor:
+    """Canonical tensor ``name`` with its masked slices zeroed (``t`` itself when no mask touches
+    it). ``axes``: its entry of ``tensor_axes(arch)``, when the caller already has them."""
+    axes = tensor_axes(arch)[name] if axes is None else axes
+    for dim, ax in enumerate(axes):
+        if ax is None:
+            continue
+        m = _dim_mask(arch, masks, ax)
+        if bool(m.all()):
+            continue
+        shape = [1] * t.dim()
+        shape[dim] = -1
+        t = t * m.to(device=t.device, dtype=t.dtype).view(shape)
+    l = layer_of(name)
+    if l is not None and not bool(masks["layer"][l]):
+        t = t * masks["layer"][l].to(device=t.device, dtype=t.dtype)
+    return t
 
 
 def masked_rms_norm(

@@ -39,7 +39,6 @@ from megatron_effllm.pruning.saliency import GradSaliency
 from megatron_effllm.pruning.selection import Constraints, select_adaptive, select_global, select_uniform
 from megatron_effllm.pruning.surgery import (
     full_masks,
-    mask_state_dict,
     masks_from_plan,
     plan_from_masks,
     slice_group_vectors,
@@ -308,23 +307,24 @@ class PruningRuntime:
             return
         from megatron_effllm.model.weights import model_style
 
-        ones = {k: torch.ones(v) for k, v in layout.canonical_shapes(self.arch).items()}
-        canon = mask_state_dict(ones, self.arch, self.masks)
-        # This rank's shard of the masks (at TP=1 the whole model).
-        meg = layout.to_megatron(self.arch, canon, self._tp_rank, self._tp, self._pp_rank, self._pp,
-                                 model_style(self._model))
+        # This rank's shard of the masks (at TP=1 and PP=1 the whole model).
         params = dict(self._model.named_parameters())
+        meg = dist_pruning.local_weight_masks(self.arch, self.masks, tp_rank=self._tp_rank, tp_size=self._tp,
+                                              pp_rank=self._pp_rank, pp_size=self._pp,
+                                              style=model_style(self._model),
+                                              device=next(iter(params.values())).device)
         zero3: dict[str, list] = {}  # owning module name -> [(param, full mask, local mask)]
+        # The masks stay bool (a byte per masked weight, not the weight's dtype): multiplying by
+        # them gives the same bits as by 0.0 / 1.0.
         for name, m in meg.items():
-            if name in params and not bool(m.all()):
+            if name in params:
                 p = params[name]
                 if eng.is_zero3_param(p):
-                    local = eng.zero3_local_part(m, p, fill=1.0)
+                    full = m.to(device=p.ds_tensor.device)
                     zero3.setdefault(name.rsplit(".", 1)[0], []).append(
-                        (p, m.to(device=p.ds_tensor.device, dtype=p.ds_tensor.dtype),
-                         local.to(device=p.ds_tensor.device, dtype=p.ds_tensor.dtype)))
+                        (p, full, eng.zero3_local_part(full, p, fill=1.0)))
                 else:
-                    self._live.append((p, m.to(device=p.device, dtype=p.dtype)))
+                    self._live.append((p, m.to(device=p.device)))
         modules = dict(self._model.named_modules())
         for owner, masked in zero3.items():
             self._mask_hooks.append(modules[owner].register_forward_pre_hook(self._zero3_mask_hook(masked)))
