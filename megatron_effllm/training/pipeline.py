@@ -32,6 +32,12 @@ import torch
 import torch.distributed as dist
 
 
+def mean_token_loss(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+    """A micro-batch's loss: the mean over its loss-masked tokens (any pipeline layout)."""
+    mask = batch["loss_mask"].to(per_token.device).float()
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 def _ps():
     from megatron.core import parallel_state
 
@@ -80,6 +86,15 @@ class PipelineStep:
     def __init__(self, seq_len: int, micro_batch: int):
         self.seq_len = seq_len
         self.micro_batch = micro_batch
+        self._comm_dtype, self._comm = None, None
+
+    def _communicator(self, module):
+        """The P2P communicator, made once: it depends on the pipeline group and the dtype it
+        receives only (shapes are passed per call, so a compaction's new widths need no new one)."""
+        dtype = _stage_dtype(module)
+        if dtype != self._comm_dtype:
+            self._comm_dtype, self._comm = dtype, _communicator(module, dtype)
+        return self._comm
 
     def _shape(self, module) -> tuple[int, int, int]:
         return (self.seq_len, self.micro_batch, module.config.hidden_size)
@@ -97,11 +112,6 @@ class PipelineStep:
         positions = batch["position_ids"].to(device)
         labels = batch["labels"].to(device) if _ps().is_pipeline_last_stage() else None
         return module(tokens, positions, None, labels=labels)
-
-    @staticmethod
-    def _mean_loss(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
-        mask = batch["loss_mask"].to(per_token.device).float()
-        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
     # ------------------------------------------------------------------ training
     def train(
@@ -131,7 +141,7 @@ class PipelineStep:
         module = engine.module
         first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         stage, stages = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
-        comm = _communicator(module, _stage_dtype(module))
+        comm = self._communicator(module)
         shape = self._shape(module)
         m = len(batches)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -145,7 +155,7 @@ class PipelineStep:
                 x.requires_grad_(True)
             out = self._forward(module, batches[k], x)
             if last:
-                loss = loss_hook(self._mean_loss(out, batches[k]))
+                loss = loss_hook(mean_token_loss(out, batches[k]))
                 losses.append(loss.detach().float())
                 out = loss / m  # as the engine's loss scaling for gradient accumulation
             in_flight.append((x, out, batches[k]))
@@ -203,7 +213,7 @@ class PipelineStep:
         """Per-token loss [b, s] of one micro-batch on the last stage (None on the others)."""
         ps = _ps()
         first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-        comm = _communicator(module, _stage_dtype(module))
+        comm = self._communicator(module)
         shape = (batch["tokens"].shape[1], batch["tokens"].shape[0], module.config.hidden_size)
         x = comm.recv_forward(shape, first)
         out = self._forward(module, batch, x)

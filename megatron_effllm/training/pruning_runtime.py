@@ -212,7 +212,7 @@ class PruningRuntime:
 
     def global_layer(self, local: int) -> int:
         """The model's layer number of this pipeline stage's layer ``local``."""
-        return layout.stage_layers(self.arch.num_layers, self._pp, self._pp_rank)[local]
+        return self.local_layers()[local]
 
     def local_layers(self) -> range:
         """The model's layer numbers this pipeline stage holds."""
@@ -448,14 +448,13 @@ class PruningRuntime:
                                     group=ps.get_embedding_group())
         if first:
             return
+        # Only the touched rows: the embedding's scores are sums over its rows (its one pruned
+        # axis is the hidden one, whole on every TP rank), so the other rows would add zeros.
         for r, gi, go in zip(rows, buf.split(sizes), g_out):
             wr = w[r]
             for q in self.saliency.quantities:
-                corr = torch.zeros_like(w)
-                corr[r] = _elementwise(q, wr * (gi + go)) - _elementwise(q, wr * go)
-                for canon, (_, cc, off) in _param_pieces(self.arch, _TIED_COPIES[1], w, corr, self._tp_rank,
-                                                         self._tp, self._pp_rank, self._pp).items():
-                    self.saliency.add_elementwise(q, canon, cc, off)
+                delta = _elementwise(q, wr * (gi + go)) - _elementwise(q, wr * go)
+                self.saliency.add_elementwise(q, "model.embed_tokens.weight", delta)
 
     def _layer_importance(self, eff_plan: PrunePlan) -> torch.Tensor:
         """I_l = -mean cos(x_in, x_out) over data-parallel ranks (and the pipeline stages, each of

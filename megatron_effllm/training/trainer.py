@@ -30,6 +30,7 @@ from megatron_effllm.training import engine as eng
 from megatron_effllm.training import faults
 from megatron_effllm.training.config import RunConfig, save_config
 from megatron_effllm.training.metrics import MetricsLogger, plot_run
+from megatron_effllm.training.pipeline import mean_token_loss
 from megatron_effllm.training.schedules import learning_rate
 
 BUILTIN_MODELS = ("smollm2-135m",)
@@ -175,9 +176,8 @@ class Trainer:
         device = next(engine.module.parameters()).device
         tokens = batch["tokens"].to(device)
         labels = batch["labels"].to(device)
-        mask = batch["loss_mask"].to(device).float()
         per_token = engine(tokens, batch["position_ids"].to(device), None, labels=labels)
-        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        return mean_token_loss(per_token, batch)
 
     @torch.no_grad()
     def heldout_losses(self, engine) -> dict[str, float]:
@@ -191,8 +191,8 @@ class Trainer:
         out = {}
         for domain, items in batches.items():
             tot = torch.zeros(2, dtype=torch.float64)
+            device = next(engine.module.parameters()).device
             for batch in self._same_count_over_dp(engine, items):
-                device = next(engine.module.parameters()).device
                 if batch is None:  # a forward for ZeRO-3's collective parameter gathers only
                     s = self.cfg.data.seq_len
                     engine.module(torch.zeros(1, s, dtype=torch.long, device=device),
