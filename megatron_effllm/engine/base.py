@@ -1,0 +1,80 @@
+"""The protocol every training engine implements (DeepSpeed ZeRO today; torch FSDP2 would be a
+second implementation of the same methods).
+
+The pruning runtimes need three things from an engine beyond forward/backward/step: a
+parameter's full fp32 master value (OBS reads it), a way to write a full value back into every
+copy the engine keeps (the module's weight, the fp32 master, partitions), and, for engines that
+partition parameters between uses (ZeRO-3), the rank-local partition of a parameter so that
+masks reach the copy the next gather reads.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class TrainEngine(Protocol):
+    """A model wrapped for data-parallel training with an optimizer."""
+
+    module: torch.nn.Module
+
+    # --- the step -----------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, *, last_micro_batch: bool, scale_with_accumulation: bool = True) -> None:
+        """Backward of one micro-batch's loss; ``last_micro_batch`` ends the accumulation
+        window (gradient reduction happens there)."""
+
+    def step(self) -> None:
+        """Clip, reduce and apply the accumulated gradients, then clear them."""
+
+    def skip_step(self) -> None:
+        """End the accumulation window without applying it (gradients cleared, state kept)."""
+
+    def grads_finite(self) -> bool:
+        """Whether every gradient the coming step applies is finite, agreed over all ranks."""
+
+    def set_learning_rate(self, lr: float) -> None: ...
+
+    def learning_rate(self) -> float: ...
+
+    def optimizer_step_count(self) -> int: ...
+
+    # --- parameters ---------------------------------------------------------------------
+    def full_fp32_param(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """``p``'s full fp32 master value (the weight itself when the engine keeps no master)."""
+
+    def set_full_param(self, p: torch.nn.Parameter, full: torch.Tensor) -> None:
+        """Write ``full`` into every copy of ``p`` the engine keeps (weight, master, partition)."""
+
+    def is_partitioned(self, p: torch.nn.Parameter) -> bool:
+        """Whether ``p``'s data lives in a rank-local partition between uses (ZeRO-3)."""
+
+    def local_partition(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """The rank-local partition tensor of a partitioned ``p`` (to mask in place)."""
+
+    def local_part_of(self, full: torch.Tensor, p: torch.nn.Parameter, fill: float = 0.0) -> torch.Tensor:
+        """This rank's partition of a full tensor shaped like ``p`` (padding filled with ``fill``)."""
+
+    def gathered(self, params: Optional[list] = None):
+        """Context manager: the listed (default: all) parameters whole inside it."""
+
+    # --- state --------------------------------------------------------------------------
+    def gather_full_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{param name: {"param": fp32 master, "exp_avg", "exp_avg_sq"}}, full over data
+        parallelism (collective)."""
+
+    def rebuild(self, new_model: torch.nn.Module, slice_state: Callable[[dict], dict], *,
+                carry_optimizer_state: bool = True) -> "TrainEngine":
+        """An engine over ``new_model`` (new shapes) whose state is ``slice_state`` of this one's;
+        this engine is destroyed (collective)."""
+
+    def save(self, folder: str) -> None: ...
+
+    def load(self, folder: str) -> None: ...
+
+    def destroy(self) -> None: ...
+
+
+def named_parameters(engine: TrainEngine) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    return engine.module.named_parameters()

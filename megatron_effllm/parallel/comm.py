@@ -1,0 +1,209 @@
+"""Every collective of the package goes through this module.
+
+Groups are named, not passed: ``"world"``, ``"dp"`` (data parallel), ``"tp"`` (tensor
+parallel), ``"pp"`` (pipeline), ``"embedding"`` (first and last stage, tied embeddings). They
+resolve to megatron-core's ``parallel_state`` groups when model parallelism is initialised; with
+a bare process group every rank is data-parallel; without torch.distributed every call is the
+single-process identity (reductions leave tensors as they are, gathers return ``[t]``).
+
+Tensors may live anywhere: when the backend cannot reduce them where they are (NCCL and a CPU
+tensor) they travel through the backend's device and come back (``comm_device``).
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from megatron_effllm.errors import UserError
+from megatron_effllm.layout.dims import ParallelDims
+
+GroupName = str
+GROUPS = ("world", "dp", "tp", "pp", "embedding")
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class AgreementError(UserError):
+    """Ranks hold different values of something they must agree on; nothing was changed."""
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _model_parallel_ready() -> bool:
+    if not is_distributed():
+        return False
+    from megatron.core import parallel_state as ps
+
+    return ps.model_parallel_is_initialized()
+
+
+def group(name: GroupName = "world"):
+    """The process group called ``name``, or None without torch.distributed (or when the group
+    is trivially this process alone: tp/pp/embedding without megatron's groups)."""
+    if name not in GROUPS:
+        raise ValueError(f"unknown process group {name!r}; one of {', '.join(GROUPS)}")
+    if not is_distributed():
+        return None
+    if name == "world":
+        return dist.group.WORLD
+    if not _model_parallel_ready():
+        return dist.group.WORLD if name == "dp" else None
+    from megatron.core import parallel_state as ps
+
+    if name == "dp":
+        return ps.get_data_parallel_group()
+    if name == "tp":
+        return ps.get_tensor_model_parallel_group()
+    if name == "pp":
+        return ps.get_pipeline_model_parallel_group()
+    return ps.get_embedding_group() if ps.is_rank_in_embedding_group() else None
+
+
+def size(name: GroupName = "world") -> int:
+    g = group(name)
+    return 1 if g is None else dist.get_world_size(g)
+
+
+def rank(name: GroupName = "world") -> int:
+    g = group(name)
+    return 0 if g is None else dist.get_rank(g)
+
+
+def dims() -> ParallelDims:
+    """This process's ``ParallelDims`` (the single-process default without groups)."""
+    return ParallelDims(rank("tp"), size("tp"), rank("pp"), size("pp"), rank("dp"), size("dp"))
+
+
+def in_embedding_group() -> bool:
+    return group("embedding") is not None
+
+
+def pipeline_first_rank() -> int:
+    """Global rank of the first pipeline stage of this rank's pipeline."""
+    if not _model_parallel_ready():
+        return 0
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_first_rank()
+
+
+def comm_device(g=None) -> torch.device:
+    """Where the backend of group ``g`` reduces tensors: CUDA for NCCL, the CPU otherwise."""
+    if is_distributed() and dist.get_backend(g) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _resolve(g: Union[GroupName, object, None]):
+    return group(g) if isinstance(g, str) else g
+
+
+def all_reduce_(t: torch.Tensor, group_name: GroupName = "world", op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of ``t`` over ``group_name`` wherever ``t`` lives; returns ``t``."""
+    g = _resolve(group_name)
+    if g is None or dist.get_world_size(g) == 1:
+        return t
+    device = comm_device(g)
+    if t.device == device:
+        dist.all_reduce(t, op=_OPS[op], group=g)
+        return t
+    buf = t.to(device)
+    dist.all_reduce(buf, op=_OPS[op], group=g)
+    t.copy_(buf)
+    return t
+
+
+def all_reduce_flat(tensors: Sequence[torch.Tensor], groups: Iterable[GroupName]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` summed over each group in turn, one flat message per group (one
+    dtype: the first tensor's). Groups of one rank are skipped."""
+    resolved = [g for g in map(_resolve, groups) if g is not None and dist.get_world_size(g) > 1]
+    if not resolved:
+        return [t.clone() for t in tensors]
+    dtype = tensors[0].dtype
+    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors]).to(comm_device(resolved[0]))
+    for g in resolved:
+        dist.all_reduce(flat, group=g)
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()].reshape(t.shape).to(device=t.device, dtype=t.dtype))
+        start += t.numel()
+    return out
+
+
+def all_gather(t: torch.Tensor, group_name: GroupName = "world") -> list[torch.Tensor]:
+    """Every rank's ``t`` (equal shapes) in group-rank order; ``[t]`` for a one-rank group."""
+    g = _resolve(group_name)
+    if g is None or dist.get_world_size(g) == 1:
+        return [t]
+    device = comm_device(g)
+    src = t.contiguous().to(device)
+    out = [torch.empty_like(src) for _ in range(dist.get_world_size(g))]
+    dist.all_gather(out, src, group=g)
+    return [o.to(t.device) for o in out]
+
+
+def broadcast_(t: torch.Tensor, src: int, group_name: GroupName = "world") -> torch.Tensor:
+    """In place: ``t`` from global rank ``src`` on every rank of the group."""
+    g = _resolve(group_name)
+    if g is None or dist.get_world_size(g) == 1:
+        return t
+    device = comm_device(g)
+    buf = t if t.device == device else t.to(device)
+    dist.broadcast(buf, src=src, group=g)
+    if buf is not t:
+        t.copy_(buf)
+    return t
+
+
+def barrier(group_name: GroupName = "world") -> None:
+    g = _resolve(group_name)
+    if g is not None and dist.get_world_size(g) > 1:
+        dist.barrier(group=g)
+
+
+def all_true(flag: bool, group_name: GroupName = "world") -> bool:
+    """Whether ``flag`` holds on every rank of the group (collective)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    return bool(all_reduce_(t, group_name, "min").item())
+
+
+def check_agreement(payload: bytes, what: str, group_name: GroupName = "world",
+                    advice: str = "") -> str:
+    """Raise ``AgreementError`` on every rank of the group unless all hold the same ``payload``;
+    returns its sha256 (hex). The 256-bit digest goes through all-reduce MIN and MAX (equal only
+    if every rank has the same); on a mismatch the digests are gathered to name who disagrees."""
+    digest = hashlib.sha256(payload).digest()
+    g = _resolve(group_name)
+    if g is None or dist.get_world_size(g) == 1:
+        return digest.hex()
+    words = torch.tensor(struct.unpack(">4q", digest), dtype=torch.int64)
+    lo, hi = all_reduce_(words.clone(), g, "min"), all_reduce_(words.clone(), g, "max")
+    if torch.equal(lo, hi):
+        return digest.hex()
+    by_digest: dict[str, list[int]] = {}
+    for i, w in enumerate(all_gather(words, g)):
+        r = dist.get_global_rank(g, i)
+        by_digest.setdefault(struct.pack(">4q", *w.tolist()).hex()[:12], []).append(r)
+    parts = "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {h}"
+                      for h, r in sorted(by_digest.items(), key=lambda kv: kv[1]))
+    raise AgreementError(f"ranks disagree on {what} (sha256 prefixes {parts}); nothing was changed"
+                         + (f". {advice}" if advice else ""))
+
+
+def global_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def destroy_if(owner: Optional[bool] = True) -> None:
+    """Tear the default process group down (the run's own, at its end)."""
+    if owner and is_distributed():
+        dist.destroy_process_group()
