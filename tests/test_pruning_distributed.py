@@ -143,7 +143,8 @@ def _data_parallel_body(rank, world_size):
 
     from megatron_effllm.model import build_gpt_model, load_canonical
     from megatron_effllm.parallel.runtime import init_model_parallel
-    from megatron_effllm.pruning.selection import Constraints, select_global
+    from megatron_effllm.pruning.selection import Constraints
+    from megatron_effllm.pruning.selectors.global_ranking import select_global
 
     init_model_parallel(1, 1)  # two ranks: DP=2
     arch = tiny("llama")
@@ -222,7 +223,8 @@ def _layouts_body(rank, world_size):
     from megatron_effllm.model import build_gpt_model, forward_logits, gather_canonical, load_canonical
     from megatron_effllm.model.weights import gather_canonical_grads
     from megatron_effllm.parallel.runtime import init_model_parallel
-    from megatron_effllm.pruning.selection import Constraints, select_global
+    from megatron_effllm.pruning.selection import Constraints
+    from megatron_effllm.pruning.selectors.global_ranking import select_global
     from megatron_effllm.pruning.surgery import masks_from_plan, slice_state_dict
 
     ids, labels = _batch()

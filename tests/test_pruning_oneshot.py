@@ -1,4 +1,4 @@
-"""One-shot pruning end to end on a tiny model: every estimator and selector, and the CLI."""
+"""One-shot pruning end to end on a tiny model: every estimator and one-shot strategy, and the CLI."""
 import gzip
 import json
 import os
@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
+from megatron_effllm.eval.perplexity import calibration_windows
 from megatron_effllm.pruning import oneshot
-from megatron_effllm.pruning.calibrate import calibration_windows
 from megatron_effllm.pruning.selection import Constraints
 from test_pruning_reference import random_state_dict, reference_logits, tiny_arch
 
@@ -46,12 +46,12 @@ def tiny_folder(tmp_path_factory):
     return root, arch, sd, fast, files
 
 
-@pytest.mark.parametrize("estimator,selector,obs", [
-    ("taylor", "global", True), ("mix", "global", False), ("fisher", "uniform", True),
-    ("taylor_elem", "adaptive", False), ("activation", "uniform", False), ("magnitude", "global", False),
-    ("obs", "global", True),
+@pytest.mark.parametrize("estimator,strategy,obs", [
+    ("taylor", "efficientllm", True), ("mix", "efficientllm", False), ("fisher", "uniform", True),
+    ("taylor_elem", "adapt", False), ("activation", "uniform", False), ("magnitude", "efficientllm", False),
+    ("obs", "efficientllm", True),
 ])
-def test_oneshot_pipeline(tiny_folder, estimator, selector, obs):
+def test_oneshot_pipeline(tiny_folder, estimator, strategy, obs):
     from megatron_effllm.convert import hf_io
 
     root, arch, sd, tok, files = tiny_folder
@@ -59,8 +59,8 @@ def test_oneshot_pipeline(tiny_folder, estimator, selector, obs):
     windows = calibration_windows(tok, files, 256, 32)
     assert windows.shape == (8, 32)
     target = int(arch.num_params() * 0.7)
-    opts = oneshot.OneShotOptions(target_params=target, estimator=estimator, selector=selector, obs=obs,
-                                  constraints=Constraints(prune_hidden=selector != "uniform"))
+    opts = oneshot.OneShotOptions(target_params=target, estimator=estimator, strategy=strategy, obs=obs,
+                                  constraints=Constraints(prune_hidden=strategy != "uniform"))
     calib = oneshot.collect(model, arch, windows, opts)
     plan = oneshot.choose(calib, arch, sd, opts)
     small = oneshot.apply(sd, plan, calib, opts)

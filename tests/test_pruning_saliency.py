@@ -5,13 +5,10 @@ import torch
 from megatron_effllm.pruning import groups as G
 from megatron_effllm.pruning.hooks import ActivationRecorder, weights_and_grads
 from megatron_effllm.pruning.obs import HessianAccumulator
-from megatron_effllm.pruning.saliency import (
-    ActivationSaliency,
-    GradSaliency,
-    magnitude_scores,
-    merge_states,
-    normalise_importance,
-)
+from megatron_effllm.pruning.estimators.base import Statistics
+from megatron_effllm.pruning.estimators.magnitude import magnitude_scores
+from megatron_effllm.pruning.registry import ESTIMATORS
+from megatron_effllm.pruning.saliency import ActivationSaliency, GradSaliency, merge_states, normalise_importance
 from megatron_effllm.pruning.surgery import slice_group_vectors
 from test_pruning_reference import hf_model, random_state_dict, reference_logits, tiny_arch, token_batch
 from test_pruning_surgery import plan_for
@@ -258,7 +255,7 @@ def test_activation_statistics_from_hooks_match_direct_computation():
     for h in handles:
         h.remove()
     n = ids.numel()
-    s = acts.scores()
+    s = ESTIMATORS.get("activation").scores(Statistics(activations=acts), arch, {})
     d = arch.head_dim
     for l in range(3):
         o = captured[(l, "self_attn.o_proj")].reshape(n, -1, d)

@@ -6,15 +6,10 @@ from megatron_effllm.architecture import Architecture
 from megatron_effllm.pruning import groups as G
 from megatron_effllm.pruning.groups import PruningError
 from megatron_effllm.pruning.saliency import GroupScores
-from megatron_effllm.pruning.selection import (
-    Constraints,
-    adapt_pruner_update,
-    select_adaptive,
-    select_global,
-    select_layerwise,
-    select_target_shape,
-    select_uniform,
-)
+from megatron_effllm.pruning.selection import Constraints, select_target_shape
+from megatron_effllm.pruning.selectors.adaptive import adapt_pruner_update, select_adaptive, select_layerwise
+from megatron_effllm.pruning.selectors.global_ranking import select_global
+from megatron_effllm.pruning.selectors.uniform import select_uniform
 
 
 def arch_(layers=4, hidden=64, heads=8, kv=4, ffn=48, vocab=96, tie=True, qkv_bias=False):

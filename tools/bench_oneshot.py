@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One-shot structured pruning of the real SmolLM2-135M to a parameter target: selectors, OBS, estimators.
+"""One-shot structured pruning of the real SmolLM2-135M to a parameter target: strategies, OBS, estimators.
 
     python tools/bench_oneshot.py [--target 0.5] [--calib-tokens 16384] [--windows 16]
         [--out runs/bench_oneshot] [--benchmarks-md BENCHMARKS.md]
@@ -8,8 +8,8 @@ One process, one calibration pass (16k tokens of the shipped train sample, gradi
 o_proj/down_proj input Hessians), then every variant is selected, (OBS-)updated, sliced and
 evaluated on the same held-out windows (perplexity per domain: the first ``--windows`` windows
 of 512 tokens of each held-out file, fp32; see megatron_effllm/eval/perplexity.py):
-global vs uniform selector, with and without the OBS update, and the estimators taylor /
-taylor_elem / fisher with the global selector. The default variant (fisher, global, OBS) is
+the efficientllm strategy (global ranking) vs uniform, with and without the OBS update, and the
+estimators taylor / taylor_elem / fisher with efficientllm. The default variant (fisher, global, OBS) is
 saved as an HF folder, reloaded with stock ``AutoModelForCausalLM`` and asked to generate.
 Writes ``OUT/result.json`` and appends a section to BENCHMARKS.md.
 """
@@ -22,13 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_effllm.errors import cli_entry  # noqa: E402
 
-VARIANTS = (  # (name, estimator, selector, obs)
-    ("fisher, global, OBS (default)", "fisher", "global", True),
-    ("fisher, global", "fisher", "global", False),
+VARIANTS = (  # (name: estimator, selection, OBS; estimator, strategy, obs)
+    ("fisher, global, OBS (default)", "fisher", "efficientllm", True),
+    ("fisher, global", "fisher", "efficientllm", False),
     ("fisher, uniform, OBS", "fisher", "uniform", True),
     ("fisher, uniform", "fisher", "uniform", False),
-    ("taylor_elem, global, OBS", "taylor_elem", "global", True),
-    ("taylor, global, OBS", "taylor", "global", True),
+    ("taylor_elem, global, OBS", "taylor_elem", "efficientllm", True),
+    ("taylor, global, OBS", "taylor", "efficientllm", True),
 )
 
 
@@ -47,10 +47,9 @@ def main(argv=None):
 
     from megatron_effllm.assets import corpus_files, smollm2_hf_dir
     from megatron_effllm.convert import hf_io
-    from megatron_effllm.eval.perplexity import evaluate_perplexity
+    from megatron_effllm.eval.perplexity import calibration_windows, evaluate_perplexity
     from megatron_effllm.eval.report import append_section, command_line, write_result
     from megatron_effllm.pruning import oneshot
-    from megatron_effllm.pruning.calibrate import calibration_windows
 
     torch.manual_seed(0)
     t0 = time.time()
@@ -73,8 +72,8 @@ def main(argv=None):
     del model
 
     rows = []
-    for name, estimator, selector, obs in VARIANTS:
-        opts = oneshot.OneShotOptions(target_params=target, estimator=estimator, selector=selector, obs=obs)
+    for name, estimator, strategy, obs in VARIANTS:
+        opts = oneshot.OneShotOptions(target_params=target, estimator=estimator, strategy=strategy, obs=obs)
         t = time.time()
         plan = oneshot.choose(calib, arch, sd, opts)
         small = oneshot.apply(sd, plan, calib, opts)
@@ -82,7 +81,7 @@ def main(argv=None):
         new = plan.after
         pruned = hf_io.build_hf_model(new, small)
         ppl = evaluate(pruned)
-        rows.append({"variant": name, "estimator": estimator, "selector": selector, "obs": obs,
+        rows.append({"variant": name, "estimator": estimator, "strategy": strategy, "obs": obs,
                      "params": new.num_params(), "nonembedding_params": new.num_params(False),
                      "hidden_size": new.hidden_size, "select_and_surgery_s": round(t_select, 2),
                      "perplexity": ppl, "architecture": new.to_dict(), "widths": new.widths_summary()})

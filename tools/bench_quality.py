@@ -52,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "smollm2_135m_cpu_demo.yaml")
 METHODS = ("source", "efficientllm", "efficientllm_taylor", "llm_pruner", "minitron", "sheared", "adapt", "scratch")
 SHEARED_SHORT_WINDOW = ["prune.l0_droprate_init=0.05", "prune.l0_lr=1.0", "prune.lagrangian_lr=10.0"]
-ONESHOT = {  # method -> (estimator, selector, prune hidden channels)
+ONESHOT = {  # method -> (estimator, strategy, prune hidden channels)
     "llm_pruner": ("taylor_elem", "uniform", False),
     "minitron": ("activation", "uniform", True),
 }
@@ -77,17 +77,17 @@ def _oneshot(method: str, out_dir: str, target_fraction: float, calib_tokens: in
 
     from megatron_effllm.assets import corpus_files, smollm2_hf_dir
     from megatron_effllm.convert import hf_io
+    from megatron_effllm.eval.perplexity import calibration_windows
     from megatron_effllm.pruning import oneshot
-    from megatron_effllm.pruning.calibrate import calibration_windows
     from megatron_effllm.pruning.selection import Constraints
     from transformers import AutoTokenizer
 
-    estimator, selector, hidden = ONESHOT[method]
+    estimator, strategy, hidden = ONESHOT[method]
     src = hf_io.load_hf_model(smollm2_hf_dir(dtype="float32"))
     tok = AutoTokenizer.from_pretrained(src.tokenizer_dir)
     model = hf_io.build_hf_model(src.arch, src.state_dict)
     opts = oneshot.OneShotOptions(target_params=int(round(target_fraction * src.arch.num_params())),
-                                  estimator=estimator, selector=selector,
+                                  estimator=estimator, strategy=strategy,
                                   constraints=Constraints(prune_hidden=hidden))
     t = time.time()
     windows = calibration_windows(tok, list(corpus_files("train").values()), calib_tokens, 512)

@@ -2,13 +2,14 @@
 """One-shot structured pruning of a Hugging Face model (or GGUF) to a parameter target.
 
     python tools/prune_oneshot.py --model SmolLM2-135M-Instruct.Q4_1.gguf --target-params 0.5 --out pruned
-    python tools/prune_oneshot.py --model hf_dir --target-params 67M --out pruned --selector uniform --obs --eval-ppl
+    python tools/prune_oneshot.py --model hf_dir --target-params 67M --out pruned --strategy uniform --obs --eval-ppl
 
 Calibration text (default: the shipped corpus sample's train files) is tokenized with the
 model's tokenizer; saliency is accumulated over the calibration windows (forward + backward of
-the LM loss for gradient estimators), groups are selected (global cost-aware ranking by
-default: non-uniform widths), optionally OBS-compensated, sliced, and written as a folder that
-transformers loads (trust_remote_code=True for non-uniform shapes). The saved folder is reloaded
+the LM loss for gradient estimators), groups are selected by the strategy (the names of
+prune.strategy; efficientllm by default: a global cost-aware ranking, non-uniform widths),
+optionally OBS-compensated, sliced, and written as a folder that transformers loads
+(trust_remote_code=True for non-uniform shapes). The saved folder is reloaded
 and checked against the in-memory pruned model.
 """
 import argparse
@@ -19,6 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
+from megatron_effllm.pruning.registry import ESTIMATORS, STRATEGIES, help_text  # noqa: E402
 
 
 def parse_count(text: str, total: int) -> int:
@@ -43,11 +45,11 @@ def parse_args(argv=None):
     ap.add_argument("--target-params", required=True,
                     help="total parameters to keep (embeddings included): a count (67M, 67000000) or a fraction (0.5)")
     ap.add_argument("--out", required=True, help="output HF folder")
-    ap.add_argument("--estimator", default="fisher",
-                    choices=("taylor", "taylor_elem", "fisher", "mix", "activation", "magnitude", "obs"),
-                    help="group saliency (default fisher: on a converged model the first-order sums are mostly "
-                         "noise, and group-wise 'taylor' makes large groups look cheap in a global ranking)")
-    ap.add_argument("--selector", default="global", choices=("global", "uniform", "adaptive"))
+    ap.add_argument("--estimator", default="fisher", choices=ESTIMATORS.names(),
+                    help="group saliency (default fisher): " + help_text(ESTIMATORS))
+    ap.add_argument("--strategy", default="efficientllm", choices=STRATEGIES.names(oneshot=True),
+                    help="how groups are selected (default efficientllm), as prune.strategy in training: "
+                         + help_text(STRATEGIES, oneshot=True))
     ap.add_argument("--obs", action="store_true", help="OBS-update o_proj/down_proj for removed heads/FFN channels")
     ap.add_argument("--obs-hidden", action="store_true",
                     help="with --obs: also update q/k/v, gate/up (and untied lm_head) for removed hidden channels")
@@ -57,10 +59,10 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--prune-hidden", action=argparse.BooleanOptionalAction, default=True,
-                    help="let hidden (stem) channels compete (default on; the adaptive selector never prunes them)")
+                    help="let hidden (stem) channels compete (default on; the adapt strategy never prunes them)")
     ap.add_argument("--prune-kv", action=argparse.BooleanOptionalAction, default=True,
-                    help="global selector: let whole KV groups compete (default on)")
-    ap.add_argument("--allow-depth", action="store_true", help="global selector: whole layers may be removed")
+                    help="efficientllm: let whole KV groups compete (default on)")
+    ap.add_argument("--allow-depth", action="store_true", help="efficientllm: whole layers may be removed")
     ap.add_argument("--tp", type=int, default=1, help="keep heads/KV groups/FFN widths divisible by this TP size")
     ap.add_argument("--min-heads", type=int, default=1, help="floor on query heads per layer")
     ap.add_argument("--min-ffn", type=int, default=1, help="floor on FFN width per layer")
@@ -88,9 +90,8 @@ def main(argv=None):
 
     from megatron_effllm.assets import corpus_files
     from megatron_effllm.convert import hf_io
-    from megatron_effllm.eval.perplexity import geometric_mean, heldout_perplexity
+    from megatron_effllm.eval.perplexity import calibration_windows, geometric_mean, heldout_perplexity
     from megatron_effllm.pruning import oneshot
-    from megatron_effllm.pruning.calibrate import calibration_windows
     from megatron_effllm.pruning.selection import Constraints
 
     if args.threads:
@@ -107,7 +108,7 @@ def main(argv=None):
     total = arch.num_params()
     options = oneshot.OneShotOptions(
         target_params=parse_count(args.target_params, total),
-        estimator=args.estimator, selector=args.selector, obs=args.obs, obs_hidden=args.obs_hidden,
+        estimator=args.estimator, strategy=args.strategy, obs=args.obs, obs_hidden=args.obs_hidden,
         obs_damp=args.obs_damp, batch_size=args.batch_size,
         constraints=Constraints(tensor_parallel=args.tp, min_heads=args.min_heads, min_ffn=args.min_ffn,
                                 ffn_multiple=args.ffn_multiple, hidden_multiple=args.hidden_multiple,
@@ -133,7 +134,8 @@ def main(argv=None):
     small = oneshot.apply(sd, plan, calib, options)
     t_select = time.time() - t
     new = plan.after
-    log(f"[prune] {args.estimator} / {args.selector}{' + OBS' if args.obs else ''}: {total:,} -> {new.num_params():,} "
+    log(f"[prune] {args.estimator} / {options.selector().name}{' + OBS' if args.obs else ''} (strategy "
+        f"{args.strategy}): {total:,} -> {new.num_params():,} "
         f"parameters (target {options.target_params:,}); non-embedding {arch.num_params(False):,} -> "
         f"{new.num_params(False):,}; hidden {arch.hidden_size} -> {new.hidden_size}; "
         f"calibration {windows.numel():,} tokens in {t_calib:.0f} s, selection+surgery {t_select:.1f} s")

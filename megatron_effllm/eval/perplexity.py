@@ -71,6 +71,21 @@ def token_windows(tokenizer, path: str, windows: int, seq_len: int) -> torch.Ten
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def calibration_windows(tokenizer, files: list[str], tokens: int, seq_len: int) -> torch.Tensor:
+    """About ``tokens`` tokens as [n, seq_len] windows, split evenly over ``files`` (from their starts)."""
+    if not files:
+        raise UserError("no calibration files; pass --calib FILE... (.jsonl, .jsonl.gz or .txt)")
+    if tokens < seq_len:
+        raise UserError(f"--calib-tokens {tokens} is less than one window of {seq_len} tokens")
+    per_file = max(1, -(-tokens // (seq_len * len(files))))
+    parts = [token_windows(tokenizer, f, per_file, seq_len) for f in files]
+    # interleave the files so that any prefix of the windows mixes every domain
+    out = []
+    for i in range(max(p.shape[0] for p in parts)):
+        out += [p[i] for p in parts if i < p.shape[0]]
+    return torch.stack(out[: max(1, tokens // seq_len)])
+
+
 @torch.no_grad()
 def window_nll(model, windows: torch.Tensor, batch_size: int = 4) -> tuple[float, int]:
     """Summed next-token NLL (fp32) over all windows, and the number of scored tokens."""

@@ -1,5 +1,6 @@
 """Calibration passes over an HF-layout model: token windows in, saliency / Hessian sums out.
 
+The windows come from ``eval.perplexity.calibration_windows`` (text files -> token windows).
 One forward (and, for gradient estimators, one backward of the mean next-token loss) per batch
 of windows; whatever accumulators are given are fed: ``GradSaliency`` from the gradients,
 ``ActivationSaliency`` and ``HessianAccumulator`` through forward hooks.
@@ -12,26 +13,9 @@ from typing import Callable, Optional
 import torch
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.errors import UserError
-from megatron_effllm.eval.perplexity import token_windows
 from megatron_effllm.pruning.hooks import ActivationRecorder, weights_and_grads
 from megatron_effllm.pruning.obs import HessianAccumulator
 from megatron_effllm.pruning.saliency import ActivationSaliency, GradSaliency
-
-
-def calibration_windows(tokenizer, files: list[str], tokens: int, seq_len: int) -> torch.Tensor:
-    """About ``tokens`` tokens as [n, seq_len] windows, split evenly over ``files`` (from their starts)."""
-    if not files:
-        raise UserError("no calibration files; pass --calib FILE... (.jsonl, .jsonl.gz or .txt)")
-    if tokens < seq_len:
-        raise UserError(f"--calib-tokens {tokens} is less than one window of {seq_len} tokens")
-    per_file = max(1, -(-tokens // (seq_len * len(files))))
-    parts = [token_windows(tokenizer, f, per_file, seq_len) for f in files]
-    # interleave the files so that any prefix of the windows mixes every domain
-    out = []
-    for i in range(max(p.shape[0] for p in parts)):
-        out += [p[i] for p in parts if i < p.shape[0]]
-    return torch.stack(out[: max(1, tokens // seq_len)])
 
 
 def calibrate(

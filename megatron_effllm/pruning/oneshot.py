@@ -8,7 +8,6 @@ The pieces are separate so that one calibration pass can serve several selection
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -17,27 +16,20 @@ import torch
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.errors import UserError
 from megatron_effllm.pruning.calibrate import calibrate
+from megatron_effllm.pruning.estimators.base import Statistics
 from megatron_effllm.pruning.groups import PrunePlan
-from megatron_effllm.pruning.obs import HessianAccumulator, apply_obs_update, obs_group_scores
-from megatron_effllm.pruning.saliency import (
-    GRAD_ESTIMATORS,
-    ActivationSaliency,
-    GradSaliency,
-    GroupScores,
-    magnitude_scores,
-)
-from megatron_effllm.pruning.selection import Constraints, select_adaptive, select_global, select_uniform
+from megatron_effllm.pruning.obs import HessianAccumulator, apply_obs_update
+from megatron_effllm.pruning.registry import ESTIMATORS, SELECTORS, STRATEGIES
+from megatron_effllm.pruning.saliency import ActivationSaliency, GradSaliency
+from megatron_effllm.pruning.selection import Constraints
 from megatron_effllm.pruning.surgery import slice_state_dict
-
-ONESHOT_ESTIMATORS = GRAD_ESTIMATORS + ("activation", "magnitude", "obs")
-SELECTORS = ("global", "uniform", "adaptive")
 
 
 @dataclass
 class OneShotOptions:
     target_params: int
     estimator: str = "fisher"
-    selector: str = "global"
+    strategy: str = "efficientllm"  # a strategy with oneshot=True (registry.STRATEGIES)
     obs: bool = False
     obs_hidden: bool = False
     obs_damp: float = 0.01
@@ -47,19 +39,15 @@ class OneShotOptions:
     adaptive_A: float = 0.02
 
     def check(self) -> None:
-        if self.estimator not in ONESHOT_ESTIMATORS:
-            raise UserError(f"unknown estimator {self.estimator!r}; use one of {', '.join(ONESHOT_ESTIMATORS)}")
-        if self.selector not in SELECTORS:
-            raise UserError(f"unknown selector {self.selector!r}; use one of {', '.join(SELECTORS)}")
+        ESTIMATORS.get(self.estimator)
+        if not STRATEGIES.get(self.strategy).oneshot:
+            raise UserError(f"strategy {self.strategy!r} runs only in training; one-shot strategies: "
+                            f"{', '.join(STRATEGIES.names(oneshot=True))}")
         if self.obs_hidden and not self.obs:
             raise UserError("--obs-hidden needs --obs")
 
-
-@dataclass
-class Calibration:
-    grads: Optional[GradSaliency] = None
-    activations: Optional[ActivationSaliency] = None
-    hessians: Optional[HessianAccumulator] = None
+    def selector(self):
+        return SELECTORS.get(STRATEGIES.get(self.strategy).selector)
 
 
 def collect(
@@ -68,13 +56,17 @@ def collect(
     windows: torch.Tensor,
     options: OneShotOptions,
     log: Optional[Callable[[str], None]] = None,
-) -> Calibration:
-    """One calibration pass recording what the options need (and nothing more)."""
+) -> Statistics:
+    """One calibration pass recording what the options need (and nothing more).
+
+    Gradient sums are kept for every gradient estimator, so one pass serves any of them.
+    """
     options.check()
-    need_grads = options.estimator in GRAD_ESTIMATORS
-    need_acts = options.estimator == "activation" or options.selector == "adaptive"
-    need_hess = options.obs or options.estimator == "obs"
-    calib = Calibration(
+    needs = ESTIMATORS.get(options.estimator).needs
+    need_grads = ESTIMATORS.get(options.estimator).gradient
+    need_acts = "activations" in needs or options.selector().needs_layer_importance
+    need_hess = options.obs or "hessians" in needs
+    calib = Statistics(
         grads=GradSaliency(arch) if need_grads else None,
         activations=ActivationSaliency(arch) if need_acts else None,
         hessians=HessianAccumulator() if need_hess else None,
@@ -86,35 +78,22 @@ def collect(
     return calib
 
 
-def scores_of(calib: Calibration, arch: Architecture, state_dict: dict, estimator: str) -> GroupScores:
-    if estimator in GRAD_ESTIMATORS:
-        return calib.grads.scores(estimator)
-    if estimator == "activation":
-        return calib.activations.scores()
-    if estimator == "magnitude":
-        return magnitude_scores(state_dict, arch)
-    return obs_group_scores(state_dict, arch, calib.hessians)
-
-
-def choose(calib: Calibration, arch: Architecture, state_dict: dict, options: OneShotOptions) -> PrunePlan:
-    """The selection for the options' estimator and selector."""
+def choose(calib: Statistics, arch: Architecture, state_dict: dict, options: OneShotOptions) -> PrunePlan:
+    """The selection for the options' estimator and strategy."""
     options.check()
-    scores = scores_of(calib, arch, state_dict, options.estimator)
-    if options.selector == "global":
-        return select_global(scores, options.target_params, options.constraints)
-    if options.selector == "uniform":
-        return select_uniform(scores, target_params=options.target_params, constraints=options.constraints)
-    if calib.activations is None:
-        raise UserError("the adaptive selector needs block input/output statistics; calibrate with it selected")
-    c = options.constraints
-    if c.prune_hidden:  # Adapt-Pruner shapes layers only
-        c = dataclasses.replace(c, prune_hidden=False)
-    plan, _ = select_adaptive(scores, calib.activations.layer_importance(), options.target_params,
-                              steps=options.adaptive_steps, A=options.adaptive_A, constraints=c)
-    return plan
+    scores = ESTIMATORS.get(options.estimator).scores(calib, arch, state_dict)
+    selector = options.selector()
+    importance = None
+    if selector.needs_layer_importance:
+        if calib.activations is None:
+            raise UserError(f"strategy {options.strategy!r} needs block input/output statistics; "
+                            "calibrate with it selected")
+        importance = calib.activations.layer_importance()
+    return selector.select(scores, options.target_params, options.constraints, layer_importance=importance,
+                           adapt_step=options.adaptive_A, adapt_steps=options.adaptive_steps)
 
 
-def apply(state_dict: dict, plan: PrunePlan, calib: Calibration, options: OneShotOptions) -> dict:
+def apply(state_dict: dict, plan: PrunePlan, calib: Statistics, options: OneShotOptions) -> dict:
     """(Optionally OBS-update the readers of removed channels, then) slice to ``plan.after``."""
     if options.obs:
         state_dict, _ = apply_obs_update(state_dict, plan, calib.hessians, damp=options.obs_damp,

@@ -1,35 +1,18 @@
-"""Saliency: one score per parameter group, larger = more important.
+"""Saliency statistics: running sums over canonical tensors, and the group scores made from them.
 
-Gradient estimators (``taylor``, ``taylor_elem``, ``fisher``, ``mix``) estimate the increase of
-the (mean) training loss when a group is set to zero, Delta w = -w:
+The accumulators here (``GradSaliency`` from (weight, grad) pairs, ``ActivationSaliency`` from
+forward hooks) keep what the estimators in ``pruning/estimators/`` ask for; an estimator (one
+file each, registered in ``registry.ESTIMATORS``) turns the sums into ``GroupScores``, one score
+per parameter group, larger = more important.
 
-    Delta L ~= -sum_g w*g  +  1/2 sum_g w^2 F          (F = diagonal empirical Fisher)
-
-- ``taylor``      |sum_{i in g} w_i gbar_i|            (first order, group-wise, LLM-Pruner "vectorize")
-- ``taylor_elem`` sum_{i in g} |w_i g_i|               (first order, element-wise, "param_first")
-- ``fisher``      1/2 sum_{i in g} w_i^2 F_ii          (second order, "param_second")
-- ``mix``         |sum w gbar - 1/2 sum w^2 F|          (first - 1/2 second, "param_mix", group-wise)
-
-On a converged model the mean gradient is small and ``taylor``'s signed sum is mostly noise that
-grows like sqrt(group size) while the cost grows like the size: in a cost-normalised global
-ranking it makes large groups (hidden channels, KV groups) look cheap. Measured one-shot on
-SmolLM2-135M at 50% of the parameters (OBS on), held-out perplexity: fisher 73, taylor_elem 105,
-mix 20,909, taylor 17,016. Prefer ``fisher`` or ``taylor_elem`` for global selection.
-
-They are accumulated from the (weight, grad) pairs a training step already has. The state is a
-plain dict of tensors holding *sums* (contributions weighted by the number of samples each
-gradient averages over, plus the total count), so summing the states of data-parallel ranks
-gives exactly the state of one process that saw all their micro-batches; an EMA across steps is
-``decay_`` followed by more updates (linear, so it commutes with that sum).
+The state is a plain dict of tensors holding *sums* (contributions weighted by the number of
+samples each gradient averages over, plus the total count), so summing the states of
+data-parallel ranks gives exactly the state of one process that saw all their micro-batches; an
+EMA across steps is ``decay_`` followed by more updates (linear, so it commutes with that sum).
 
 Only per-group reductions are stored (row and column sums of the element-wise products, one
 float per group), never weight-sized tensors: the state is tiny, cheap to all-reduce, and can be
 sliced with the weights after a prune (``apply_plan``).
-
-``magnitude`` (sum w^2) and ``activation`` (Minitron: mean |activation| at o_proj / down_proj
-inputs and norm outputs; depth by 1 - cos(x_in, x_out)) are not on the loss scale: use them with
-the per-layer selectors, or rank only one group kind globally with them. ``obs`` (local OBS
-saliency, ``obs.obs_group_scores``) is a layer-output squared error.
 
 Tensor-parallel shards: ``add_elementwise(..., offsets={dim: start})`` places a shard's
 reductions at its position in the canonical tensor; summing the states of the TP ranks completes
@@ -45,11 +28,25 @@ import torch
 
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.pruning.groups import PrunePlan, PruningError, layer_of, tensor_axes
+from megatron_effllm.pruning.registry import ESTIMATORS
 from megatron_effllm.pruning.surgery import slice_group_vectors
 
-GRAD_ESTIMATORS = ("taylor", "taylor_elem", "fisher", "mix")
-ESTIMATORS = GRAD_ESTIMATORS + ("magnitude", "activation", "obs")
-_NEEDS = {"taylor": ("wg",), "taylor_elem": ("awg",), "fisher": ("w2g2",), "mix": ("wg", "w2g2")}
+# The gradient quantities an estimator may ask for, each an element-wise function of w * g * n.
+GRAD_QUANTITIES = {"wg": lambda wg: wg, "awg": torch.abs, "w2g2": torch.square}
+
+
+def elementwise(quantity: str, wg: torch.Tensor) -> torch.Tensor:
+    """The element-wise term of a gradient quantity from w * g (* count)."""
+    return GRAD_QUANTITIES[quantity](wg)
+
+
+def gradient_estimator(name: str):
+    """The registered estimator ``name``, which must score from gradient sums."""
+    est = ESTIMATORS.get(name)
+    if not est.gradient:
+        raise PruningError(f"estimator {name!r} does not score from gradients; use one of "
+                           f"{', '.join(ESTIMATORS.names(gradient=True))}")
+    return est
 
 
 @dataclass
@@ -100,7 +97,7 @@ class GroupScores:
 
 
 # ---------------------------------------------------------------------- shared reduction
-def _zero_vectors(arch: Architecture, prefix: str, dtype, device) -> dict[str, torch.Tensor]:
+def zero_vectors(arch: Architecture, prefix: str, dtype, device) -> dict[str, torch.Tensor]:
     z = lambda n: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
     out = {f"{prefix}.hidden": z(arch.hidden_size), f"{prefix}.layer": z(arch.num_layers)}
     for l, s in enumerate(arch.layers):
@@ -148,7 +145,7 @@ def reduce_to_groups(
         out[f"{prefix}.layer"][l] += t.sum().to(device=out[f"{prefix}.layer"].device, dtype=out[f"{prefix}.layer"].dtype)
 
 
-def _scores_from(arch: Architecture, get: Callable[[str], torch.Tensor], with_layers=True) -> GroupScores:
+def scores_from(arch: Architecture, get: Callable[[str], torch.Tensor], with_layers=True) -> GroupScores:
     L = range(arch.num_layers)
     return GroupScores(
         arch,
@@ -160,7 +157,7 @@ def _scores_from(arch: Architecture, get: Callable[[str], torch.Tensor], with_la
     )
 
 
-# ---------------------------------------------------------------------- gradient estimators
+# ---------------------------------------------------------------------- gradient statistics
 class GradSaliency:
     """Accumulates w*g, |w*g| and w^2 (n g)^2 per group from (weight, grad) pairs.
 
@@ -173,20 +170,18 @@ class GradSaliency:
     def __init__(
         self,
         arch: Architecture,
-        estimators: Iterable[str] = GRAD_ESTIMATORS,
+        estimators: Optional[Iterable[str]] = None,
         dtype=torch.float64,
         device=None,
     ):
-        estimators = tuple(estimators)
-        for e in estimators:
-            if e not in GRAD_ESTIMATORS:
-                raise PruningError(f"unknown gradient estimator {e!r}; use one of {', '.join(GRAD_ESTIMATORS)}")
+        """Keeps what ``estimators`` need (default: every gradient estimator's quantities)."""
+        names = ESTIMATORS.names(gradient=True) if estimators is None else tuple(estimators)
         self.arch = arch
-        self.quantities = tuple(sorted({q for e in estimators for q in _NEEDS[e]}))
+        self.quantities = tuple(sorted({q for e in names for q in gradient_estimator(e).needs}))
         self._axes = tensor_axes(arch)
         self.state: dict[str, torch.Tensor] = {"count": torch.zeros((), dtype=dtype, device=device)}
         for q in self.quantities:
-            self.state.update(_zero_vectors(arch, q, dtype, device))
+            self.state.update(zero_vectors(arch, q, dtype, device))
 
     # ------------------------------------------------------------------ accumulation
     @torch.no_grad()
@@ -211,12 +206,8 @@ class GradSaliency:
             off = (offsets or {}).get(name)
             dt = torch.promote_types(torch.promote_types(w.dtype, g.dtype), torch.float32)  # bf16 -> fp32
             wg = w.to(dt) * g.to(dt) * count
-            if "wg" in self.quantities:
-                self.add_elementwise("wg", name, wg, off)
-            if "awg" in self.quantities:
-                self.add_elementwise("awg", name, wg.abs(), off)
-            if "w2g2" in self.quantities:
-                self.add_elementwise("w2g2", name, wg.square(), off)
+            for q in self.quantities:
+                self.add_elementwise(q, name, elementwise(q, wg), off)
         if add_count:
             self.add_count(count)
 
@@ -256,26 +247,16 @@ class GradSaliency:
 
     # ------------------------------------------------------------------ scores
     def scores(self, estimator: str = "taylor") -> GroupScores:
-        if estimator not in GRAD_ESTIMATORS:
-            raise PruningError(f"unknown gradient estimator {estimator!r}; use one of {', '.join(GRAD_ESTIMATORS)}")
-        missing = [q for q in _NEEDS[estimator] if q not in self.quantities]
+        """The registered gradient estimator's scores from the sums (per sample)."""
+        est = gradient_estimator(estimator)
+        missing = [q for q in est.needs if q not in self.quantities]
         if missing:
             raise PruningError(f"estimator {estimator!r} needs {missing}, not accumulated; add it to estimators=")
         n = float(self.state["count"])
         if n <= 0:
             raise PruningError("no gradients accumulated yet; run update() on at least one batch")
         s = self.state
-
-        def get(key):
-            if estimator == "taylor":
-                return s[f"wg.{key}"].abs() / n
-            if estimator == "taylor_elem":
-                return s[f"awg.{key}"] / n
-            if estimator == "fisher":
-                return 0.5 * s[f"w2g2.{key}"] / n
-            return (s[f"wg.{key}"] - 0.5 * s[f"w2g2.{key}"]).abs() / n
-
-        return _scores_from(self.arch, get)
+        return scores_from(self.arch, lambda key: est.combine({q: s[f"{q}.{key}"] for q in est.needs}, n))
 
 
 def merge_states(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -285,16 +266,6 @@ def merge_states(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.T
     if any(set(s) != keys for s in states):
         raise PruningError("accumulator states have different keys; were they built for the same architecture?")
     return {k: sum(s[k] for s in states) for k in states[0]}
-
-
-@torch.no_grad()
-def magnitude_scores(tensors: dict[str, torch.Tensor], arch: Architecture) -> GroupScores:
-    """sum of w^2 over each group's parameters (a KV group's own k/v rows, as for other estimators)."""
-    axes = tensor_axes(arch)
-    out = _zero_vectors(arch, "m", torch.float64, None)
-    for name in axes:
-        reduce_to_groups(axes, name, tensors[name].detach().to("cpu", torch.float64).square(), out, "m")
-    return _scores_from(arch, lambda k: out[f"m.{k}"])
 
 
 # ---------------------------------------------------------------------- activation statistics
@@ -383,21 +354,6 @@ class ActivationSaliency:
     def layer_importance(self) -> torch.Tensor:
         """Adapt-Pruner layer importance I_l = -mean cos(x_in, x_out) (higher = more important)."""
         return -self.layer_cosine()
-
-    def scores(self) -> GroupScores:
-        """Minitron scores; KV groups are not scored (heads are pruned within groups)."""
-        n = float(self.state["tokens"])
-        if n <= 0:
-            raise PruningError("no activations recorded yet; run calibration batches first")
-        L = range(self.arch.num_layers)
-        return GroupScores(
-            self.arch,
-            heads=[self.state[f"act.head.{l}"] / n for l in L],
-            kv=None,
-            ffn=[self.state[f"act.ffn.{l}"] / n for l in L],
-            hidden=self.state["act.hidden"] / n,
-            layers=1.0 - self.layer_cosine(),
-        )
 
 
 def normalise_importance(importance: torch.Tensor) -> torch.Tensor:

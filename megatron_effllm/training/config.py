@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from megatron_effllm.errors import UserError
+from megatron_effllm.pruning.registry import ESTIMATORS, STRATEGIES, help_text
 
 
 class ConfigError(UserError):
@@ -86,8 +87,8 @@ class OptimConfig:
 
 @dataclass
 class PruneConfig:
-    # efficientllm | sheared | adapt | uniform | none
-    strategy: str = "efficientllm"
+    # One of registry.STRATEGIES (the README's table; help: the field's metadata).
+    strategy: str = field(default="efficientllm", metadata={"help": help_text(STRATEGIES)})
     # Target parameter count: an absolute number (> 1) or a fraction of the source (<= 1).
     target_params: float = 0.5
     count_embeddings: bool = True  # whether the target counts embedding/lm_head parameters
@@ -96,7 +97,8 @@ class PruneConfig:
     curve: str = "linear"  # linear | cubic
     interval: int = 1  # a prune event (masking) every k steps
     compact_every: int = 10  # physical compaction (slice + engine rebuild) every K events
-    estimator: str = "fisher"  # fisher | taylor | taylor_elem | mix (the gradient estimators)
+    # One of registry.ESTIMATORS usable in training (in_training); the others are one-shot only.
+    estimator: str = field(default="fisher", metadata={"help": help_text(ESTIMATORS, in_training=True)})
     ema: float = 0.9  # exponential moving average of scores across steps
     obs: bool = True  # local second-order update of the surviving columns at compaction
     obs_damp: float = 0.01
@@ -159,9 +161,9 @@ CHOICES = {
     "model.dtype": ("bf16", "fp32"),
     "parallel.zero_stage": (0, 1, 2, 3),
     "optim.schedule": ("cosine", "wsd", "constant"),
-    "prune.strategy": ("efficientllm", "sheared", "adapt", "uniform", "none"),
+    "prune.strategy": STRATEGIES.names(),
     "prune.curve": ("linear", "cubic"),
-    "prune.estimator": ("taylor", "taylor_elem", "fisher", "mix", "activation", "magnitude"),
+    "prune.estimator": ESTIMATORS.names(),
     "prune.optimizer_state": ("carry", "reset"),
     "train.nonfinite_policy": ("skip", "rollback", "stop"),
     "export.hf_dtype": ("bf16", "fp32"),
@@ -310,6 +312,11 @@ def validate(cfg: RunConfig) -> None:
     if d.global_batch % d.micro_batch:
         raise ConfigError(
             f"data.global_batch {d.global_batch} must be a multiple of data.micro_batch {d.micro_batch}"
+        )
+    if STRATEGIES.get(p.strategy).runtime == "saliency" and not ESTIMATORS.get(p.estimator).in_training:
+        raise ConfigError(
+            f"prune.estimator {p.estimator!r} works in one-shot pruning only (tools/prune_oneshot.py); "
+            f"during training use one of {', '.join(ESTIMATORS.names(in_training=True))}"
         )
     if p.strategy != "none":
         if p.target_params <= 0:

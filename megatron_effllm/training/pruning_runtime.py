@@ -36,7 +36,10 @@ from megatron_effllm.parallel import distributed_pruning as dist_pruning
 from megatron_effllm.pruning import obs as obs_mod
 from megatron_effllm.pruning.groups import PrunePlan
 from megatron_effllm.pruning.saliency import GradSaliency
-from megatron_effllm.pruning.selection import Constraints, select_adaptive, select_global, select_uniform
+from megatron_effllm.pruning.selection import Constraints
+from megatron_effllm.pruning.selectors.adaptive import select_adaptive
+from megatron_effllm.pruning.selectors.global_ranking import select_global
+from megatron_effllm.pruning.selectors.uniform import select_uniform
 from megatron_effllm.pruning.surgery import (
     full_masks,
     masks_from_plan,
