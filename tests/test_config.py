@@ -24,6 +24,7 @@ def test_overrides_and_types(tmp_path):
     (BASE + "prune:\n  intervall: 3\n", [], "unknown config key prune.intervall; did you mean prune.interval"),
     (BASE, ["optim.lr=fast"], "optim.lr: expected a number"),
     (BASE, ["prune.strategy=magic"], "prune.strategy: 'magic' is not one of"),
+    (BASE, ["prune.estimator=activation"], "'activation' works in one-shot pruning only"),
     (BASE, ["data.micro_batch=3", "data.global_batch=8"], "multiple of data.micro_batch"),
     (BASE, ["prune.end_step=500", "train.steps=100"], "prune.end_step 500 is after the last step"),
     (BASE, ["parallel.tp=0"], "parallel.tp must be >= 1"),

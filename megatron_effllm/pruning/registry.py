@@ -81,11 +81,9 @@ def help_text(registry: Registry, **filters) -> str:
 def markdown_tables() -> str:
     """The README's tables of strategies and estimators (a test keeps README equal to this)."""
     yes = lambda b: "yes" if b else "no"  # noqa: E731
-    lines = ["| `prune.strategy` | runs as | selection | one-shot (`--strategy`) | what |",
-             "|---|---|---|---|---|"]
+    lines = ["| `prune.strategy` / `--strategy` | runs as | one-shot | what |", "|---|---|---|---|"]
     for s in STRATEGIES:
-        sel = f"`{s.selector}`" if s.selector else "-"
-        lines.append(f"| `{s.name}` | {s.runtime} | {sel} | {yes(s.oneshot)} | {s.description} |")
+        lines.append(f"| `{s.name}` | {s.runtime} | {yes(s.oneshot)} | {s.description} |")
     lines += ["", "| `prune.estimator` / `--estimator` | needs | in training | what |", "|---|---|---|---|"]
     for e in ESTIMATORS:
         lines.append(f"| `{e.name}` | {', '.join(e.needs)} | {yes(e.in_training)} | {e.description} |")
