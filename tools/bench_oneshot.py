@@ -20,7 +20,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from megatron_effllm.assets import corpus_files, smollm2_hf_dir  # noqa: E402
+from megatron_effllm.convert import hf_io  # noqa: E402
 from megatron_effllm.errors import cli_entry  # noqa: E402
+from megatron_effllm.eval.perplexity import calibration_windows, evaluate_perplexity  # noqa: E402
+from megatron_effllm.eval.report import append_section, command_line, write_result  # noqa: E402
+from megatron_effllm.log import get_logger, setup_logging  # noqa: E402
+from megatron_effllm.pruning import oneshot  # noqa: E402
+
+logger = get_logger(__name__)
 
 VARIANTS = (  # (name: estimator, selection, OBS; estimator, strategy, obs)
     ("fisher, global, OBS (default)", "fisher", "efficientllm", True),
@@ -41,15 +52,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/bench_oneshot")
     ap.add_argument("--benchmarks-md", default="BENCHMARKS.md")
     args = ap.parse_args(argv)
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from megatron_effllm.assets import corpus_files, smollm2_hf_dir
-    from megatron_effllm.convert import hf_io
-    from megatron_effllm.eval.perplexity import calibration_windows, evaluate_perplexity
-    from megatron_effllm.eval.report import append_section, command_line, write_result
-    from megatron_effllm.pruning import oneshot
+    setup_logging()
 
     torch.manual_seed(0)
     t0 = time.time()
@@ -61,7 +64,7 @@ def main(argv=None):
     heldout = corpus_files("heldout")
     evaluate = lambda m: evaluate_perplexity(m, tokenizer, heldout, windows=args.windows, seq_len=512)  # noqa: E731
     source = evaluate(model)
-    print(f"[source] {arch.num_params():,} parameters; geo-mean PPL {source['geometric_mean']:.2f}", flush=True)
+    logger.info(f"[source] {arch.num_params():,} parameters; geo-mean PPL {source['geometric_mean']:.2f}")
 
     target = int(round(args.target * arch.num_params()))
     base = oneshot.OneShotOptions(target_params=target, estimator="fisher", obs=True)
@@ -85,8 +88,8 @@ def main(argv=None):
                      "params": new.num_params(), "nonembedding_params": new.num_params(False),
                      "hidden_size": new.hidden_size, "select_and_surgery_s": round(t_select, 2),
                      "perplexity": ppl, "architecture": new.to_dict(), "widths": new.widths_summary()})
-        print(f"[{name}] {new.num_params():,} params, hidden {new.hidden_size}; geo-mean PPL "
-              f"{ppl['geometric_mean']:.2f} ({t_select:.1f} s select+surgery)", flush=True)
+        logger.info(f"[{name}] {new.num_params():,} params, hidden {new.hidden_size}; geo-mean PPL "
+                    f"{ppl['geometric_mean']:.2f} ({t_select:.1f} s select+surgery)")
         if rows[0] is rows[-1]:  # the default: save, reload with stock transformers, generate
             t = time.time()
             hf_dir = os.path.join(args.out, "hf")
@@ -100,7 +103,7 @@ def main(argv=None):
             with torch.no_grad():
                 gen = reloaded.generate(ids, max_new_tokens=20, do_sample=False)
             generated = tokenizer.decode(gen[0, ids.shape[1]:])
-            print(f"[save] {hf_dir}: reloaded, generates {generated!r}", flush=True)
+            logger.info(f"[save] {hf_dir}: reloaded, generates {generated!r}")
             del reloaded
         del pruned, small
 
@@ -136,7 +139,7 @@ def main(argv=None):
              f"greedy continuation of {prompt!r}: {generated!r}.")
     section = append_section(args.benchmarks_md, "One-shot structured pruning of SmolLM2-135M", command_line(),
                              table + widths, notes)
-    print(section)
+    logger.info(section)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,25 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from megatron_effllm.assets import corpus_files, smollm2_hf_dir  # noqa: E402
+from megatron_effllm.convert import hf_io  # noqa: E402
 from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
+from megatron_effllm.eval.model_loading import load_causal_lm  # noqa: E402
+from megatron_effllm.eval.perplexity import calibration_windows, evaluate_perplexity  # noqa: E402
+from megatron_effllm.eval.report import append_section, command_line, write_result  # noqa: E402
+from megatron_effllm.eval.tasks import PAPER7  # noqa: E402
+from megatron_effllm.eval.zero_shot import evaluate_tasks  # noqa: E402
+from megatron_effllm.log import get_logger, setup_logging  # noqa: E402
+from megatron_effllm.pruning import oneshot  # noqa: E402
+from megatron_effllm.pruning.selection import Constraints  # noqa: E402
+from megatron_effllm.training.config import load_config  # noqa: E402
+from megatron_effllm.training.metrics import read_metrics  # noqa: E402
+from megatron_effllm.training.trainer import run  # noqa: E402
+
+logger = get_logger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "smollm2_135m_cpu_demo.yaml")
@@ -59,8 +77,6 @@ ONESHOT = {  # method -> (estimator, strategy, prune hidden channels)
 
 
 def _train(run_dir: str, steps: int, overrides: list) -> dict:
-    from megatron_effllm.training.config import load_config
-    from megatron_effllm.training.trainer import run
 
     common = [f"run_dir={run_dir}", "resume=auto", f"train.steps={steps}", "train.progress_bar=false",
               f"train.log_interval={max(1, steps // 10)}", f"train.eval_interval={max(1, steps // 10)}",
@@ -73,15 +89,6 @@ def _prune_window(steps: int) -> list:
 
 
 def _oneshot(method: str, out_dir: str, target_fraction: float, calib_tokens: int) -> dict:
-    import torch
-
-    from megatron_effllm.assets import corpus_files, smollm2_hf_dir
-    from megatron_effllm.convert import hf_io
-    from megatron_effllm.eval.perplexity import calibration_windows
-    from megatron_effllm.pruning import oneshot
-    from megatron_effllm.pruning.selection import Constraints
-    from transformers import AutoTokenizer
-
     estimator, strategy, hidden = ONESHOT[method]
     src = hf_io.load_hf_model(smollm2_hf_dir(dtype="float32"))
     tok = AutoTokenizer.from_pretrained(src.tokenizer_dir)
@@ -102,8 +109,6 @@ def _oneshot(method: str, out_dir: str, target_fraction: float, calib_tokens: in
 
 def _heldout_curve(run_dir: str, token_offset: int = 0) -> list:
     """[(tokens, mean held-out loss over domains)] from a run's eval records."""
-    from megatron_effllm.training.metrics import read_metrics
-
     curve, trained = [], 0
     for r in read_metrics(run_dir):
         if r.get("kind") == "train":
@@ -116,12 +121,6 @@ def _heldout_curve(run_dir: str, token_offset: int = 0) -> list:
 
 
 def _evaluate(hf_dir: str, limit: int) -> dict:
-    from megatron_effllm.assets import corpus_files
-    from megatron_effllm.eval.model_loading import load_causal_lm
-    from megatron_effllm.eval.perplexity import evaluate_perplexity
-    from megatron_effllm.eval.tasks import PAPER7
-    from megatron_effllm.eval.zero_shot import evaluate_tasks
-
     model, tok = load_causal_lm(hf_dir, "fp32", True, "auto")
     t = time.time()
     ppl = evaluate_perplexity(model, tok, corpus_files("heldout"), windows=16, seq_len=512)
@@ -134,8 +133,6 @@ def _evaluate(hf_dir: str, limit: int) -> dict:
 
 def run_method(method: str, out: str, steps: int, target: float, calib_tokens: int) -> dict:
     """Produce OUT/<method>/hf; returns what the method did (time, tokens, curve)."""
-    from megatron_effllm.assets import smollm2_hf_dir
-
     mdir = os.path.join(out, method)
     run_dir = os.path.join(mdir, "run")
     info: dict = {}
@@ -174,6 +171,7 @@ def run_method(method: str, out: str, steps: int, target: float, calib_tokens: i
 
 
 def plot_curves(results: dict, path: str) -> None:
+    # here, not at the top: the backend must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,8 +195,6 @@ def plot_curves(results: dict, path: str) -> None:
 
 
 def table(results: dict, tokens: int) -> str:
-    from megatron_effllm.eval.tasks import PAPER7
-
     domains = list(next(iter(results.values()))["perplexity"]["domains"])
     head = ("| method | params | " + " | ".join(f"PPL {d}" for d in domains) + " | PPL geo | "
             + " | ".join(PAPER7) + " | 7-task avg |\n")
@@ -225,24 +221,23 @@ def main(argv=None):
     ap.add_argument("--benchmarks-md", default="BENCHMARKS.md")
     ap.add_argument("--plot-dir", default="tools/bench_plots", help="where the held-out loss plot goes")
     args = ap.parse_args(argv)
+    setup_logging()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    from megatron_effllm.eval.report import append_section, command_line, write_result
-
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
     for method in methods:
         if method in results:
-            print(f"[bench] {method}: already in {results_path}", flush=True)
+            logger.info(f"[bench] {method}: already in {results_path}")
             continue
-        print(f"[bench] {method} ...", flush=True)
+        logger.info(f"[bench] {method} ...")
         info = run_method(method, args.out, args.steps, args.target, args.calib_tokens)
         results[method] = {**info, **_evaluate(info["hf"], args.limit)}
         r = results[method]
-        print(f"[bench] {method}: {r['parameters']:,} params, PPL geo {r['perplexity']['geometric_mean']:.2f}, "
-              f"7-task avg {r['paper7_average']:.2f}", flush=True)
+        logger.info(f"[bench] {method}: {r['parameters']:,} params, PPL geo {r['perplexity']['geometric_mean']:.2f}, "
+                    f"7-task avg {r['paper7_average']:.2f}")
         write_result(args.out, "results.json", results)  # after every method: a crash keeps the rest
     order = {m: i for i, m in enumerate(METHODS)}
     results = dict(sorted(results.items(), key=lambda kv: order.get(kv[0], 99)))
@@ -258,7 +253,7 @@ def main(argv=None):
              f"Plot: `{plot}`.")
     section = append_section(args.benchmarks_md, "Quality at equal tokens: SmolLM2-135M to half its parameters",
                              command_line(), table(results, tokens), notes)
-    print(section)
+    logger.info(section)
 
 
 if __name__ == "__main__":

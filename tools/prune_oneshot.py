@@ -19,8 +19,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from megatron_effllm.assets import corpus_files  # noqa: E402
+from megatron_effllm.convert import hf_io  # noqa: E402
 from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
+from megatron_effllm.eval.perplexity import calibration_windows, geometric_mean, heldout_perplexity  # noqa: E402
+from megatron_effllm.log import get_logger, setup_logging  # noqa: E402
+from megatron_effllm.pruning import oneshot  # noqa: E402
 from megatron_effllm.pruning.registry import ESTIMATORS, STRATEGIES, help_text  # noqa: E402
+from megatron_effllm.pruning.selection import Constraints  # noqa: E402
+
+logger = get_logger(__name__)
 
 
 def parse_count(text: str, total: int) -> int:
@@ -78,22 +89,10 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from megatron_effllm.assets import corpus_files
-    from megatron_effllm.convert import hf_io
-    from megatron_effllm.eval.perplexity import calibration_windows, geometric_mean, heldout_perplexity
-    from megatron_effllm.pruning import oneshot
-    from megatron_effllm.pruning.selection import Constraints
-
+    setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
@@ -116,38 +115,38 @@ def main(argv=None):
                                 allow_depth=args.allow_depth),
     )
     options.check()
-    log(f"[load] {args.model}: {total:,} parameters ({arch.num_params(False):,} non-embedding), "
+    logger.info(f"[load] {args.model}: {total:,} parameters ({arch.num_params(False):,} non-embedding), "
         f"{arch.num_layers} layers, {time.time() - t0:.1f} s")
     heldout = corpus_files("heldout")
     if args.eval_ppl:
         t = time.time()
         before = heldout_perplexity(model, tokenizer, heldout, windows=args.eval_windows, seq_len=args.seq_len)
-        log(f"[eval] before: {fmt_ppl(before)} (geo-mean {geometric_mean(before.values()):.2f}), {time.time() - t:.0f} s")
+        logger.info(f"[eval] before: {fmt_ppl(before)} (geo-mean {geometric_mean(before.values()):.2f}), {time.time() - t:.0f} s")
 
     t = time.time()
     files = args.calib or list(corpus_files("train").values())
     windows = calibration_windows(tokenizer, files, args.calib_tokens, args.seq_len)
-    calib = oneshot.collect(model, arch, windows, options, log=log)
+    calib = oneshot.collect(model, arch, windows, options, log=logger.info)
     t_calib = time.time() - t
     t = time.time()
     plan = oneshot.choose(calib, arch, sd, options)
     small = oneshot.apply(sd, plan, calib, options)
     t_select = time.time() - t
     new = plan.after
-    log(f"[prune] {args.estimator} / {options.selector().name}{' + OBS' if args.obs else ''} (strategy "
+    logger.info(f"[prune] {args.estimator} / {options.selector().name}{' + OBS' if args.obs else ''} (strategy "
         f"{args.strategy}): {total:,} -> {new.num_params():,} "
         f"parameters (target {options.target_params:,}); non-embedding {arch.num_params(False):,} -> "
         f"{new.num_params(False):,}; hidden {arch.hidden_size} -> {new.hidden_size}; "
         f"calibration {windows.numel():,} tokens in {t_calib:.0f} s, selection+surgery {t_select:.1f} s")
     for pos, shape in enumerate(new.layers):
-        log(f"  layer {shape.source_index:3d}: {shape.num_heads:3d} heads / {shape.num_kv_groups} kv, "
+        logger.info(f"  layer {shape.source_index:3d}: {shape.num_heads:3d} heads / {shape.num_kv_groups} kv, "
             f"FFN {shape.ffn_hidden_size}")
     del model, calib
     pruned = hf_io.build_hf_model(new, small)
     if args.eval_ppl:
         t = time.time()
         after = heldout_perplexity(pruned, tokenizer, heldout, windows=args.eval_windows, seq_len=args.seq_len)
-        log(f"[eval] after: {fmt_ppl(after)} (geo-mean {geometric_mean(after.values()):.2f}), {time.time() - t:.0f} s")
+        logger.info(f"[eval] after: {fmt_ppl(after)} (geo-mean {geometric_mean(after.values()):.2f}), {time.time() - t:.0f} s")
 
     dtype = getattr(torch, args.dtype)
     hf_io.save_hf_model(new, small, args.out, tokenizer_dir=src.tokenizer_dir, dtype=dtype, overwrite=args.overwrite)
@@ -156,7 +155,7 @@ def main(argv=None):
     ids = windows[:1, :64]
     with torch.no_grad():
         diff = (reloaded(input_ids=ids).logits - pruned.to(dtype).float()(input_ids=ids).logits).abs().max()
-    log(f"[save] {args.out} ({args.dtype}); reloaded with AutoModelForCausalLM: max |logit diff| {float(diff):.2e}; "
+    logger.info(f"[save] {args.out} ({args.dtype}); reloaded with AutoModelForCausalLM: max |logit diff| {float(diff):.2e}; "
         f"total {time.time() - t0:.0f} s")
 
 
