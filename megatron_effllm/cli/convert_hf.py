@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Convert a megatron checkpoint folder back into a Hugging Face model folder.
 
-    python tools/convert_megatron_to_hf.py --ckpt CKPT_DIR --out HF_DIR --dtype bf16
+    effllm-convert-hf --ckpt CKPT_DIR --out HF_DIR --dtype bf16
 
 A uniform model becomes a stock Llama/Qwen2/Mistral folder; a pruned, non-uniform one gets
 per-layer config fields and its model class (load with trust_remote_code=True). The tokenizer
@@ -10,28 +9,34 @@ TP/PP layout wrote it. Nothing is written to --out unless the conversion succeed
 """
 import argparse
 import os
-import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# megatron-core warns at import about optional fused kernels that a conversion never uses.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 
-from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
+import torch  # noqa: E402
 
-DTYPES = ("bf16", "fp32")
+from megatron_effllm.cli import shutdown_process_group  # noqa: E402
+from megatron_effllm.convert.hf_io import needs_remote_code, save_hf_model  # noqa: E402
+from megatron_effllm.convert.megatron_checkpoint import load_canonical_checkpoint  # noqa: E402
+from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
+from megatron_effllm.log import get_logger, setup_logging  # noqa: E402
+
+log = get_logger(__name__)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="effllm-convert-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--ckpt", required=True, metavar="DIR",
-                    help="megatron checkpoint folder (written by convert_hf_to_megatron.py or training)")
+                    help="megatron checkpoint folder (written by effllm-convert-megatron or training)")
     ap.add_argument("--out", required=True, metavar="DIR",
                     help="Hugging Face model folder to create (must not exist)")
-    ap.add_argument("--dtype", choices=DTYPES, default="bf16",
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="bf16",
                     help="weight precision of the exported safetensors (default: bf16)")
     return ap.parse_args(argv)
 
@@ -39,33 +44,25 @@ def parse_args(argv=None):
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
-    import torch
-
-    from megatron_effllm.convert.hf_io import needs_remote_code, save_hf_model
-    from megatron_effllm.convert.megatron_checkpoint import load_canonical_checkpoint
-
+    setup_logging()
     out = os.path.abspath(args.out)
     if os.path.exists(out):
         raise UserError(f"--out {out} already exists; choose a new folder or remove it")
     start = time.time()
     arch, state_dict, tokenizer_dir = load_canonical_checkpoint(args.ckpt)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    save_hf_model(arch, state_dict, out, tokenizer_dir=tokenizer_dir, dtype=dtype)
+    save_hf_model(arch, state_dict, out, tokenizer_dir=tokenizer_dir, dtype=DTYPES[args.dtype])
     kind = "non-uniform (trust_remote_code=True)" if needs_remote_code(arch) else "stock config"
-    print(
+    log.info(
         f"wrote {out}: {arch.family}, {arch.num_layers} layers, {arch.num_params() / 1e6:.1f}M "
         f"parameters, {args.dtype}, {kind} ({time.time() - start:.1f}s)"
     )
 
 
-def _shutdown():
-    # Only for the command line: a caller's own process group is left alone.
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def command():
+    """The console script: the conversion, then the end of the process group it started."""
+    main()
+    shutdown_process_group()
 
 
 if __name__ == "__main__":
-    main()
-    _shutdown()
+    command()
