@@ -112,7 +112,7 @@ def main(argv=None):
             for r in res["tasks"].values():
                 r.pop("loglikelihoods")
         else:
-            res = evaluate_tasks(model, tokenizer, names, args.limit, args.batch_size, args.eval_root, log.info)
+            res = evaluate_tasks(model, tokenizer, names, args.limit, args.batch_size, args.eval_root)
         report["tasks"], report["paper7_average"] = res["tasks"], res["paper7_average"]
         report["tasks_seconds"] = round(time.time() - t, 1)
     if files:
