@@ -8,24 +8,15 @@ stored in the checkpoint is copied along. The checkpoint is read in this one pro
 TP/PP layout wrote it. Nothing is written to --out unless the conversion succeeds.
 """
 import argparse
-import os
 import time
-import warnings
 
-# megatron-core warns at import about optional fused kernels that a conversion never uses.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-
-import torch  # noqa: E402
-
-from megatron_effllm.cli import shutdown_process_group  # noqa: E402
-from megatron_effllm.convert.hf_io import needs_remote_code, save_hf_model  # noqa: E402
-from megatron_effllm.convert.megatron_checkpoint import load_canonical_checkpoint  # noqa: E402
-from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
-from megatron_effllm.log import get_logger, setup_logging  # noqa: E402
+from megatron_effllm.cli import TORCH_DTYPES, new_folder, shutdown_process_group
+from megatron_effllm.convert.hf_io import needs_remote_code, save_hf_model
+from megatron_effllm.convert.megatron_checkpoint import load_canonical_checkpoint
+from megatron_effllm.errors import cli_entry
+from megatron_effllm.log import get_logger, setup_logging
 
 log = get_logger(__name__)
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
@@ -36,7 +27,7 @@ def parse_args(argv=None):
                     help="megatron checkpoint folder (written by effllm-convert-megatron or training)")
     ap.add_argument("--out", required=True, metavar="DIR",
                     help="Hugging Face model folder to create (must not exist)")
-    ap.add_argument("--dtype", choices=tuple(DTYPES), default="bf16",
+    ap.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="bf16",
                     help="weight precision of the exported safetensors (default: bf16)")
     return ap.parse_args(argv)
 
@@ -45,12 +36,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     setup_logging()
-    out = os.path.abspath(args.out)
-    if os.path.exists(out):
-        raise UserError(f"--out {out} already exists; choose a new folder or remove it")
+    out = new_folder(args.out)
     start = time.time()
     arch, state_dict, tokenizer_dir = load_canonical_checkpoint(args.ckpt)
-    save_hf_model(arch, state_dict, out, tokenizer_dir=tokenizer_dir, dtype=DTYPES[args.dtype])
+    save_hf_model(arch, state_dict, out, tokenizer_dir=tokenizer_dir, dtype=TORCH_DTYPES[args.dtype])
     kind = "non-uniform (trust_remote_code=True)" if needs_remote_code(arch) else "stock config"
     log.info(
         f"wrote {out}: {arch.family}, {arch.num_layers} layers, {arch.num_params() / 1e6:.1f}M "

@@ -9,24 +9,17 @@ recorded as the layout the checkpoint is meant for. The conversion runs in this 
 Nothing is written to --out unless the conversion succeeds.
 """
 import argparse
-import os
 import time
-import warnings
 
-# megatron-core warns at import about optional fused kernels that a conversion never uses.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+import torch
 
-import torch  # noqa: E402
-
-from megatron_effllm.cli import shutdown_process_group  # noqa: E402
-from megatron_effllm.convert.hf_io import load_hf_model  # noqa: E402
-from megatron_effllm.convert.megatron_checkpoint import check_layout, save_canonical_checkpoint  # noqa: E402
-from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
-from megatron_effllm.log import get_logger, setup_logging  # noqa: E402
+from megatron_effllm.cli import TORCH_DTYPES, new_folder, shutdown_process_group
+from megatron_effllm.convert.hf_io import load_hf_model
+from megatron_effllm.convert.megatron_checkpoint import check_layout, save_canonical_checkpoint
+from megatron_effllm.errors import cli_entry
+from megatron_effllm.log import get_logger, setup_logging
 
 log = get_logger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
@@ -41,7 +34,7 @@ def parse_args(argv=None):
                     help="tensor parallel size the checkpoint is meant for (default: 1)")
     ap.add_argument("--pp", type=int, default=1,
                     help="pipeline parallel size the checkpoint is meant for (default: 1)")
-    ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+    ap.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="fp32",
                     help="weight precision stored in the checkpoint (default: fp32)")
     return ap.parse_args(argv)
 
@@ -50,14 +43,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     setup_logging()
-    out = os.path.abspath(args.out)
-    if os.path.exists(out):
-        raise UserError(f"--out {out} already exists; choose a new folder or remove it")
+    out = new_folder(args.out)
     start = time.time()
     src = load_hf_model(args.hf, dtype=torch.float32)
     check_layout(src.arch, args.tp, args.pp)
     save_canonical_checkpoint(
-        src.arch, src.state_dict, out, src.tokenizer_dir, dtype=DTYPES[args.dtype], tp=args.tp, pp=args.pp
+        src.arch, src.state_dict, out, src.tokenizer_dir, dtype=TORCH_DTYPES[args.dtype], tp=args.tp, pp=args.pp
     )
     log.info(
         f"wrote {out}: {src.arch.family}, {src.arch.num_layers} layers, "

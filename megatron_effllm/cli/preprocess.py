@@ -10,14 +10,10 @@ each domain (field --domain-key, else the input file's name) is written to PREFI
 PREFIX.domains.json lists them (usable as the run config's data.train).
 """
 import argparse
-import warnings
 
-# megatron-core warns at import about optional fused kernels that preprocessing never uses.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-
-from megatron_effllm.data.preprocess import preprocess  # noqa: E402
-from megatron_effllm.errors import cli_entry  # noqa: E402
-from megatron_effllm.log import get_logger, setup_logging  # noqa: E402
+from megatron_effllm.data.preprocess import preprocess
+from megatron_effllm.errors import cli_entry
+from megatron_effllm.log import get_logger, setup_logging
 
 log = get_logger(__name__)
 
