@@ -9,4 +9,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/tools/ensure_env.sh"
 cd "$ROOT"
 python -m megatron_effllm.assets
-exec python tools/pretrain_prune.py --config configs/smollm2_135m_cpu_demo.yaml run_dir=runs/demo "$@"
+exec python -m megatron_effllm.cli.train --config configs/smollm2_135m_cpu_demo.yaml run_dir=runs/demo "$@"

@@ -34,7 +34,8 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 if [ "$NPROC_PER_NODE" -gt 1 ] && ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}"
 fi
-SCRIPT="$ROOT/tools/pretrain_prune.py"
+# The training job is the module behind effllm-train; both launchers run it as `python -m`.
+MODULE=megatron_effllm.cli.train
 case "${EFFLLM_LAUNCHER:-deepspeed}" in
   deepspeed)
     ARGS=(--num_nodes "$NNODES" --master_port "$MASTER_PORT")
@@ -50,12 +51,12 @@ case "${EFFLLM_LAUNCHER:-deepspeed}" in
       echo "error: NNODES=$NNODES needs HOSTFILE (a deepspeed hostfile with one 'host slots=N' line per node)" >&2
       exit 2
     fi
-    exec deepspeed "${ARGS[@]}" "$SCRIPT" --config "$CONFIG" "$@"
+    exec deepspeed "${ARGS[@]}" --module "$MODULE" --config "$CONFIG" "$@"
     ;;
   torchrun)
     exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \
       --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-127.0.0.1}:$MASTER_PORT" \
-      "$SCRIPT" --config "$CONFIG" "$@"
+      -m "$MODULE" --config "$CONFIG" "$@"
     ;;
   *)
     echo "error: EFFLLM_LAUNCHER must be deepspeed or torchrun, got ${EFFLLM_LAUNCHER}" >&2

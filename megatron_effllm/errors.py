@@ -20,6 +20,8 @@ def cli_entry(main):
         try:
             return main(*args, **kwargs)
         except UserError as err:
+            # Printed, not logged: this one unprefixed line on stderr is the command line's
+            # contract (scripts and tests read it); a log record would carry the rank prefix.
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 

@@ -1,8 +1,65 @@
-import os
-import sys
+"""Shared pytest set-up: the ``slow`` and ``multirank`` markers, applied from one table.
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+The package and the helpers in tests/ are on sys.path through pyproject.toml's
+``[tool.pytest.ini_options] pythonpath``. ``pytest -m "not slow"`` is the quick loop;
+``tools/run_tests.sh`` (what CI runs) runs every test.
+"""
+import os
+
+import pytest
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ALL = "*"
+# {marker: {test file: test function names, or ALL}}. Parametrized tests match by function
+# name. slow: loads the real SmolLM2-135M weights, or takes over about 20 s on 2 CPU cores.
+# multirank: starts several processes (dist_utils.run_ranks with 2 ranks, a launcher, a harness).
+MARKS = {
+    "slow": {
+        "test_training.py": ALL,
+        "test_training_pp.py": ALL,
+        "test_training_tp.py": ALL,
+        "test_reliability_bad_input.py": ("test_cli_cases",),
+        "test_reliability_checkpoints.py": ALL,
+        "test_reliability_kill_resume.py": ALL,
+        "test_eval_smollm2.py": ALL,
+        "test_hf_io.py": ("test_real_smollm2_gguf_and_its_cached_hf_folder",),
+        "test_gguf_export.py": ("test_real_smollm2_exports_to_gguf",),
+        "test_megatron_convert.py": (
+            "test_real_smollm2_conversion_logits_and_greedy_generation",
+            "test_checkpoint_saved_at_tp2_loads_at_pp2_and_tp1",
+        ),
+        "test_engine_reshard.py": ALL,
+    },
+    "multirank": {
+        "test_data_dynamic.py": ("test_two_gloo_ranks_partition_the_global_batch",),
+        "test_engine_reshard.py": ALL,
+        "test_megatron_convert.py": ("test_checkpoint_saved_at_tp2_loads_at_pp2_and_tp1",),
+        "test_megatron_model.py": ("test_tp2_and_pp2_logits_match_hf",),
+        "test_pruning_distributed.py": (
+            "test_data_parallel_scores_equal_one_process_and_ranks_must_agree",
+            "test_tp2_and_pp2_match_tp1_scores_plan_weights_and_masked_equals_pruned",
+        ),
+        "test_reliability_checkpoints.py": ALL,
+        "test_reliability_kill_resume.py": ALL,
+        "test_training.py": ALL,
+        "test_training_pp.py": ALL,
+        "test_training_tp.py": ALL,
+    },
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    checked = set()
+    for item in items:
+        for marker, table in MARKS.items():
+            names = table.get(item.path.name, ())
+            if names == ALL or getattr(item, "originalname", item.name) in names:
+                item.add_marker(getattr(pytest.mark, marker))
+            # a renamed test must not silently lose its marker
+            if names != ALL and (marker, item.path.name) not in checked:
+                checked.add((marker, item.path.name))
+                missing = [n for n in names if not hasattr(item.module, n)]
+                if missing:
+                    raise pytest.UsageError(f"tests/conftest.py MARKS[{marker!r}] names {missing}, "
+                                            f"which {item.path.name} does not define")

@@ -84,7 +84,7 @@ def test_domain_datasets_and_split(tmp_path):
 
 def test_blend_errors(tmp_path):
     train = synthetic_prefixes(tmp_path)
-    with pytest.raises(UserError, match="not found; run tools/preprocess_data.py"):
+    with pytest.raises(UserError, match="not found; run effllm-preprocess"):
         blend.build_blended_datasets({"x": str(tmp_path / "nope")}, None, 16, 1, None)
     with pytest.raises(UserError, match="give eod_id and vocab_size"):
         blend.build_blended_datasets(train, None, 16, 1, None, num_samples=(10, None, None))

@@ -261,12 +261,8 @@ def test_bad_inputs_one_line_errors_and_no_partial_files(sp_tok, tmp_path):
 
 
 def test_cli_one_line_error_and_success(sp_model, tmp_path, capsys):
-    import importlib.util
+    from megatron_effllm.cli import preprocess as cli
 
-    spec = importlib.util.spec_from_file_location(
-        "preprocess_cli", os.path.join(os.path.dirname(__file__), "..", "tools", "preprocess_data.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     inp = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello there"}, {"text": "general"}])
     with pytest.raises(SystemExit) as ex:
         cli.main(["--input", inp, "--tokenizer", str(tmp_path / "none.model"),

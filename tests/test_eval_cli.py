@@ -1,6 +1,5 @@
-"""tools/evaluate.py on saved tiny models (stock and trust_remote_code), and its one-line errors."""
+"""effllm-evaluate (megatron_effllm.cli.evaluate) on saved tiny models (stock and trust_remote_code), and its one-line errors."""
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,16 +9,11 @@ import pytest
 import torch
 
 from eval_fixtures import tiny_llama, tiny_tokenizer
+from megatron_effllm.cli import evaluate as evaluate_cli
 from megatron_effllm.eval.perplexity import heldout_perplexity
 from megatron_effllm.eval.zero_shot import evaluate_task
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(ROOT, "tools", "evaluate.py")
-
-# loaded by path: the name "evaluate" is also a PyPI package (a dependency of lm-eval)
-_spec = importlib.util.spec_from_file_location("effllm_tools_evaluate", TOOL)
-evaluate_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate_cli)
+TOOL = ["-m", "megatron_effllm.cli.evaluate"]
 
 torch.set_num_threads(1)
 
@@ -43,7 +37,7 @@ def test_cli_writes_table_and_json_equal_to_the_library(saved, tmp_path):
     out = tmp_path / "res.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(
-        [sys.executable, TOOL, "--model", saved["dir"], "--tasks", "arc_easy,winogrande", "--limit", "5",
+        [sys.executable, *TOOL, "--model", saved["dir"], "--tasks", "arc_easy,winogrande", "--limit", "5",
          "--batch-size", "3", "--ppl", saved["heldout"], "--ppl-windows", "2", "--ppl-seq-len", "16",
          "--threads", "1", "--out", str(out), "--quiet"],
         capture_output=True, text=True, env=env, timeout=600)
@@ -107,7 +101,7 @@ def test_cli_errors_are_one_line_exit_2(saved, capsys, args, message):
 
 
 def test_cli_bad_model_path_subprocess():
-    res = subprocess.run([sys.executable, TOOL, "--model", "/nonexistent/model", "--tasks", "paper7"],
+    res = subprocess.run([sys.executable, *TOOL, "--model", "/nonexistent/model", "--tasks", "paper7"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [

@@ -1,14 +1,8 @@
 """Real model (slow, ~1-3 min on 2 CPU cores): SmolLM2-135M-Instruct, read from its GGUF through
-tools/evaluate.py, is above chance on the first 50 PIQA and ARC-Easy validation examples."""
-import importlib.util
-import os
-
+effllm-evaluate, is above chance on the first 50 PIQA and ARC-Easy validation examples."""
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("effllm_tools_evaluate", os.path.join(ROOT, "tools", "evaluate.py"))
-evaluate_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate_cli)
+from megatron_effllm.cli import evaluate as evaluate_cli
 
 
 def test_smollm2_gguf_is_above_chance_on_piqa_and_arc_easy(capsys):

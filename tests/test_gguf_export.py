@@ -6,7 +6,6 @@ small forward pass written here with llama.cpp's semantics: RoPE on adjacent pai
 head counts from the metadata arrays, ``rope_freqs`` divisors for Llama-3 scaling.
 """
 import os
-import sys
 import time
 
 import numpy as np
@@ -266,8 +265,7 @@ def test_bad_requests(tmp_path, tokenizer_dir):
 
 
 def test_cli(tmp_path, tokenizer_dir, capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    import export_gguf
+    from megatron_effllm.cli import export_gguf
 
     arch = uniform(tied=True)
     hf_io.save_hf_model(arch, random_state_dict(arch), str(tmp_path / "hf"), tokenizer_dir=tokenizer_dir,

@@ -4,6 +4,7 @@ Exact equality (torch.equal) everywhere the mapping is a pure permutation of val
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -26,9 +27,8 @@ from megatron_fixtures import (
 from megatron_effllm.convert import megatron_layout as L
 from megatron_effllm.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TO_MEGATRON = os.path.join(ROOT, "tools", "convert_hf_to_megatron.py")
-TO_HF = os.path.join(ROOT, "tools", "convert_megatron_to_hf.py")
+TO_MEGATRON = "megatron_effllm.cli.convert_megatron"
+TO_HF = "megatron_effllm.cli.convert_hf"
 
 
 def assert_same(a: dict, b: dict):
@@ -207,17 +207,17 @@ def test_checkpoint_verification_names_the_bad_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLIs
-def _run(script, *args):
+def _run(module, *args):
     return subprocess.run(
-        [sys.executable, script, *args], capture_output=True, text=True, cwd="/",
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd="/",
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 
 def test_cli_help_documents_every_flag():
-    for script, flags in ((TO_MEGATRON, ["--hf", "--out", "--tp", "--pp", "--dtype"]),
+    for module, flags in ((TO_MEGATRON, ["--hf", "--out", "--tp", "--pp", "--dtype"]),
                           (TO_HF, ["--ckpt", "--out", "--dtype"])):
-        res = _run(script, "--help")
+        res = _run(module, "--help")
         assert res.returncode == 0, res.stderr
         lines = res.stdout.splitlines()
         for flag in flags:
@@ -238,7 +238,7 @@ def _tiny_tokenizer(folder):
 
 
 def test_cli_round_trip_hf_megatron_hf_is_exact(tmp_path):
-    """HF folder -> convert_hf_to_megatron (a real process) -> convert_megatron_to_hf -> equal."""
+    """HF folder -> effllm-convert-megatron (a real process) -> effllm-convert-hf -> equal."""
     from megatron_effllm.convert.hf_io import load_hf_model
 
     hf, arch, sd = tiny_hf("llama")
@@ -267,13 +267,8 @@ def _expect_cli_error(capsys, main, argv, out, match):
     assert [p for p in os.listdir(os.path.dirname(out)) if "partial" in p] == []
 
 
-def _load_tool(path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+def _load_tool(module):
+    return importlib.import_module(module).main
 
 
 def test_cli_bad_input_gives_one_line_error_and_no_output(tmp_path, capsys):

@@ -24,6 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
 
 
+def _program(tool):
+    """A command's first argument: a script under tools/ (NAME.py) or a module of megatron_effllm.cli."""
+    return os.path.join(TOOLS, tool) if tool.endswith(".py") else f"megatron_effllm.cli.{tool}"
+
+
 def _hashes(paths) -> dict:
     """sha256 of every file under each path (files, folders; absent paths count as absent)."""
     out = {}
@@ -268,7 +273,7 @@ def _previous_run(run_dir) -> str:
 
 
 def _train_case(prepare=None, **changes):
-    """A tools/pretrain_prune.py case in a folder that a previous run left (config, metrics, a
+    """An effllm-train case in a folder that a previous run left (config, metrics, a
     verified checkpoint); ``prepare(step_folder)`` may damage it first."""
     def setup(ctx, name):
         run_dir = ctx["tmp"] / name
@@ -277,7 +282,7 @@ def _train_case(prepare=None, **changes):
             prepare(step)
         cfg = _run_yaml(ctx["assets"], run_dir, **changes)
         watched = [str(run_dir), cfg, str(ctx["assets"]["data"]), ctx["assets"]["tok"]]
-        return [os.path.join(TOOLS, "pretrain_prune.py"), "--config", cfg], watched
+        return [_program("train"), "--config", cfg], watched
     return setup
 
 
@@ -334,7 +339,7 @@ def _cli(tool, *args, inputs=()):
         resolved = [a(ctx, name) if callable(a) else a for a in args]
         watched = [p for p in resolved if isinstance(p, str) and os.path.exists(p)]
         watched += [i(ctx) for i in inputs]
-        return [os.path.join(TOOLS, tool), *resolved], watched
+        return [_program(tool), *resolved], watched
     return setup
 
 
@@ -374,47 +379,47 @@ CLI_CASES = [
     ("bad communication timeout in the environment",
      _train_case(), "EFFLLM_COMM_TIMEOUT_S='soon' must be a positive number of seconds"),
     # --- the training job's command line
-    ("config file missing", _cli("pretrain_prune.py", "--config", "/nonexistent/run.yaml"),
+    ("config file missing", _cli("train", "--config", "/nonexistent/run.yaml"),
      "config file /nonexistent/run.yaml not found"),
-    ("no --config", _cli("pretrain_prune.py"), "the following arguments are required: --config"),
+    ("no --config", _cli("train"), "the following arguments are required: --config"),
     # --- checkpoints and models through the converters
     ("TP size that does not divide the heads",
-     _cli("convert_hf_to_megatron.py", "--hf", lambda c, n: c["assets"]["hf"], "--out",
+     _cli("convert_megatron", "--hf", lambda c, n: c["assets"]["hf"], "--out",
           lambda c, n: str(c["tmp"] / n / "out"), "--tp", "3"),
      "query heads 4 not divisible by tensor parallel size 3"),
     ("megatron checkpoint of another family",
-     _cli("convert_megatron_to_hf.py", "--ckpt", lambda c, n: _megatron_copy(c, n, _family_to_gpt2),
+     _cli("convert_hf", "--ckpt", lambda c, n: _megatron_copy(c, n, _family_to_gpt2),
           "--out", lambda c, n: str(c["tmp"] / (n + "_out"))),
      "unsupported model family 'gpt2'"),
     ("megatron checkpoint with missing weight shards",
-     _cli("convert_megatron_to_hf.py", "--ckpt", lambda c, n: _megatron_copy(c, n, _remove_weights),
+     _cli("convert_hf", "--ckpt", lambda c, n: _megatron_copy(c, n, _remove_weights),
           "--out", lambda c, n: str(c["tmp"] / (n + "_out"))),
      "is missing; the checkpoint is incomplete"),
     ("training checkpoint given to the converter",
-     _cli("convert_megatron_to_hf.py", "--ckpt",
+     _cli("convert_hf", "--ckpt",
           lambda c, n: _previous_run(str(c["tmp"] / n)), "--out", lambda c, n: str(c["tmp"] / (n + "_out"))),
      "is not a megatron_effllm checkpoint (effllm_checkpoint.json missing)"),
     ("converter output exists",
-     _cli("convert_megatron_to_hf.py", "--ckpt", lambda c, n: c["megatron"], "--out", lambda c, n: c["assets"]["hf"]),
+     _cli("convert_hf", "--ckpt", lambda c, n: c["megatron"], "--out", lambda c, n: c["assets"]["hf"]),
      "already exists; choose a new folder or remove it"),
     ("GGUF export of a folder that is not an HF model",
-     _cli("export_gguf.py", "--hf", lambda c, n: c["megatron"], "--out", lambda c, n: str(c["tmp"] / f"{n}.gguf")),
+     _cli("export_gguf", "--hf", lambda c, n: c["megatron"], "--out", lambda c, n: str(c["tmp"] / f"{n}.gguf")),
      "has no config.json"),
     ("GGUF export with an unknown dtype",
-     _cli("export_gguf.py", "--hf", lambda c, n: c["assets"]["hf"], "--out", "/tmp/x.gguf", "--dtype", "q4"),
+     _cli("export_gguf", "--hf", lambda c, n: c["assets"]["hf"], "--out", "/tmp/x.gguf", "--dtype", "q4"),
      "argument --dtype: invalid choice: 'q4'"),
     # --- data preprocessing
     ("preprocess: tokenizer not found",
-     _cli("preprocess_data.py", "--input", lambda c, n: str(c["assets"]["data"] / "web.jsonl"),
+     _cli("preprocess", "--input", lambda c, n: str(c["assets"]["data"] / "web.jsonl"),
           "--tokenizer", "/nonexistent/tok.model", "--out-prefix", lambda c, n: str(c["tmp"] / n / "p")),
      "tokenizer /nonexistent/tok.model not found"),
     ("preprocess: no workers",
-     _cli("preprocess_data.py", "--input", lambda c, n: str(c["assets"]["data"] / "web.jsonl"),
+     _cli("preprocess", "--input", lambda c, n: str(c["assets"]["data"] / "web.jsonl"),
           "--tokenizer", lambda c, n: c["assets"]["tok"], "--out-prefix", lambda c, n: str(c["tmp"] / n / "p"),
           "--workers", "0"),
      "workers must be >= 1, got 0"),
     ("preprocess: output prefix is a folder",
-     _cli("preprocess_data.py", "--input", lambda c, n: str(c["assets"]["data"] / "web.jsonl"),
+     _cli("preprocess", "--input", lambda c, n: str(c["assets"]["data"] / "web.jsonl"),
           "--tokenizer", lambda c, n: c["assets"]["tok"], "--out-prefix", lambda c, n: str(c["tmp"]) + "/"),
      "must name files (e.g. data/train), not a folder"),
     # --- other tools
@@ -423,7 +428,7 @@ CLI_CASES = [
           "--out", lambda c, n: str(c["tmp"] / n / "out")),
      "--target-params 'half' is not a number"),
     ("evaluation: zero batch size",
-     _cli("evaluate.py", "--model", lambda c, n: c["assets"]["hf"], "--ppl", "builtin", "--batch-size", "0"),
+     _cli("evaluate", "--model", lambda c, n: c["assets"]["hf"], "--ppl", "builtin", "--batch-size", "0"),
      "--batch-size must be at least 1 (got 0)"),
     ("kill harness: unknown kill point",
      _cli("kill_resume_harness.py", "--named", "ckpt.nowhere@3:0", "--work", lambda c, n: str(c["tmp"] / n)),
@@ -443,14 +448,18 @@ def _clean_env(extra: dict) -> dict:
 
 def _run_cli(argv, env_extra):
     """A real process: (exit code, stderr)."""
-    res = subprocess.run([sys.executable, *argv], cwd=ROOT, env=_clean_env(env_extra), capture_output=True,
+    module = [] if argv[0].endswith(".py") else ["-m"]
+    res = subprocess.run([sys.executable, *module, *argv], cwd=ROOT, env=_clean_env(env_extra), capture_output=True,
                          text=True, timeout=300)
     return res.returncode, res.stderr
 
 
 def _tool_main(path):
+    import importlib
     import importlib.util
 
+    if not path.endswith(".py"):
+        return importlib.import_module(path).main
     name = "cli_" + os.path.basename(path)[:-3]
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, path)
@@ -500,7 +509,7 @@ def cli_results(assets, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("cli")
     megatron = tmp / "megatron_ckpt"
-    code, err = _run_cli([os.path.join(TOOLS, "convert_hf_to_megatron.py"), "--hf", assets["hf"],
+    code, err = _run_cli([_program("convert_megatron"), "--hf", assets["hf"],
                           "--out", str(megatron)], {})
     assert code == 0, err[-2000:]
     ctx = {"tmp": tmp, "assets": assets, "megatron": str(megatron)}
@@ -515,12 +524,12 @@ def cli_results(assets, tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["pretrain_prune.py", "--config", "/nonexistent/run.yaml"], "error: config file /nonexistent/run.yaml not found"),
-    (["pretrain_prune.py"], "pretrain_prune.py: error: the following arguments are required: --config"),
+    (["train", "--config", "/nonexistent/run.yaml"], "error: config file /nonexistent/run.yaml not found"),
+    (["train"], "effllm-train: error: the following arguments are required: --config"),
 ], ids=["config file missing", "no --config"])
 def test_real_process_exit_code(argv, expected):
     """The same contract seen from the shell: exit status 2, the last line is the message."""
-    code, stderr = _run_cli([os.path.join(TOOLS, argv[0]), *argv[1:]], {})
+    code, stderr = _run_cli([_program(argv[0]), *argv[1:]], {})
     assert code == 2 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == expected
 

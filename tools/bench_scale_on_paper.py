@@ -20,14 +20,10 @@ building its weight masks at a prune event (``distributed_pruning.local_weight_m
 mid-run mask (10% of every FFN, one KV group of layer 0 and 1% of the hidden channels masked).
 """
 import argparse
-import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
+from megatron_effllm.errors import UserError, cli_entry
 
 MODELS = {  # Architecture.uniform fields of the published configs
     "llama3-8b": dict(num_layers=32, hidden_size=4096, num_heads=32, num_kv_groups=8, ffn_hidden_size=14336,

@@ -10,7 +10,7 @@
    6 N + 12 L H Q T per token (N non-embedding parameters + the output projection).
 3. Inference, batch 1, greedy, ``--new-tokens`` tokens after a short prompt: tokens/s of the source
    and the pruned model in transformers (fp32) and in llama.cpp (llama-cpp-python, GGUF f16 and
-   q8_0 written by tools/export_gguf.py), and the ratio pruned / source.
+   q8_0 written by effllm-export-gguf), and the ratio pruned / source.
 4. llama.cpp correctness: the GGUF's logits on a prompt against the HF model's (max |diff|, top-1
    agreement), and its greedy text.
 
@@ -20,12 +20,9 @@ section to BENCHMARKS.md.
 """
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
+from megatron_effllm.errors import UserError, cli_entry
 
 PROMPT = "The Linux kernel documentation explains how"
 

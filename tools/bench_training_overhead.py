@@ -16,11 +16,8 @@ plain step. Writes JSON and appends a table to BENCHMARKS.md.
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_effllm.errors import cli_entry  # noqa: E402
+from megatron_effllm.errors import cli_entry
 
 
 def _run(config, overrides):

@@ -6,7 +6,7 @@ and check that the final architecture and weights equal those of an uninterrupte
     python tools/kill_resume_harness.py --quick          # the CI set: two kills chained in one run
     python tools/kill_resume_harness.py --random 6 --seed 7 --named none
 
-Every launch is two real processes (tools/pretrain_prune.py with RANK/WORLD_SIZE set, as a
+Every launch is two real processes (effllm-train with RANK/WORLD_SIZE set, as a
 launcher starts them), so a kill is a real SIGKILL. Two kinds of kill:
   named   the rank kills itself at a point inside the trainer (EFFLLM_KILL_AT, see
           megatron_effllm/training/faults.py): inside a checkpoint write, inside a compaction...;
@@ -28,10 +28,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from megatron_effllm.errors import UserError, cli_entry
 
-from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
 # 16 steps: checkpoints at 4, 8, 12, 16; prune events 3..12; compactions at events 3, 6, 9 and
@@ -65,7 +64,7 @@ def free_port() -> int:
 
 
 class Launch:
-    """Two ranks of tools/pretrain_prune.py on one run directory."""
+    """Two ranks of effllm-train on one run directory."""
 
     def __init__(self, run_dir: str, tag: str, kill_at: str = "", kill_signal: str = "KILL", extra=()):
         self.run_dir = run_dir
@@ -86,7 +85,7 @@ class Launch:
             self.logs.append(log)
             with open(log, "w") as f:
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, os.path.join(ROOT, "tools", "pretrain_prune.py"), "--config", CONFIG,
+                    [sys.executable, "-m", "megatron_effllm.cli.train", "--config", CONFIG,
                      f"run_dir={run_dir}", f"parallel.comm_timeout_s={COMM_TIMEOUT_S}", *OVERRIDES, *extra],
                     cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
         self.t0 = time.time()

@@ -120,7 +120,7 @@ def check_prefix(prefix: str, what: str = "dataset") -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     if not IndexedDataset.exists(prefix):
-        raise UserError(f"{what} {prefix}: {prefix}.bin/.idx not found; run tools/preprocess_data.py "
+        raise UserError(f"{what} {prefix}: {prefix}.bin/.idx not found; run effllm-preprocess "
                         "to create it or fix the path")
 
 
@@ -149,7 +149,7 @@ def token_info_for(prefixes: Prefixes, eod_id: Optional[int] = None,
                             "preprocess again with the intended --eos-token")
         return TokenInfo(eos, vocab if vocab_size is None else vocab_size, name)
     if eod_id is None or vocab_size is None:
-        raise UserError("the datasets have no .meta.json (not made by tools/preprocess_data.py); "
+        raise UserError("the datasets have no .meta.json (not made by effllm-preprocess); "
                         "give eod_id and vocab_size of the tokenizer that made them")
     return TokenInfo(eod_id, vocab_size)
 

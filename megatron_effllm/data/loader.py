@@ -359,7 +359,7 @@ def _read_manifest(path: str) -> dict:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"domain manifest {path} is unreadable ({err}); give the .domains.json "
-                        "written by tools/preprocess_data.py --split-by-domain") from None
+                        "written by effllm-preprocess --split-by-domain") from None
     if not isinstance(manifest, dict) or not manifest:
         raise UserError(f"domain manifest {path} must map domain names to prefixes")
     return manifest
@@ -498,7 +498,7 @@ def prepare_data(data_cfg, tokenizer, out_dir: str, seed: int = 1234,
     """Resolve the run configuration's ``data`` section into ``DataArgs``.
 
     ``data_cfg.train`` / ``data_cfg.heldout``: ``"builtin"`` (the corpus sample shipped with the
-    package), the ``.domains.json`` manifest of ``tools/preprocess_data.py --split-by-domain``,
+    package), the ``.domains.json`` manifest of ``effllm-preprocess --split-by-domain``,
     an indexed prefix, or a mapping domain -> files/folders (jsonl, parquet, HF datasets) or
     indexed prefixes. Raw inputs are tokenized with ``tokenizer`` (a path accepted by
     ``load_tokenizer``, or a loaded ``Tokenizer``; ``eos_token`` or ``data_cfg.eos_token``

@@ -29,6 +29,9 @@ import torch
 
 from megatron_effllm.errors import UserError
 from megatron_effllm.eval.tasks import PAPER7, TASKS, Example, load_task
+from megatron_effllm.log import get_logger
+
+log = get_logger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048
 
@@ -205,19 +208,17 @@ def evaluate_task(
     limit: Optional[int] = None,
     batch_size: int = 8,
     root: Optional[str] = None,
-    log: Optional[Callable[[str], None]] = None,
 ) -> dict:
-    """{"task", "n", "metric", "value", "chance", "seconds", <metrics>} for one task."""
+    """{"task", "n", "metric", "value", "chance", "seconds", <metrics>} for one task; progress
+    (about ten lines a task) goes to the logger at INFO."""
     examples = load_task(name, root=root, limit=limit)
     flat = [req for ex in examples for req in ex.requests]
     start = time.time()
-    progress = None
-    if log is not None:
-        every = max(1, (len(flat) // batch_size) // 10)
+    every = max(1, (len(flat) // batch_size) // 10)
 
-        def progress(done: int, total: int) -> None:
-            if done == total or done // batch_size % every == 0:
-                log(f"[{name}] {done}/{total} forwards, {time.time() - start:.0f} s")
+    def progress(done: int, total: int) -> None:
+        if done == total or done // batch_size % every == 0:
+            log.info(f"[{name}] {done}/{total} forwards, {time.time() - start:.0f} s")
 
     flat_scores = loglikelihoods(model, tokenizer, flat, batch_size=batch_size, progress=progress)
     scores, k = [], 0
@@ -245,8 +246,7 @@ def evaluate_tasks(
     limit: Optional[int] = None,
     batch_size: int = 8,
     root: Optional[str] = None,
-    log: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """{"tasks": {name: result}, "paper7_average": float | None}."""
-    results = {n: evaluate_task(model, tokenizer, n, limit, batch_size, root, log) for n in names}
+    results = {n: evaluate_task(model, tokenizer, n, limit, batch_size, root) for n in names}
     return {"tasks": results, "paper7_average": paper7_average(results)}

@@ -1,49 +1,48 @@
-#!/usr/bin/env python
 """Pruning-aware pretraining: train a Llama-family model while removing its least salient
 heads, KV groups, FFN channels, hidden channels (and layers) down to a target size.
 
-    python tools/pretrain_prune.py --config configs/tiny_cpu.yaml [key=value ...]
+    effllm-train --config configs/tiny_cpu.yaml [key=value ...]
 
-Usually started through launchers/pretrain_prune.sh (deepspeed/torchrun, one process per GPU).
-Overrides use dotted config keys, e.g. prune.interval=2 run_dir=runs/try1 train.steps=100.
+Usually started through launchers/pretrain_prune.sh (deepspeed/torchrun, one process per GPU,
+running ``-m megatron_effllm.cli.train``). Overrides use dotted config keys, e.g.
+prune.interval=2 run_dir=runs/try1 train.steps=100.
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch.distributed as dist
 
-from megatron_effllm.errors import cli_entry  # noqa: E402
+from megatron_effllm.errors import cli_entry
+from megatron_effllm.log import setup_logging
+from megatron_effllm.training.config import load_config
+from megatron_effllm.training.faults import PeerFailure
+from megatron_effllm.training.trainer import run
 
 
 @cli_entry
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="effllm-train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", required=True, help="YAML run configuration (see configs/)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
                     help="set by the deepspeed launcher; not for users")
     ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = ap.parse_args(argv)
-    from megatron_effllm.training.config import load_config
-
+    setup_logging()
     cfg = load_config(args.config, args.overrides)
-    from megatron_effllm.training.faults import PeerFailure
-    from megatron_effllm.training.trainer import run
-
     try:
         summary = run(cfg)
     except PeerFailure as err:
         # Not an input problem (exit code 2): a restart with resume: auto continues the run.
+        # The same one "error:" line on stderr as cli_entry's, unprefixed.
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_rank() == 0:
         print_summary(summary)
 
 
 def print_summary(summary: dict) -> None:
+    """The run's result table on stdout (printed, not logged: it is the output a user keeps)."""
     src, fin = summary["heldout_ppl_source"], summary["heldout_ppl_final"]
     print()
     print(f"parameters: {summary['source_params']:,} -> {summary['final_params']:,} "

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Convert a Hugging Face Llama-family model (folder or .gguf) into a megatron checkpoint folder.
 
-    python tools/convert_hf_to_megatron.py --hf HF_DIR_OR_GGUF --out CKPT_DIR --tp 2 --pp 1
+    effllm-convert-megatron --hf HF_DIR_OR_GGUF --out CKPT_DIR --tp 2 --pp 1
 
 The checkpoint is megatron-core dist_checkpointing (global tensors, layout-free keys) plus
 architecture.json and the tokenizer, so it loads at any TP/PP; --tp/--pp are checked against the
@@ -10,23 +9,22 @@ recorded as the layout the checkpoint is meant for. The conversion runs in this 
 Nothing is written to --out unless the conversion succeeds.
 """
 import argparse
-import os
-import sys
 import time
-import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+import torch
 
-from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
+from megatron_effllm.cli import TORCH_DTYPES, new_folder, shutdown_process_group
+from megatron_effllm.convert.hf_io import load_hf_model
+from megatron_effllm.convert.megatron_checkpoint import check_layout, save_canonical_checkpoint
+from megatron_effllm.errors import cli_entry
+from megatron_effllm.log import get_logger, setup_logging
 
-DTYPES = ("fp32", "bf16")
+log = get_logger(__name__)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="effllm-convert-megatron", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--hf", required=True, metavar="DIR_OR_GGUF",
                     help="Hugging Face model folder (config.json + safetensors) or a .gguf file")
@@ -36,7 +34,7 @@ def parse_args(argv=None):
                     help="tensor parallel size the checkpoint is meant for (default: 1)")
     ap.add_argument("--pp", type=int, default=1,
                     help="pipeline parallel size the checkpoint is meant for (default: 1)")
-    ap.add_argument("--dtype", choices=DTYPES, default="fp32",
+    ap.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="fp32",
                     help="weight precision stored in the checkpoint (default: fp32)")
     return ap.parse_args(argv)
 
@@ -44,36 +42,26 @@ def parse_args(argv=None):
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
-    import torch
-
-    from megatron_effllm.convert.hf_io import load_hf_model
-    from megatron_effllm.convert.megatron_checkpoint import check_layout, save_canonical_checkpoint
-
-    out = os.path.abspath(args.out)
-    if os.path.exists(out):
-        raise UserError(f"--out {out} already exists; choose a new folder or remove it")
+    setup_logging()
+    out = new_folder(args.out)
     start = time.time()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     src = load_hf_model(args.hf, dtype=torch.float32)
     check_layout(src.arch, args.tp, args.pp)
     save_canonical_checkpoint(
-        src.arch, src.state_dict, out, src.tokenizer_dir, dtype=dtype, tp=args.tp, pp=args.pp
+        src.arch, src.state_dict, out, src.tokenizer_dir, dtype=TORCH_DTYPES[args.dtype], tp=args.tp, pp=args.pp
     )
-    print(
+    log.info(
         f"wrote {out}: {src.arch.family}, {src.arch.num_layers} layers, "
         f"{src.arch.num_params() / 1e6:.1f}M parameters, {args.dtype}, "
         f"for TP={args.tp} PP={args.pp} ({time.time() - start:.1f}s)"
     )
 
 
-def _shutdown():
-    # Only for the command line: a caller's own process group is left alone.
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def command():
+    """The console script: the conversion, then the end of the process group it started."""
+    main()
+    shutdown_process_group()
 
 
 if __name__ == "__main__":
-    main()
-    _shutdown()
+    command()

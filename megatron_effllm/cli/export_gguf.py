@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Export a Hugging Face model folder to a GGUF file for llama.cpp.
 
-    python tools/export_gguf.py --hf runs/pruned/hf --out pruned-f16.gguf
-    python tools/export_gguf.py --hf .cache/assets/smollm2-135m-hf --out smollm2-q8_0.gguf \\
+    effllm-export-gguf --hf runs/pruned/hf --out pruned-f16.gguf
+    effllm-export-gguf --hf .cache/assets/smollm2-135m-hf --out smollm2-q8_0.gguf \\
         --dtype q8_0 --tokenizer-gguf SmolLM2-135M-Instruct.Q4_1.gguf
 
 Works for stock Llama / Mistral / Qwen2 folders and for this project's non-uniform exports
@@ -12,15 +11,16 @@ GGUF: it keeps llama.cpp's pre-tokenizer name).
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_effllm.convert.gguf_export import export_gguf
+from megatron_effllm.errors import cli_entry
+from megatron_effllm.log import get_logger, setup_logging
 
-from megatron_effllm.errors import cli_entry  # noqa: E402
+log = get_logger(__name__)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="effllm-export-gguf", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
     ap.add_argument("--out", required=True, help="GGUF file to write")
     ap.add_argument("--dtype", default="f16", choices=("f32", "f16", "q8_0"),
@@ -34,12 +34,11 @@ def parse_args(argv=None):
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
-    from megatron_effllm.convert.gguf_export import export_gguf
-
+    setup_logging()
     arch_name = export_gguf(args.hf, args.out, dtype=args.dtype, tokenizer_gguf=args.tokenizer_gguf,
                             overwrite=args.overwrite)
-    print(f"wrote {args.out} ({arch_name} architecture, {args.dtype}, "
-          f"{os.path.getsize(args.out) / 2**20:.1f} MiB)")
+    log.info(f"wrote {args.out} ({arch_name} architecture, {args.dtype}, "
+             f"{os.path.getsize(args.out) / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

