@@ -9,7 +9,7 @@ and check that the final architecture and weights equal those of an uninterrupte
 Every launch is two real processes (tools/pretrain_prune.py with RANK/WORLD_SIZE set, as a
 launcher starts them), so a kill is a real SIGKILL. Two kinds of kill:
   named   the rank kills itself at a point inside the trainer (EFFLLM_KILL_AT, see
-          megatron_effllm/training/faults.py): inside a checkpoint write, inside a compaction...;
+          megatron_effllm/training/fault_injection.py): inside a checkpoint write, inside a compaction...;
           two of them stop the rank (SIGSTOP) instead: a hung peer, noticed by the timeout
   random  the harness kills a random rank after a random delay
 For each kill the surviving rank must exit by itself (within parallel.comm_timeout_s) with one
@@ -247,7 +247,7 @@ def parse_named(text: str) -> list:
         return list(NAMED)
     if text == "none":
         return []
-    from megatron_effllm.training.faults import KILL_POINTS
+    from megatron_effllm.training.fault_injection import KILL_POINTS
 
     out = []
     for item in text.split(","):
