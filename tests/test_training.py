@@ -89,8 +89,10 @@ def test_prunes_to_target_and_exports(full_run):
 def test_exported_model_reproduces_the_trainers_heldout_loss(full_run):
     """The exported HF model's held-out loss equals the one the trainer measured on its own
     (megatron) model at the end, domain by domain. Same fp32 weights, same batches; only the
-    kernels differ (HF eager attention and RMSNorm vs megatron-core's), so the losses agree to
-    float32 rounding: TOLERANCE_SEE_BELOW."""
+    kernels differ (HF eager attention and RMSNorm vs megatron-core's). Tolerance: 2 float32 eps
+    (2.4e-7) relative. Each side sums a batch's token losses in float32, so each may round the
+    last bit of that sum differently (one eps each); measured: 1.0e-7 on one domain (one
+    float32 step at 9.53), the other three equal to the bit."""
     run_dir, summaries = full_run
     trainer = {d: math.log(ppl) for d, ppl in summaries[0]["heldout_ppl_final"].items()}
     hf = _hf_heldout_losses(run_dir)
@@ -98,7 +100,7 @@ def test_exported_model_reproduces_the_trainers_heldout_loss(full_run):
     for d in trainer:
         print(f"{d}: trainer {trainer[d]:.9f} HF {hf[d]:.9f} rel {abs(hf[d] - trainer[d]) / trainer[d]:.2e}")
     worst = max(abs(hf[d] - trainer[d]) / trainer[d] for d in trainer)
-    assert worst < 1.0, worst
+    assert worst <= 2 * torch.finfo(torch.float32).eps, worst
 
 
 def test_resume_from_mid_prune_checkpoint_is_exact(full_run, tmp_path):

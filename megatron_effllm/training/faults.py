@@ -1,11 +1,10 @@
 """What a training run does when something goes wrong in the middle of it.
 
 Non-finite steps. ``StepGuard.finish_step`` replaces a bare ``engine.step()``: when the step's
-loss or any gradient is not finite (agreed by every rank), the update is skipped: DeepSpeed runs
-its step at the accumulation boundary as usual, so it clears its gradient buffers and partitions
-its own way, but the client optimizer's ``step`` does nothing, so weights, Adam moments and the
-Adam step count stay as they were. The pruning statistics the step added are put back too, and
-learned L0 gates skip their update.
+loss or any gradient is not finite (agreed by every rank), the update is skipped
+(``TrainEngine.skip_step``: gradients cleared as after any step; weights, Adam moments and the
+Adam step count stay as they were). The pruning statistics the step added are put back too
+(``snapshot_statistics`` / ``restore_statistics``), and learned L0 gates skip their update.
 ``train.nonfinite_policy`` then decides: ``skip`` goes on and stops after
 ``train.max_nonfinite`` faulty steps in a row; ``rollback`` goes back to the newest checkpoint
 from before the faults instead, keeping the data stream where it is so that the batches that
