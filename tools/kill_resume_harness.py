@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -56,6 +57,7 @@ NAMED = [
     ("step.end", 6, 1, "STOP"),
 ]
 QUICK_CHAIN = [("ckpt.after_engine_save", 8, 1, "KILL"), ("compact.after_destroy", 11, 0, "KILL")]
+RANK_PREFIX = re.compile(r"^\[rank\d+\] ")
 
 
 def free_port() -> int:
@@ -114,8 +116,9 @@ class Launch:
             return False
 
     def log_lines(self, rank: int) -> list:
+        """The rank's output lines, without the logger's "[rankN] " prefix."""
         with open(self.logs[rank], errors="replace") as f:
-            return [l.rstrip("\n") for l in f if l.strip()]
+            return [RANK_PREFIX.sub("", l.rstrip("\n")) for l in f if l.strip()]
 
     def last_step(self) -> int:
         steps = [int(l.split()[1].split("/")[0]) for l in self.log_lines(0) if l.startswith("step ")]

@@ -58,21 +58,6 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def _check_tensor_parallel(cfg, arch: Architecture) -> None:
-    """Every width tensor parallelism splits must divide by parallel.tp (KV groups, query heads,
-    FFN widths, the vocabulary): one line, before any expensive work."""
-    tp = cfg.parallel.tp
-    if tp == 1:
-        return
-    if arch.vocab_size % tp:
-        raise UserError(f"parallel.tp={tp} does not divide the vocabulary size {arch.vocab_size}; choose a "
-                        "TP size that divides it")
-    try:
-        arch.validate(tensor_parallel=tp)
-    except UserError as err:
-        raise UserError(f"parallel.tp={tp}: {err}") from None
-
-
 class Trainer:
     rollback: Optional[faults.Rollback] = None  # set when run() restarts after non-finite steps
     rollbacks = 0
@@ -214,7 +199,7 @@ class Trainer:
         self.source_arch = arch
         self.tokenizer = tokenizer
         # Cheap checks of the inputs against each other first, before any expensive work.
-        _check_tensor_parallel(cfg, arch)
+        preflight.check_tensor_parallel(cfg, arch)
         pruning = make_runtime(cfg, arch, arch.num_params())
         preflight.check_prune_target(cfg, arch, pruning.target)
         self.data_args = prepare_data(
