@@ -1,5 +1,6 @@
-"""ZeRO 1/2/3 at DP=2: after a structured prune the rebuilt engine carries every surviving
-parameter's fp32 master and Adam moments exactly (sliced), keeps the step, and trains on."""
+"""The DeepSpeed TrainEngine, ZeRO 1/2/3 at DP=2: after a structured prune the rebuilt engine
+carries every surviving parameter's fp32 master and Adam moments exactly (sliced), keeps the
+step, and trains on."""
 import torch
 
 from dist_utils import run_ranks
@@ -33,7 +34,7 @@ def _slice(full, keep):
 
 def _body(rank, world_size):
     from megatron_effllm.engine import build_engine
-    from megatron_effllm.engine.base import EngineOptions
+    from megatron_effllm.engine.base import EngineOptions, TrainEngine
 
     torch.manual_seed(100 + rank)
     data = [(torch.randn(2, 8), torch.randn(2, 4)) for _ in range(4)]
@@ -43,6 +44,7 @@ def _body(rank, world_size):
         options = EngineOptions(micro_batch=2, grad_accum=1, zero_stage=stage, bf16=False, clip_grad=1.0,
                                 lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
         engine = build_engine("deepspeed", Toy(6), options)
+        assert isinstance(engine, TrainEngine)
         for x, y in data[:2]:
             loss = engine(x, y)
             engine.backward(loss, last_micro_batch=True)
