@@ -1,5 +1,6 @@
-"""ZeRO 1/2/3 at DP=2: after a structured prune the rebuilt engine carries every surviving
-parameter's fp32 master and Adam moments exactly (sliced), keeps the step, and trains on."""
+"""The DeepSpeed TrainEngine, ZeRO 1/2/3 at DP=2: after a structured prune the rebuilt engine
+carries every surviving parameter's fp32 master and Adam moments exactly (sliced), keeps the
+step, and trains on."""
 import torch
 
 from dist_utils import run_ranks
@@ -32,41 +33,41 @@ def _slice(full, keep):
 
 
 def _body(rank, world_size):
-    from megatron_effllm.training import engine as eng
+    from megatron_effllm.engine import build_engine
+    from megatron_effllm.engine.base import EngineOptions, TrainEngine
 
     torch.manual_seed(100 + rank)
     data = [(torch.randn(2, 8), torch.randn(2, 4)) for _ in range(4)]
     keep = torch.tensor([0, 2, 3, 5])
     report = {}
     for stage in (1, 2, 3):
-        cfg = eng.deepspeed_config(micro_batch=2, grad_accum=1, zero_stage=stage, bf16=False, clip_grad=1.0)
-        mk = lambda m: eng.make_optimizer(m, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
-        model = Toy(6)
-        engine = eng.initialize_engine(model, cfg, mk(model))
+        options = EngineOptions(micro_batch=2, grad_accum=1, zero_stage=stage, bf16=False, clip_grad=1.0,
+                                lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+        engine = build_engine("deepspeed", Toy(6), options)
+        assert isinstance(engine, TrainEngine)
         for x, y in data[:2]:
             loss = engine(x, y)
-            engine.backward(loss)
+            engine.backward(loss, last_micro_batch=True)
             engine.step()
-        before = eng.gather_full_state(engine)
+        before = engine.gather_full_state()
         expected = _slice(before, keep)
-        engine = eng.rebuild_engine(engine, Toy(4), lambda f: _slice(f, keep), ds_config=cfg, make_opt=mk)
-        after = eng.gather_full_state(engine)
+        engine = engine.rebuild(Toy(4), lambda f: _slice(f, keep))
+        after = engine.gather_full_state()
         for name in expected:
             for key in ("param", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(after[name][key], expected[name][key]), (stage, name, key)
-        assert eng.optimizer_step_count(engine) == 2
+        assert engine.optimizer_step_count() == 2
         for x, y in data[2:]:
             loss = engine(x, y)
-            engine.backward(loss)
+            engine.backward(loss, last_micro_batch=True)
             engine.step()
-        assert eng.optimizer_step_count(engine) == 4
+        assert engine.optimizer_step_count() == 4
         assert torch.isfinite(loss).item()
         # A fresh-optimizer rebuild keeps the weights but restarts Adam.
-        full = eng.gather_full_state(engine)
-        engine = eng.rebuild_engine(engine, Toy(4), lambda f: f, ds_config=cfg, make_opt=mk,
-                                    carry_optimizer_state=False)
-        assert eng.optimizer_step_count(engine) == 0
-        assert torch.equal(eng.gather_full_state(engine)["down.weight"]["param"], full["down.weight"]["param"])
+        full = engine.gather_full_state()
+        engine = engine.rebuild(Toy(4), lambda f: f, carry_optimizer_state=False)
+        assert engine.optimizer_step_count() == 0
+        assert torch.equal(engine.gather_full_state()["down.weight"]["param"], full["down.weight"]["param"])
         engine.destroy()
         report[stage] = float(loss)
     return report

@@ -25,13 +25,14 @@ TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
 
 # ------------------------------------------------------------------ small real engines
 def _engine(stage: int, bf16: bool = False, width: int = 64):
-    from megatron_effllm.training import engine as eng
+    from megatron_effllm.engine import build_engine
+    from megatron_effllm.engine.base import EngineOptions
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.Linear(width, 1))
-    cfg = eng.deepspeed_config(micro_batch=2, grad_accum=2, zero_stage=stage, bf16=bf16, clip_grad=1.0)
-    return eng.initialize_engine(model, cfg, eng.make_optimizer(model, lr=0.05, weight_decay=0.1,
-                                                                betas=(0.9, 0.95), eps=1e-8))
+    options = EngineOptions(micro_batch=2, grad_accum=2, zero_stage=stage, bf16=bf16, clip_grad=1.0,
+                            lr=0.05, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    return build_engine("deepspeed", model, options)
 
 
 def _batches(seed: int, rank: int):
@@ -41,41 +42,31 @@ def _batches(seed: int, rank: int):
 
 def _backward(engine, xs, rank, poison=None):
     """One global batch of backward passes; ``poison`` = "loss" (NaN loss) or "grad" (inf grads)."""
-    from megatron_effllm.training.faults import _InfiniteGrad
+    from megatron_effllm.training.fault_injection import InfiniteGrad
 
     for k, x in enumerate(xs):
-        engine.set_gradient_accumulation_boundary(k == len(xs) - 1)
         out = engine(x.to(next(engine.module.parameters()).dtype)).float()
         loss = out.pow(2).mean()
         if poison == "loss" and k == 0:
             loss = loss * float("nan")
         if poison == "grad" and k == 0:
-            loss = _InfiniteGrad.apply(loss)
-        engine.backward(loss)
+            loss = InfiniteGrad.apply(loss)
+        engine.backward(loss, last_micro_batch=k == len(xs) - 1)
     return float(loss)
 
 
 def _masters(engine):
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    out = []
-    for p in engine.module.parameters():
-        m = safe_get_full_fp32_param(p)
-        out.append((m if m is not None else p.detach()).float().clone())
-    return out
+    return [engine.full_fp32_param(p).clone() for p in engine.module.parameters()]
 
 
 def _skip_rank(rank, world_size):
     """For each ZeRO stage: clean steps 1, 2 versus 1, (NaN loss on rank 1), (inf grad on rank 0), 2."""
-    from megatron_effllm.training import engine as eng
-    from megatron_effllm.training.faults import grads_finite, skip_update
-
     out = {}
     for stage, bf16 in ((0, False), (1, False), (2, False), (2, True)):
         clean = _engine(stage, bf16)
         for s in (1, 2):
             _backward(clean, _batches(s, rank), rank)
-            assert grads_finite(clean)
+            assert clean.grads_finite()
             clean.step()
         ref = _masters(clean)
         clean.destroy()
@@ -86,14 +77,14 @@ def _skip_rank(rank, world_size):
         detected = []
         for seed, kind, who in ((98, "loss", 1), (99, "grad", 0)):
             _backward(e, _batches(seed, rank), rank, poison=kind if rank == who else None)
-            detected.append(not grads_finite(e))
-            skip_update(e)
+            detected.append(not e.grads_finite())
+            e.skip_step()
         unchanged = all(torch.equal(a, b) for a, b in zip(before, _masters(e)))
         _backward(e, _batches(2, rank), rank)
-        assert grads_finite(e)
+        assert e.grads_finite()
         e.step()
         same = all(torch.equal(a, b) for a, b in zip(ref, _masters(e)))
-        out[(stage, bf16)] = (detected, unchanged, same, eng.optimizer_step_count(e))
+        out[(stage, bf16)] = (detected, unchanged, same, e.optimizer_step_count())
         e.destroy()
     return out
 
@@ -202,7 +193,7 @@ def test_full_disk_leaves_previous_checkpoint_intact(saved):
         assert f.read().strip() == "step_000001"
     assert _tree_hashes(os.path.join(full, "step_000001")) == hashes_before
     ckpt.verify(os.path.join(full, "step_000001"))
-    assert ckpt.find_resumable(full, log=lambda m: None) == os.path.join(full, "step_000001")
+    assert ckpt.find_resumable(full, report=lambda m: None) == os.path.join(full, "step_000001")
 
 
 def test_checkpoint_contents_and_latest(saved):
@@ -259,7 +250,7 @@ def test_damaged_checkpoint_named_and_auto_falls_back(saved, tmp_path, how, word
     msg = str(err.value)
     assert "\n" not in msg and words in msg and victim in msg, msg
     logged = []
-    assert ckpt.find_resumable(root, log=logged.append) == os.path.join(root, "step_000002")
+    assert ckpt.find_resumable(root, report=logged.append) == os.path.join(root, "step_000002")
     assert len(logged) == 1 and victim in logged[0]
 
 
@@ -273,13 +264,13 @@ def test_auto_resume_refuses_when_no_checkpoint_verifies(saved, tmp_path):
     before = _tree_hashes(root)
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .* verifies .*trainer_state.pt is missing"
                        ".*set resume: none") as err:
-        ckpt.find_resumable(root, log=lambda m: None)
+        ckpt.find_resumable(root, report=lambda m: None)
     assert "\n" not in str(err.value)
     assert _tree_hashes(root) == before
     # A crash during the very first save leaves only a partial folder: that is a fresh start.
     fresh = str(tmp_path / "fresh")
     os.makedirs(os.path.join(fresh, "step_000004.partial", "ds"))
-    assert ckpt.find_resumable(fresh, log=lambda m: None) is None
+    assert ckpt.find_resumable(fresh, report=lambda m: None) is None
 
 
 # ------------------------------------------------------------------ the trainer's policy

@@ -39,9 +39,8 @@ def _spied_run(rank, world_size, run_dir, extra, tp2_constraints=False):
     compaction, whether the carried state equals the old state sliced (gathered over TP)."""
     from megatron_effllm.convert import megatron_layout as layout
     from megatron_effllm.model.forward import forward_logits
-    from megatron_effllm.parallel.runtime import model_parallel_sizes
+    from megatron_effllm.parallel import comm
     from megatron_effllm.pruning.surgery import slice_state_dict
-    from megatron_effllm.training import engine as eng
     from megatron_effllm.training import pruning_runtime as prt
     from megatron_effllm.training.config import load_config
     from megatron_effllm.training.trainer import Trainer, run
@@ -54,9 +53,9 @@ def _spied_run(rank, world_size, run_dir, extra, tp2_constraints=False):
     def canonical_state(engine, arch):
         from megatron_effllm.model.weights import _gather_over_model_parallel
 
-        full = eng.gather_full_state(engine)
+        full = engine.gather_full_state()
         keys = sorted(next(iter(full.values())))
-        _, tp, _, pp = model_parallel_sizes()
+        tp, pp = comm.dims().tp, comm.dims().pp
         out = {}
         for key in keys:
             shards = _gather_over_model_parallel({n: e[key] for n, e in full.items()})
@@ -226,10 +225,10 @@ def _engine_checks_body(rank, world_size, run_dir):
     from megatron_effllm.architecture import Architecture
     from megatron_effllm.model.builder import build_gpt_model
     from megatron_effllm.parallel import distributed_pruning as dp
-    from megatron_effllm.parallel.deepspeed_mpu import MegatronMPU
+    from megatron_effllm.engine import build_engine
+    from megatron_effllm.engine.base import EngineOptions
     from megatron_effllm.parallel.runtime import init_model_parallel
     from megatron_effllm.pruning.groups import PrunePlan
-    from megatron_effllm.training import engine as eng
 
     out = {}
     init_model_parallel(2, 1, seed=5)
@@ -252,12 +251,13 @@ def _engine_checks_body(rank, world_size, run_dir):
     out["norm_double"] = float((totals[0] + totals[1]) ** 0.5)
     out["repl_equal"] = totals[1].item() / 2
     model.zero_grad(set_to_none=True)
-    cfg = eng.deepspeed_config(micro_batch=2, grad_accum=1, zero_stage=2, bf16=False, clip_grad=1e-3)
-    engine = eng.initialize_engine(model, cfg, eng.make_optimizer(model, lr=1e-3, weight_decay=0.0,
-                                                                  betas=(0.9, 0.95), eps=1e-8), mpu=MegatronMPU())
-    engine.backward(loss_of(engine))
+    # megatron's groups are up: the engine partitions over its data-parallel group (the mpu).
+    options = EngineOptions(micro_batch=2, grad_accum=1, zero_stage=2, bf16=False, clip_grad=1e-3,
+                            lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
+    engine = build_engine("deepspeed", model, options)
+    engine.backward(loss_of(engine), last_micro_batch=True)
     engine.step()
-    out["norm_engine"] = float(engine.get_global_grad_norm())
+    out["norm_engine"] = engine.grad_norm()
     engine.destroy()
 
     # Block-diagonal Hessians: rank r holds X^T X of its down_proj columns (FFN channels 8r..8r+7).

@@ -9,7 +9,7 @@ and check that the final architecture and weights equal those of an uninterrupte
 Every launch is two real processes (effllm-train with RANK/WORLD_SIZE set, as a
 launcher starts them), so a kill is a real SIGKILL. Two kinds of kill:
   named   the rank kills itself at a point inside the trainer (EFFLLM_KILL_AT, see
-          megatron_effllm/training/faults.py): inside a checkpoint write, inside a compaction...;
+          megatron_effllm/training/fault_injection.py): inside a checkpoint write, inside a compaction...;
           two of them stop the rank (SIGSTOP) instead: a hung peer, noticed by the timeout
   random  the harness kills a random rank after a random delay
 For each kill the surviving rank must exit by itself (within parallel.comm_timeout_s) with one
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -55,6 +56,7 @@ NAMED = [
     ("step.end", 6, 1, "STOP"),
 ]
 QUICK_CHAIN = [("ckpt.after_engine_save", 8, 1, "KILL"), ("compact.after_destroy", 11, 0, "KILL")]
+RANK_PREFIX = re.compile(r"^\[rank\d+\] ")
 
 
 def free_port() -> int:
@@ -113,8 +115,9 @@ class Launch:
             return False
 
     def log_lines(self, rank: int) -> list:
+        """The rank's output lines, without the logger's "[rankN] " prefix."""
         with open(self.logs[rank], errors="replace") as f:
-            return [l.rstrip("\n") for l in f if l.strip()]
+            return [RANK_PREFIX.sub("", l.rstrip("\n")) for l in f if l.strip()]
 
     def last_step(self) -> int:
         steps = [int(l.split()[1].split("/")[0]) for l in self.log_lines(0) if l.startswith("step ")]
@@ -246,7 +249,7 @@ def parse_named(text: str) -> list:
         return list(NAMED)
     if text == "none":
         return []
-    from megatron_effllm.training.faults import KILL_POINTS
+    from megatron_effllm.training.fault_injection import KILL_POINTS
 
     out = []
     for item in text.split(","):

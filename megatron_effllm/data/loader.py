@@ -37,6 +37,7 @@ from megatron_effllm.data import blend
 from megatron_effllm.data.dynamic_batch import DynamicBatchSampler
 from megatron_effllm.data.preprocess import inputs_fingerprint, preprocess, read_meta
 from megatron_effllm.errors import UserError
+from megatron_effllm.parallel import comm
 
 BLENDED_STATE_KIND = "blended/1"
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -481,13 +482,10 @@ def _merge_prefixes(prefixes: list, out_prefix: str) -> str:
 
 def _on_rank_zero_first(fn):
     """Run ``fn`` on global rank 0, then on the others (they find its outputs cached)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return fn()
-    result = fn() if dist.get_rank() == 0 else None
-    dist.barrier()
-    if dist.get_rank() != 0:
+    first = comm.global_rank() == 0
+    result = fn() if first else None
+    comm.barrier()
+    if not first:
         result = fn()
     return result
 

@@ -9,16 +9,42 @@ masks reach the copy the next gather reads.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What any engine is built with: the batch split, how state is partitioned over data
+    parallelism, precision, clipping, and the AdamW optimizer's settings."""
+
+    micro_batch: int
+    grad_accum: int = 1
+    zero_stage: int = 0
+    """0: replicated; 1: optimizer state partitioned; 2: and gradients; 3: and parameters."""
+    bf16: bool = False
+    """bf16 weights and activations over fp32 masters (fp32 throughout when False)."""
+    clip_grad: float = 0.0
+    """Global gradient-norm clipping threshold (0: none)."""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    """On matrices only; norms and biases (1-D parameters) are not decayed."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
 
 
 @runtime_checkable
 class TrainEngine(Protocol):
     """A model wrapped for data-parallel training with an optimizer."""
 
+    name: str  # its key in ``megatron_effllm.engine.ENGINES``
     module: torch.nn.Module
+    options: EngineOptions
+
+    def __call__(self, *args, **kwargs) -> Any:
+        """The wrapped module's forward, through the engine (which may gather parameters)."""
 
     # --- the step -----------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, *, last_micro_batch: bool, scale_with_accumulation: bool = True) -> None:
@@ -39,6 +65,13 @@ class TrainEngine(Protocol):
     def learning_rate(self) -> float: ...
 
     def optimizer_step_count(self) -> int: ...
+
+    def grad_norm(self) -> float:
+        """The global gradient norm of the last step (before clipping)."""
+
+    def zero_stage(self) -> int:
+        """How state is partitioned over data parallelism (``EngineOptions.zero_stage``); at 3 a
+        forward gathers parameters collectively, so every data-parallel rank must run it."""
 
     # --- parameters ---------------------------------------------------------------------
     def full_fp32_param(self, p: torch.nn.Parameter) -> torch.Tensor:
@@ -65,13 +98,21 @@ class TrainEngine(Protocol):
         parallelism (collective)."""
 
     def rebuild(self, new_model: torch.nn.Module, slice_state: Callable[[dict], dict], *,
-                carry_optimizer_state: bool = True) -> "TrainEngine":
+                carry_optimizer_state: bool = True,
+                after_destroy: Callable[[], None] = lambda: None) -> "TrainEngine":
         """An engine over ``new_model`` (new shapes) whose state is ``slice_state`` of this one's;
-        this engine is destroyed (collective)."""
+        this engine is destroyed (collective; ``after_destroy`` runs between the two)."""
 
-    def save(self, folder: str) -> None: ...
+    def save(self, folder: str) -> None:
+        """Write model and optimizer state under ``folder`` (collective; each rank its own
+        files). A failed write raises on the rank that met it; that rank then calls
+        ``after_failed_save`` so that the ranks that finished are not left waiting."""
 
-    def load(self, folder: str) -> None: ...
+    def after_failed_save(self) -> None: ...
+
+    def load(self, folder: str) -> bool:
+        """Restore what ``save`` wrote into an engine of the same shapes and layout; False when
+        ``folder`` holds no state of this engine (collective)."""
 
     def destroy(self) -> None: ...
 

@@ -147,6 +147,16 @@ def all_gather(t: torch.Tensor, group_name: GroupName = "world") -> list[torch.T
     return [o.to(t.device) for o in out]
 
 
+def all_gather_object(obj, group_name: GroupName = "world") -> list:
+    """Every rank's picklable ``obj`` in group-rank order; ``[obj]`` for a one-rank group."""
+    g = _resolve(group_name)
+    if g is None or dist.get_world_size(g) == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size(g)
+    dist.all_gather_object(out, obj, group=g)
+    return out
+
+
 def broadcast_(t: torch.Tensor, src: int, group_name: GroupName = "world") -> torch.Tensor:
     """In place: ``t`` from global rank ``src`` on every rank of the group."""
     g = _resolve(group_name)

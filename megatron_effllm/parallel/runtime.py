@@ -7,14 +7,23 @@ runs unchanged on a cluster.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import os
 import socket
 import threading
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+import torch.cuda.random as cuda_random
+import torch.distributed as dist  # creates the process group; collectives go through parallel.comm
+from megatron.core import parallel_state
+from megatron.core.fusions import fused_softmax
+from megatron.core.pipeline_parallel import schedules
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.tensor_parallel import random as mp_random
+from megatron.core.transformer import utils as tutils
 from torch.overrides import TorchFunctionMode
 
 from megatron_effllm.errors import UserError
@@ -51,8 +60,6 @@ def cpu_device_mode():
     """Context in which device="cuda" allocations land on the CPU when there is no CUDA
     (model construction, which moves tied embeddings across pipeline stages); a null context on
     GPU machines. Only for set-up code: it slows every torch call it covers."""
-    import contextlib
-
     return contextlib.nullcontext() if torch.cuda.is_available() else _CudaToCpuMode()
 
 
@@ -81,9 +88,6 @@ def ensure_cpu_support() -> None:
     with _lock:
         if _applied:
             return
-        import torch.cuda.random as cuda_random
-        from megatron.core.tensor_parallel import random as mp_random
-
         torch.cuda.current_device = lambda: _CPU
         torch.cuda.synchronize = lambda device=None: None
         for mod in (torch.cuda, cuda_random):
@@ -109,10 +113,6 @@ def _patch_causal_masks() -> None:
     name instead of routing every torch call through a TorchFunctionMode (which costs about a
     third of the step time on the CPU).
     """
-    import functools
-
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.transformer import utils as tutils
 
     @functools.lru_cache(maxsize=8)
     def default_causal_mask(sq: int) -> torch.Tensor:
@@ -133,9 +133,6 @@ def _patch_causal_masks() -> None:
 def _patch_pipeline_schedules() -> None:
     """The pipeline schedules and their p2p communication allocate with device="cuda" and call
     CUDA streams: run them (only them) under the device-rewriting mode."""
-    import functools
-
-    from megatron.core.pipeline_parallel import schedules
 
     def on_cpu(fn):
         @functools.wraps(fn)
@@ -205,9 +202,6 @@ def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234,
     different sizes. Seeds megatron's model-parallel RNG tracker (needed by attention).
     ``timeout_s``: how long collectives wait for a peer (see ``comm_timeout_s``).
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     if tp < 1 or pp < 1:
         raise UserError(f"tensor/pipeline parallel sizes must be >= 1, got tp={tp} pp={pp}")
     _ensure_process_group(timeout_s)
@@ -236,15 +230,11 @@ def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234,
 
 def destroy_model_parallel() -> None:
     """Tear down megatron-core's groups (the torch.distributed world stays)."""
-    from megatron.core import parallel_state
-
     parallel_state.destroy_model_parallel()
 
 
 def model_parallel_sizes() -> tuple[int, int, int, int]:
     """(tp_rank, tp_size, pp_rank, pp_size) of this process; (0, 1, 0, 1) without groups."""
-    from megatron.core import parallel_state
-
     if not parallel_state.model_parallel_is_initialized():
         return 0, 1, 0, 1
     return (

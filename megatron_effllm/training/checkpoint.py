@@ -9,7 +9,7 @@ Layout of ``RUN/checkpoints/``::
         ranks/rank_00000.pt every rank's own pruning state, when ranks differ (TP > 1: the Hessians
                             of each rank's columns)
         layout.json         world size, ZeRO stage, TP, PP it was written with (it loads only into the same)
-        ds/...              DeepSpeed's engine checkpoint (model + ZeRO optimizer partitions)
+        ds/...              the engine's own files (DeepSpeed: model + ZeRO optimizer partitions)
         MANIFEST.json       size and sha256 of every file above; written last
     latest                  the name of the newest complete checkpoint (replaced atomically)
 
@@ -30,13 +30,19 @@ import os
 import random
 import re
 import shutil
-import sys
 from typing import Optional
 
+import numpy as np
 import torch
-import torch.distributed as dist
+from megatron.core import tensor_parallel
 
+from megatron_effllm.engine.base import TrainEngine
 from megatron_effllm.errors import UserError
+from megatron_effllm.log import get_logger
+from megatron_effllm.parallel import comm
+from megatron_effllm.training.fault_injection import kill_point
+
+log = get_logger(__name__)
 
 MANIFEST = "MANIFEST.json"
 LAYOUT = "layout.json"
@@ -45,15 +51,6 @@ STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 class CheckpointError(UserError):
     pass
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _sha256(path: str) -> str:
@@ -139,10 +136,11 @@ def step_dirs(ckpt_root: str) -> list[tuple[int, str]]:
     return sorted(out, reverse=True)
 
 
-def find_resumable(ckpt_root: str, log=print, before_step: Optional[int] = None) -> Optional[str]:
+def find_resumable(ckpt_root: str, before_step: Optional[int] = None, report=None) -> Optional[str]:
     """The newest checkpoint that verifies (of those saved before ``before_step``, if given).
 
-    Damaged ones are reported and skipped. None when there is no checkpoint at all; when there
+    Damaged ones are reported (to ``report``, a function of one line; default: the log) and
+    skipped. None when there is no checkpoint at all; when there
     are some and none verifies, starting over would silently discard the run: that is an error.
     """
     candidates = [(s, f) for s, f in step_dirs(ckpt_root) if before_step is None or s < before_step]
@@ -153,7 +151,7 @@ def find_resumable(ckpt_root: str, log=print, before_step: Optional[int] = None)
             return folder
         except CheckpointError as err:
             first_error = first_error or err
-            log(f"[checkpoint] skipping {folder}: {err}")
+            (report or log.warning)(f"[checkpoint] skipping {folder}: {err}")
     if first_error is not None and before_step is None:
         raise CheckpointError(
             f"no checkpoint in {ckpt_root} verifies (newest: {first_error}); restore the files or "
@@ -163,8 +161,6 @@ def find_resumable(ckpt_root: str, log=print, before_step: Optional[int] = None)
 
 
 def rng_state() -> dict:
-    import numpy as np
-
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -172,26 +168,19 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        from megatron.core import tensor_parallel
-
-        state["megatron_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-    except Exception:  # tracker not initialised (plain models in unit tests)
-        pass
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    if tracker.is_initialized():  # not seeded: no megatron model parallelism (plain models in tests)
+        state["megatron_tracker"] = tracker.get_states()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    import numpy as np
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "megatron_tracker" in state:
-        from megatron.core import tensor_parallel
-
         tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
@@ -200,11 +189,7 @@ def _agree(error: Optional[str]) -> Optional[str]:
 
     Also a barrier. A rank that fails alone must not leave the others waiting in a collective.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return error
-    errors: list = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
+    return next((e for e in comm.all_gather_object(error) if e), None)
 
 
 def _write_error(err: BaseException, rank: int, folder: str) -> str:
@@ -231,17 +216,13 @@ def _is_write_failure(err: BaseException) -> bool:
     return any(m in msg for m in ("write", "unexpected pos", "no space", "inline_container", "quota"))
 
 
-def layout_of(engine) -> dict:
+def layout_of(engine: TrainEngine) -> dict:
     """How the engine's state is split over processes; a checkpoint loads only into the same."""
-    from megatron_effllm.parallel.runtime import model_parallel_sizes
-
-    _, tp, _, pp = model_parallel_sizes()
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return {"world_size": world, "zero_stage": int(engine.zero_optimization_stage()),
-            "tp": tp, "pp": pp}
+    dims = comm.dims()
+    return {"world_size": comm.world_size(), "zero_stage": engine.zero_stage(), "tp": dims.tp, "pp": dims.pp}
 
 
-def save(engine, ckpt_root: str, step: int, *, architecture_json: str, trainer_state: dict,
+def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: str, trainer_state: dict,
          keep: int = 2, rank_state: Optional[dict] = None) -> str:
     """Collective: every rank calls it. Returns the final checkpoint folder.
 
@@ -251,14 +232,12 @@ def save(engine, ckpt_root: str, step: int, *, architecture_json: str, trainer_s
     On any failed write (a full disk, a quota) every rank raises the same CheckpointError, the
     partial folder is removed, and the previous checkpoints and ``latest`` are untouched.
     """
-    from megatron_effllm.training.faults import kill_point
-
     if keep < 1:
         raise CheckpointError(f"train.keep_checkpoints must be >= 1, got {keep}")
     name = f"step_{step:06d}"
     final = os.path.join(ckpt_root, name)
     partial = final + ".partial"
-    rank = _rank()
+    rank = comm.global_rank()
     previous = step_dirs(ckpt_root)
     error = None
     if rank == 0:
@@ -274,14 +253,14 @@ def save(engine, ckpt_root: str, step: int, *, architecture_json: str, trainer_s
             error = _write_error(err, rank, partial)
     error = _agree(error)
     if error is None:
-        # DeepSpeed writes model and ZeRO partitions (each rank its own files).
+        # The engine writes model and optimizer partitions (each rank its own files).
         try:
-            engine.save_checkpoint(partial, tag="ds", save_latest=False)
+            engine.save(partial)
         except (OSError, RuntimeError) as err:
             if not isinstance(err, OSError) and not _is_write_failure(err):
                 raise  # not a failed write (a lost peer, a bug): let it surface as it is
             error = _write_error(err, rank, partial)
-            _barrier()  # the closing barrier of DeepSpeed's save, which the failed call skipped
+            engine.after_failed_save()
         if error is None:
             kill_point("ckpt.after_engine_save", step)
             try:
@@ -313,7 +292,7 @@ def save(engine, ckpt_root: str, step: int, *, architecture_json: str, trainer_s
     if error is not None:
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        _barrier()
+        comm.barrier()
         kept = os.path.basename(previous[0][1]) if previous else "none"
         raise CheckpointError(
             f"could not write checkpoint {final}: {error}; the previous checkpoint ({kept}) and "
@@ -327,12 +306,11 @@ def save(engine, ckpt_root: str, step: int, *, architecture_json: str, trainer_s
                 f.write(name + "\n")
             os.replace(tmp, os.path.join(ckpt_root, "latest"))
         except OSError as err:  # the checkpoint itself is complete; resuming does not need `latest`
-            print(f"[checkpoint] could not update {ckpt_root}/latest: {_write_error(err, rank, ckpt_root)}",
-                  file=sys.stderr, flush=True)
+            log.warning(f"[checkpoint] could not update {ckpt_root}/latest: {_write_error(err, rank, ckpt_root)}")
         kill_point("ckpt.after_latest", step)
         for _, old in step_dirs(ckpt_root)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    comm.barrier()
     return final
 
 
@@ -346,13 +324,13 @@ def read_meta(folder: str) -> tuple[str, dict]:
 
 def read_rank_state(folder: str) -> Optional[dict]:
     """This rank's own state saved with ``save(rank_state=...)``, or None if none was saved."""
-    path = os.path.join(folder, "ranks", f"rank_{_rank():05d}.pt")
+    path = os.path.join(folder, "ranks", f"rank_{comm.global_rank():05d}.pt")
     if not os.path.isfile(path):
         return None
     return torch.load(path, weights_only=False)
 
 
-def check_layout(engine, folder: str) -> None:
+def check_layout(engine: TrainEngine, folder: str) -> None:
     """The ZeRO partitions and RNG files are per process: refuse another layout in one line."""
     path = os.path.join(folder, LAYOUT)
     if not os.path.isfile(path):  # written before layouts were recorded
@@ -371,18 +349,17 @@ def check_layout(engine, folder: str) -> None:
         )
 
 
-def load_engine_state(engine, folder: str) -> None:
+def load_engine_state(engine: TrainEngine, folder: str) -> None:
     """Restore model, optimizer partitions and this rank's RNG into an engine built for the
     checkpoint's architecture (collective)."""
     check_layout(engine, folder)
-    path, _ = engine.load_checkpoint(folder, tag="ds", load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load the engine state in {folder}/ds")
-    rng_file = os.path.join(folder, "rng", f"rank_{_rank():05d}.pt")
+    if not engine.load(folder):
+        raise CheckpointError(f"the {engine.name} engine found no state of its own in {folder}")
+    rank = comm.global_rank()
+    rng_file = os.path.join(folder, "rng", f"rank_{rank:05d}.pt")
     if not os.path.isfile(rng_file):
         raise CheckpointError(
-            f"checkpoint {folder} has no RNG state for rank {_rank()}: it was written with a "
+            f"checkpoint {folder} has no RNG state for rank {rank}: it was written with a "
             "different number of processes; resume with the same world size"
         )
     set_rng_state(torch.load(rng_file, weights_only=False))

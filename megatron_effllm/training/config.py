@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from megatron_effllm.engine import ENGINES
 from megatron_effllm.errors import UserError
 from megatron_effllm.pruning.registry import ESTIMATORS, STRATEGIES, help_text
 
@@ -44,6 +45,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     zero_stage: int = 1
+    engine: str = "deepspeed"  # the training engine (megatron_effllm.engine.ENGINES)
     # Seconds a collective waits for the other ranks before the run stops with an error naming a
     # lost peer (a rank that died fails them at once; one that hangs only by this timeout).
     comm_timeout_s: float = 1800.0
@@ -160,6 +162,7 @@ class RunConfig:
 CHOICES = {
     "model.dtype": ("bf16", "fp32"),
     "parallel.zero_stage": (0, 1, 2, 3),
+    "parallel.engine": tuple(ENGINES),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "prune.strategy": STRATEGIES.names(),
     "prune.curve": ("linear", "cubic"),

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Optional
 
 from megatron_effllm.architecture import Architecture
+from megatron_effllm.log import get_logger
+
+log = get_logger(__name__)
 
 
 class MetricsLogger:
@@ -25,7 +27,7 @@ class MetricsLogger:
 
                     self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
                 except Exception as err:  # tensorboard is optional at run time
-                    print(f"[metrics] TensorBoard disabled: {err}", file=sys.stderr)
+                    log.warning(f"[metrics] TensorBoard disabled: {err}")
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -67,6 +69,7 @@ def read_metrics(run_dir: str) -> list[dict]:
 def plot_run(run_dir: str, out_dir: Optional[str] = None) -> list[str]:
     """PNG plots from metrics.jsonl: loss and parameter count over steps, per-layer widths over
     the run (heads, FFN) and the final shape. Returns the files written."""
+    # Here, not at the top: choosing the backend must not be a side effect of importing the trainer.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,5 +1,5 @@
 """Pipeline-parallel training steps (parallel.pp > 1) for a megatron-core GPTModel stage inside a
-DeepSpeed engine.
+training engine (DeepSpeed ZeRO).
 
 The schedule is megatron's non-interleaved 1F1B (warm-up forwards, steady one-forward-one-
 backward, cool-down backwards; at most ``pp - stage`` micro-batches in flight per stage) over
@@ -12,7 +12,7 @@ megatron-core's ``forward_backward_pipelining_without_interleaving`` is where th
   post-accumulate hooks do not fire, so ZeRO-2 does not reduce or free anything mid-schedule;
 - after the last micro-batch the two copies of a tied embedding (first and last stage) get the
   sum of their gradients over megatron's embedding group, as megatron's finalize_model_grads
-  does, and one ``engine.backward(sum(p * g))`` hands exactly ``g`` to DeepSpeed: ZeRO's
+  does, and one ``engine.backward(sum(p * g))`` hands exactly ``g`` to the engine: ZeRO's
   gradient hooks, its data-parallel reduction and the accumulation boundary run as for any
   backward, on any ZeRO stage that supports pipelines (1, 2).
 
@@ -29,7 +29,11 @@ import copy
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+from megatron_effllm.engine.base import TrainEngine
+from megatron_effllm.parallel import comm
 
 
 def mean_token_loss(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -38,21 +42,13 @@ def mean_token_loss(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
     return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _ps():
-    from megatron.core import parallel_state
-
-    return parallel_state
-
-
 def _communicator(module: torch.nn.Module, dtype: torch.dtype):
     """megatron-core's P2P communicator over this pipeline, receiving tensors of ``dtype``."""
-    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
-
     config = copy.copy(module.config)  # the model's own config stays untouched
     config.pipeline_dtype = dtype
     config.variable_seq_lengths = False
     config.timers = None
-    return P2PCommunicator(pp_group=_ps().get_pipeline_model_parallel_group(), config=config)
+    return P2PCommunicator(pp_group=comm.group("pp"), config=config)
 
 
 def _stage_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -64,7 +60,7 @@ def tied_embedding_weight(module: torch.nn.Module) -> Optional[torch.nn.Paramete
     layer's weight); None without tying or on a middle stage."""
     if not getattr(module, "share_embeddings_and_output_weights", False):
         return None
-    if _ps().get_pipeline_model_parallel_world_size() == 1 or not _ps().is_rank_in_embedding_group():
+    if comm.size("pp") == 1 or not comm.in_embedding_group():
         return None
     return module.shared_embedding_or_output_weight()
 
@@ -72,7 +68,8 @@ def tied_embedding_weight(module: torch.nn.Module) -> Optional[torch.nn.Paramete
 def mark_replicated_copies(module: torch.nn.Module) -> None:
     """Tell DeepSpeed's gradient-norm computation that the last stage's copy of a tied embedding
     duplicates the first stage's (counted once, as megatron's clipping does)."""
-    if _ps().get_pipeline_model_parallel_world_size() == 1 or _ps().is_pipeline_first_stage():
+    dims = comm.dims()
+    if dims.pp == 1 or dims.first_stage:
         return
     w = tied_embedding_weight(module)
     if w is not None:
@@ -108,15 +105,15 @@ class PipelineStep:
         its backward epilogue would run inside every ``torch.autograd.grad``."""
         device = next(module.parameters()).device
         module.set_input_tensor(x)
-        tokens = batch["tokens"].to(device) if _ps().is_pipeline_first_stage() else None
+        tokens = batch["tokens"].to(device) if ps.is_pipeline_first_stage() else None
         positions = batch["position_ids"].to(device)
-        labels = batch["labels"].to(device) if _ps().is_pipeline_last_stage() else None
+        labels = batch["labels"].to(device) if ps.is_pipeline_last_stage() else None
         return module(tokens, positions, None, labels=labels)
 
     # ------------------------------------------------------------------ training
     def train(
         self,
-        engine,
+        engine: TrainEngine,
         batches: Sequence[dict],
         *,
         loss_hook: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
@@ -137,11 +134,11 @@ class PipelineStep:
         micro-batch's backward on every stage, ``before_backward(batch)`` before it;
         ``after_schedule()`` after the last one (every rank).
         """
-        ps = _ps()
         module = engine.module
-        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-        stage, stages = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
-        comm = self._communicator(module)
+        dims = comm.dims()
+        first, last = dims.first_stage, dims.last_stage
+        stage, stages = dims.pp_rank, dims.pp
+        p2p = self._communicator(module)
         shape = self._shape(module)
         m = len(batches)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -175,35 +172,34 @@ class PipelineStep:
 
         warmup = min(stages - stage - 1, m)
         for k in range(warmup):
-            out = forward(k, comm.recv_forward(shape, first))
-            comm.send_forward(None if last else out.detach(), last)
-        x = comm.recv_forward(shape, first) if warmup < m else None
+            out = forward(k, p2p.recv_forward(shape, first))
+            p2p.send_forward(None if last else out.detach(), last)
+        x = p2p.recv_forward(shape, first) if warmup < m else None
         for k in range(warmup, m):
             out = forward(k, x)
-            grad_out = comm.send_forward_recv_backward(None if last else out.detach(), shape, last)
+            grad_out = p2p.send_forward_recv_backward(None if last else out.detach(), shape, last)
             grad_in = backward(grad_out)
             if k == m - 1:
                 x = None
-                comm.send_backward(grad_in, first)
+                p2p.send_backward(grad_in, first)
             else:
-                x = comm.send_backward_recv_forward(grad_in, shape, first)
+                x = p2p.send_backward_recv_forward(grad_in, shape, first)
         for _ in range(warmup):
-            comm.send_backward(backward(comm.recv_backward(shape, last)), first)
+            p2p.send_backward(backward(p2p.recv_backward(shape, last)), first)
 
         after_schedule()
         # The tied embedding's two copies (first / last stage) each hold the gradient of one use.
         tied = tied_embedding_weight(module)
         if tied is not None:
             i = next(j for j, p in enumerate(params) if p is tied)
-            dist.all_reduce(acc[i], group=ps.get_embedding_group())
+            comm.all_reduce_(acc[i], "embedding")
         for leaf, buf in zip(leaves[len(params):], acc[len(params):]):
             leaf.grad = buf.to(leaf.dtype) if leaf.grad is None else leaf.grad + buf.to(leaf.dtype)
-        # Hand the gradients to DeepSpeed: d/dp sum(p * g) = g exactly, through ZeRO's hooks.
+        # Hand the gradients to the engine: d/dp sum(p * g) = g exactly, through ZeRO's hooks.
         with paused():
             surrogate = sum((p * g.to(p.dtype)).sum() for p, g in zip(params, acc[:len(params)]))
             del acc
-            engine.set_gradient_accumulation_boundary(True)
-            engine.backward(surrogate, scale_wrt_gas=False)
+            engine.backward(surrogate, last_micro_batch=True, scale_with_accumulation=False)
         mean = torch.stack(losses).mean() if last else torch.zeros((), dtype=torch.float32)
         return broadcast_from_last_stage(mean.to(next(module.parameters()).device))
 
@@ -211,20 +207,18 @@ class PipelineStep:
     @torch.no_grad()
     def forward(self, module, batch: dict) -> Optional[torch.Tensor]:
         """Per-token loss [b, s] of one micro-batch on the last stage (None on the others)."""
-        ps = _ps()
-        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-        comm = self._communicator(module)
+        dims = comm.dims()
+        first, last = dims.first_stage, dims.last_stage
+        p2p = self._communicator(module)
         shape = (batch["tokens"].shape[1], batch["tokens"].shape[0], module.config.hidden_size)
-        x = comm.recv_forward(shape, first)
+        x = p2p.recv_forward(shape, first)
         out = self._forward(module, batch, x)
-        comm.send_forward(None if last else out, last)
+        p2p.send_forward(None if last else out, last)
         return out if last else None
 
 
 def broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
     """The last pipeline stage's ``t`` on every stage of this pipeline."""
-    ps = _ps()
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
+    if comm.size("pp") > 1:
+        comm.broadcast_(t, ps.get_pipeline_model_parallel_last_rank(), "pp")
     return t

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 
 from megatron_effllm.architecture import Architecture, LayerShape
+from megatron_effllm.data.preprocess import read_meta
+from megatron_effllm.data.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer_path
 from megatron_effllm.errors import UserError
 
 
@@ -49,8 +51,6 @@ def check_data_tokens(data_args, arch: Architecture, tokenizer_spec, eos_token=N
     Ids past the embedding table fail deep inside the model; ids from another tokenizer of
     another size train silently on garbage.
     """
-    from megatron_effllm.data.preprocess import read_meta
-
     prefixes = dict(data_args.train)
     prefixes.update({f"{d} (held-out)": p for d, p in (data_args.heldout or {}).items()})
     foreign = []
@@ -68,8 +68,6 @@ def check_data_tokens(data_args, arch: Architecture, tokenizer_spec, eos_token=N
         foreign.append((prefix, tok))
     if not foreign or tokenizer_spec is None:
         return
-    from megatron_effllm.data.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer_path
-
     if isinstance(tokenizer_spec, Tokenizer):
         run_tok = tokenizer_spec
     else:
@@ -84,3 +82,18 @@ def check_data_tokens(data_args, arch: Architecture, tokenizer_spec, eos_token=N
                 f"the model's tokenizer {run_tok.name} has {run_tok.vocab_size:,}; preprocess the data "
                 "again with the model's tokenizer (tools/preprocess_data.py --tokenizer ...)"
             )
+
+
+def check_tensor_parallel(cfg, arch: Architecture) -> None:
+    """Every width tensor parallelism splits must divide by parallel.tp (KV groups, query heads,
+    FFN widths, the vocabulary): one line, before any expensive work."""
+    tp = cfg.parallel.tp
+    if tp == 1:
+        return
+    if arch.vocab_size % tp:
+        raise UserError(f"parallel.tp={tp} does not divide the vocabulary size {arch.vocab_size}; choose a "
+                        "TP size that divides it")
+    try:
+        arch.validate(tensor_parallel=tp)
+    except UserError as err:
+        raise UserError(f"parallel.tp={tp}: {err}") from None

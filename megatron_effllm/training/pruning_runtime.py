@@ -46,7 +46,7 @@ from megatron_effllm.pruning.surgery import (
     plan_from_masks,
     slice_group_vectors,
 )
-from megatron_effllm.training import engine as eng
+from megatron_effllm.engine import _zero_params as eng
 from megatron_effllm.training.schedules import target_params
 
 TRAINING_STRATEGIES = ("efficientllm", "uniform", "adapt", "sheared", "none")
@@ -374,6 +374,16 @@ class PruningRuntime:
         """The step's update was skipped (non-finite): forget what it would have applied.
 
         The saliency sums are put back by faults.StepGuard; learned gates (L0Runtime) override."""
+
+    def snapshot_statistics(self) -> dict:
+        """Copies of the statistics a step adds to (saliency, Hessians, layer cosines)."""
+        return {"saliency": {k: v.clone() for k, v in self.saliency.state.items()},
+                "hessians": {k: v.clone() for k, v in self.hessians.state.items()},
+                "layer_cos": self.layer_cos.clone()}
+
+    def restore_statistics(self, snap: dict) -> None:
+        """Put back a ``snapshot_statistics()`` (a step whose update was skipped)."""
+        self.saliency.state, self.hessians.state, self.layer_cos = snap["saliency"], snap["hessians"], snap["layer_cos"]
 
     def current_params(self) -> int:
         """The model size the progress line shows: that of the masked model."""

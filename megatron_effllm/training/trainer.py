@@ -1,4 +1,5 @@
-"""The training loop: pruning-aware pretraining on a megatron-core model in a DeepSpeed engine.
+"""The training loop: pruning-aware pretraining on a megatron-core model in a training engine
+(``parallel.engine``: DeepSpeed ZeRO).
 
     run(load_config("configs/tiny_cpu.yaml", ["run_dir=runs/x"]))
 
@@ -9,59 +10,52 @@ log -> checkpoint. At the end the model is exported as an HF folder and evaluate
 
 Parallelism: ZeRO over the data-parallel group, megatron tensor parallelism (parallel.tp) and
 pipeline parallelism (parallel.pp: a 1F1B schedule over megatron-core's point-to-point
-communication whose gradients reach DeepSpeed in one backward per step, training.pipeline)
-inside each replica.
+communication whose gradients reach the engine in one backward per step, training.pipeline)
+inside each replica. The loop speaks to the engine through ``engine.base.TrainEngine`` and
+reduces through ``parallel.comm`` only.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
-import sys
 import time
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+from tqdm import tqdm
 
 from megatron_effllm.architecture import Architecture
+from megatron_effllm.assets import smollm2_hf_dir
+from megatron_effllm.convert.gguf_export import export_gguf
+from megatron_effllm.convert.hf_io import load_hf_model, save_hf_model
+from megatron_effllm.data.loader import make_heldout_batches, make_train_iterator, prepare_data
+from megatron_effllm.data.tokenizer import save_hf_tokenizer
+from megatron_effllm.engine import build_engine
+from megatron_effllm.engine.base import EngineOptions, TrainEngine
 from megatron_effllm.errors import UserError
+from megatron_effllm.log import get_logger, setup_logging
+from megatron_effllm.model.builder import build_gpt_model
+from megatron_effllm.model.weights import gather_canonical, load_canonical, random_canonical
+from megatron_effllm.parallel import comm
+from megatron_effllm.parallel.runtime import comm_timeout_s, init_model_parallel
 from megatron_effllm.training import checkpoint as ckpt
-from megatron_effllm.training import engine as eng
-from megatron_effllm.training import faults
+from megatron_effllm.training import faults, preflight
 from megatron_effllm.training.config import RunConfig, save_config
+from megatron_effllm.training.fault_injection import inject_nonfinite, kill_point
 from megatron_effllm.training.metrics import MetricsLogger, plot_run
-from megatron_effllm.training.pipeline import mean_token_loss
+from megatron_effllm.training.pipeline import PipelineStep, mark_replicated_copies, mean_token_loss
+from megatron_effllm.training.pruning_runtime import make_runtime
 from megatron_effllm.training.schedules import learning_rate
 
 BUILTIN_MODELS = ("smollm2-135m",)
-
-
-def _log(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(msg, flush=True)
+log = get_logger(__name__)
 
 
 def resolve_source(source: str) -> str:
     if source in BUILTIN_MODELS:
-        from megatron_effllm.assets import smollm2_hf_dir
-
         return smollm2_hf_dir(dtype="float32")
     return source
-
-
-def _check_tensor_parallel(cfg, arch: Architecture) -> None:
-    """Every width tensor parallelism splits must divide by parallel.tp (KV groups, query heads,
-    FFN widths, the vocabulary): one line, before any expensive work."""
-    tp = cfg.parallel.tp
-    if tp == 1:
-        return
-    if arch.vocab_size % tp:
-        raise UserError(f"parallel.tp={tp} does not divide the vocabulary size {arch.vocab_size}; choose a "
-                        "TP size that divides it")
-    try:
-        arch.validate(tensor_parallel=tp)
-    except UserError as err:
-        raise UserError(f"parallel.tp={tp}: {err}") from None
 
 
 class Trainer:
@@ -71,11 +65,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self._init_distributed()
-        from megatron.core import parallel_state as ps
-
-        self.dp_rank = ps.get_data_parallel_rank()
-        self.dp_size = ps.get_data_parallel_world_size()
-        self.is_main = dist.get_rank() == 0
+        dims = comm.dims()
+        self.dp_rank, self.dp_size = dims.dp_rank, dims.dp
+        self.is_main = comm.global_rank() == 0
         d = cfg.data
         per_pass = d.micro_batch * self.dp_size
         if d.global_batch % per_pass:
@@ -91,19 +83,15 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.pipeline = None
         if cfg.parallel.pp > 1:
-            from megatron_effllm.training.pipeline import PipelineStep
-
             self.pipeline = PipelineStep(seq_len=d.seq_len, micro_batch=d.micro_batch)
 
     # ------------------------------------------------------------------ set-up
     def _init_distributed(self) -> None:
-        from megatron_effllm.parallel.runtime import init_model_parallel
-
         par = self.cfg.parallel
         if par.pp > 1 and par.zero_stage not in (1, 2):
             raise UserError(
                 f"parallel.pp={par.pp} needs parallel.zero_stage 1 or 2 (got {par.zero_stage}): ZeRO-3 "
-                "partitions each stage's parameters, and without ZeRO DeepSpeed's clipping counts only "
+                "partitions each stage's parameters, and without ZeRO the engine's clipping counts only "
                 "the first stage's replicated tensors"
             )
         if par.pp > 1 and self.cfg.prune.strategy != "none" and self.cfg.prune.allow_depth:
@@ -111,7 +99,6 @@ class Trainer:
                 f"prune.allow_depth=true with parallel.pp={par.pp}: removing layers would move layers "
                 "between pipeline stages; set prune.allow_depth=false or parallel.pp=1"
             )
-        eng._skip_cpu_shm_build()
         init_model_parallel(self.cfg.parallel.tp, self.cfg.parallel.pp, seed=self.cfg.seed,
                             timeout_s=self.cfg.parallel.comm_timeout_s)
 
@@ -119,8 +106,6 @@ class Trainer:
         """(Architecture, canonical state dict or None, tokenizer path)."""
         m = self.cfg.model
         if m.source:
-            from megatron_effllm.convert.hf_io import load_hf_model
-
             src = load_hf_model(resolve_source(m.source))
             return src.arch, src.state_dict, src.tokenizer_dir
         try:
@@ -136,43 +121,28 @@ class Trainer:
                             "(num_layers, hidden_size, num_heads, num_kv_groups, ffn_hidden_size, vocab_size, ...)") from None
         if not m.tokenizer:
             raise UserError("model.init needs model.tokenizer (HF folder, .gguf, .model or smollm2-135m)")
-        from megatron_effllm.model.weights import random_canonical
-
         return arch, random_canonical(arch, self.cfg.seed), m.tokenizer  # the same at any TP/PP
 
     def _build_model(self, arch: Architecture, canonical: Optional[dict]):
-        from megatron_effllm.model.builder import build_gpt_model
-        from megatron_effllm.model.weights import load_canonical
-
         torch.manual_seed(self.cfg.seed)
         model = build_gpt_model(arch, params_dtype=torch.float32, init_weights=canonical is None)
         if canonical is not None:
             load_canonical(model, arch, canonical)
         if self.pipeline is not None:
-            from megatron_effllm.training.pipeline import mark_replicated_copies
-
             mark_replicated_copies(model)
         return model
 
-    def _ds_config(self) -> dict:
-        return eng.deepspeed_config(
+    def _engine_options(self) -> EngineOptions:
+        o = self.cfg.optim
+        return EngineOptions(
             micro_batch=self.cfg.data.micro_batch, grad_accum=self.grad_accum,
             zero_stage=self.cfg.parallel.zero_stage, bf16=self.cfg.model.dtype == "bf16",
-            clip_grad=self.cfg.optim.clip_grad,
+            clip_grad=self.cfg.optim.clip_grad, lr=o.lr, weight_decay=o.weight_decay,
+            betas=(o.beta1, o.beta2), eps=o.eps,
         )
 
-    def _make_optimizer(self, model):
-        o = self.cfg.optim
-        return eng.make_optimizer(model, lr=o.lr, weight_decay=o.weight_decay,
-                                  betas=(o.beta1, o.beta2), eps=o.eps)
-
-    def _mpu(self):
-        from megatron_effllm.parallel.deepspeed_mpu import MegatronMPU
-
-        return MegatronMPU()
-
     # ------------------------------------------------------------------ model calls
-    def _loss(self, engine, batch: dict) -> torch.Tensor:
+    def _loss(self, engine: TrainEngine, batch: dict) -> torch.Tensor:
         device = next(engine.module.parameters()).device
         tokens = batch["tokens"].to(device)
         labels = batch["labels"].to(device)
@@ -180,10 +150,8 @@ class Trainer:
         return mean_token_loss(per_token, batch)
 
     @torch.no_grad()
-    def heldout_losses(self, engine) -> dict[str, float]:
+    def heldout_losses(self, engine: TrainEngine) -> dict[str, float]:
         """Mean token loss per held-out domain, identical on every rank."""
-        from megatron_effllm.data.loader import make_heldout_batches
-
         batches = make_heldout_batches(self.data_args, self.cfg.data.heldout_batches,
                                        self.cfg.data.micro_batch, self.dp_rank, self.dp_size)
         was = engine.module.training
@@ -208,22 +176,19 @@ class Trainer:
                 mask = batch["loss_mask"].to(device).float()
                 tot += torch.tensor([float((per_token.float() * mask).sum()), float(mask.sum())],
                                     dtype=torch.float64)
-            if dist.is_initialized():
-                dist.all_reduce(tot)
+            comm.all_reduce_(tot, "world")
             out[domain] = float(tot[0] / tot[1].clamp(min=1))
         engine.module.train(was)
         return out
 
-    def _same_count_over_dp(self, engine, items: list) -> list:
+    def _same_count_over_dp(self, engine: TrainEngine, items: list) -> list:
         """``items`` padded with None to the longest list over the data-parallel ranks under
         ZeRO-3, whose every forward gathers parameters collectively (the held-out batches are
         dealt round-robin, so the ranks can hold different counts)."""
-        if engine.zero_optimization_stage() != 3 or self.dp_size == 1:
+        if engine.zero_stage() != 3 or self.dp_size == 1:
             return items
-        from megatron.core import parallel_state as ps
-
         n = torch.tensor([len(items)], dtype=torch.int64)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        comm.all_reduce_(n, "dp", "max")
         return list(items) + [None] * (int(n) - len(items))
 
     # ------------------------------------------------------------------ the run
@@ -233,15 +198,10 @@ class Trainer:
         arch, canonical, tokenizer = self._load_source()
         self.source_arch = arch
         self.tokenizer = tokenizer
-        from megatron_effllm.training import preflight
-        from megatron_effllm.training.pruning_runtime import make_runtime
-
         # Cheap checks of the inputs against each other first, before any expensive work.
-        _check_tensor_parallel(cfg, arch)
+        preflight.check_tensor_parallel(cfg, arch)
         pruning = make_runtime(cfg, arch, arch.num_params())
         preflight.check_prune_target(cfg, arch, pruning.target)
-        from megatron_effllm.data.loader import make_train_iterator, prepare_data
-
         self.data_args = prepare_data(
             cfg.data, tokenizer=tokenizer, out_dir=os.path.join(self.run_dir, "data"), seed=cfg.seed,
             train_samples=cfg.train.steps * cfg.data.global_batch, progress=self.is_main,
@@ -253,7 +213,7 @@ class Trainer:
             if rollback is not None:
                 resume_dir = rollback.folder
             else:
-                resume_dir = cfg.resume if cfg.resume != "auto" else ckpt.find_resumable(self.ckpt_root, log=_log)
+                resume_dir = cfg.resume if cfg.resume != "auto" else ckpt.find_resumable(self.ckpt_root)
             if resume_dir is not None:
                 ckpt.verify(resume_dir)
                 arch_json, trainer_state = ckpt.read_meta(resume_dir)
@@ -265,12 +225,12 @@ class Trainer:
                     trainer_state["data"] = rollback.data_state
         model = self._build_model(arch, canonical)
         del canonical
-        engine = eng.initialize_engine(model, self._ds_config(), self._make_optimizer(model), mpu=self._mpu())
+        engine = build_engine(cfg.parallel.engine, model, self._engine_options())
         del model  # the engine owns it; a compaction replaces it
         if resume_dir is not None:
             ckpt.load_engine_state(engine, resume_dir)  # refuses another layout in one line
             pruning.load_rank_state_dict(ckpt.read_rank_state(resume_dir))
-            _log(f"[resume] continuing from {resume_dir} at step {start_step}")
+            log.info(f"[resume] continuing from {resume_dir} at step {start_step}")
         pruning.install(engine.module)
         data_iter = make_train_iterator(self.data_args, self.dp_rank, self.dp_size, cfg.data.micro_batch,
                                         cfg.data.global_batch, start_state=trainer_state.get("data"))
@@ -285,19 +245,16 @@ class Trainer:
             data_iter.sampler.set_reference_losses(self.reference)
         if self.is_main:  # only once the run has really started: a failed start changes nothing
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        _log(f"[run] {arch.num_params():,} parameters, target {pruning.target:,}; "
+        log.info(f"[run] {arch.num_params():,} parameters, target {pruning.target:,}; "
              f"{cfg.train.steps} steps x {cfg.data.global_batch} x {cfg.data.seq_len} tokens; "
              f"DP={self.dp_size} TP={cfg.parallel.tp} PP={cfg.parallel.pp} ZeRO-{cfg.parallel.zero_stage} {cfg.model.dtype}")
 
         bar = None
         if cfg.train.progress_bar and self.is_main:
-            from tqdm import tqdm
-
             bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True)
         tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
         consumed = trainer_state.get("consumed_tokens", start_step * tokens_per_step)
-        guard = faults.StepGuard(cfg.train, self.ckpt_root, rollbacks_done=self.rollbacks, log=_log,
-                                 metrics=self.metrics)
+        guard = faults.StepGuard(cfg.train, self.ckpt_root, rollbacks_done=self.rollbacks, metrics=self.metrics)
         timing = {"train": 0.0, "prune": 0.0, "compact": 0.0}
         loss_val = float("nan")
         for step in range(start_step, cfg.train.steps):
@@ -305,7 +262,7 @@ class Trainer:
             lr = learning_rate(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                                warmup=cfg.optim.warmup_steps, total=cfg.train.steps,
                                schedule=cfg.optim.schedule, decay_fraction=cfg.optim.decay_fraction)
-            eng.set_learning_rate(engine, lr)
+            engine.set_learning_rate(lr)
             in_window = pruning.enabled and pruning.p.start_step <= step < pruning.p.end_step
             guard.begin_step(pruning, in_window)
             # The engine divides the loss by the accumulation steps before backward.
@@ -314,7 +271,7 @@ class Trainer:
             if self.pipeline is not None:
                 loss_t = self.pipeline.train(
                     engine, [next(data_iter) for _ in range(self.grad_accum)],
-                    loss_hook=lambda loss: faults.inject_nonfinite(loss, step + 1),
+                    loss_hook=lambda loss: inject_nonfinite(loss, step + 1),
                     extra_leaves=pruning.extra_grad_leaves(), paused=pruning.paused,
                     after_micro_batch=lambda b: pruning.end_micro_batch(float(b["tokens"].shape[0])),
                     before_backward=pruning.before_micro_batch_backward,
@@ -323,16 +280,14 @@ class Trainer:
                 losses = []
                 for k in range(self.grad_accum):
                     batch = next(data_iter)
-                    loss = faults.inject_nonfinite(self._loss(engine, batch), step + 1)
-                    # One engine.step() per global batch: tell DeepSpeed which backward ends it.
-                    engine.set_gradient_accumulation_boundary(k == self.grad_accum - 1)
-                    engine.backward(loss)
+                    loss = inject_nonfinite(self._loss(engine, batch), step + 1)
+                    # One engine.step() per global batch: the last backward ends it.
+                    engine.backward(loss, last_micro_batch=k == self.grad_accum - 1)
                     pruning.end_micro_batch(float(batch["tokens"].shape[0]))
                     losses.append(loss.detach().float())
                 loss_t = torch.stack(losses).mean()
-            if dist.is_initialized():
-                dist.all_reduce(loss_t)
-                loss_t /= dist.get_world_size()
+            comm.all_reduce_(loss_t, "world")
+            loss_t /= comm.world_size()
             loss_val = float(loss_t)
             # The update, or (non-finite loss or gradients on any rank) a skipped one.
             guard.finish_step(engine, pruning, step + 1, loss_val, data_iter)
@@ -343,7 +298,7 @@ class Trainer:
             if pruning.event_due(done):
                 t1 = time.time()
                 record = pruning.prune_event(engine, done)
-                faults.kill_point("prune.after_event", done)
+                kill_point("prune.after_event", done)
                 timing["prune"] += time.time() - t1
                 if record is not None:
                     self.metrics.log({**record, "kind": "architecture"})
@@ -373,12 +328,12 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix_str(f"loss {loss_val:.3f} params {params / 1e6:.1f}M")
                 else:
-                    _log(msg)
+                    log.info(msg)
                 if record is not None:
-                    _log(f"[prune] step {done}: {eff.widths_summary()} hidden {eff.hidden_size}")
+                    log.info(f"[prune] step {done}: {eff.widths_summary()} hidden {eff.hidden_size}")
             if bar is not None:
                 bar.update(1)
-            faults.kill_point("step.end", done)
+            kill_point("step.end", done)
             if done % cfg.train.checkpoint_interval == 0 or done == cfg.train.steps:
                 self._save(engine, pruning, data_iter, done, consumed)
         if bar is not None:
@@ -392,32 +347,26 @@ class Trainer:
         self.metrics.close()
         return summary
 
-    def _compact(self, engine, pruning, step: Optional[int] = None):
+    def _compact(self, engine: TrainEngine, pruning, step: Optional[int] = None) -> TrainEngine:
         plan = pruning.compaction_plan()
         new_model = self._build_model(plan.after, None)
         slice_state = pruning.slice_engine_state(plan)
 
         def sliced(full):  # fault-injection points around the old engine's destruction
             out = slice_state(full)
-            faults.kill_point("compact.after_gather", step)
+            kill_point("compact.after_gather", step)
             return out
 
-        def make_opt(model):
-            faults.kill_point("compact.after_destroy", step)
-            return self._make_optimizer(model)
-
-        engine = eng.rebuild_engine(
-            engine, new_model, sliced, ds_config=self._ds_config(),
-            make_opt=make_opt, mpu=self._mpu(),
-            carry_optimizer_state=self.cfg.prune.optimizer_state == "carry",
-        )
+        engine = engine.rebuild(new_model, sliced,
+                                carry_optimizer_state=self.cfg.prune.optimizer_state == "carry",
+                                after_destroy=lambda: kill_point("compact.after_destroy", step))
         pruning.after_compaction(plan)
         pruning.install(engine.module)
         self.metrics.log({"kind": "compaction", "params": plan.after.num_params(),
                           "architecture": plan.after.to_dict()})
         return engine
 
-    def _save(self, engine, pruning, data_iter, step: int, consumed: int) -> None:
+    def _save(self, engine: TrainEngine, pruning, data_iter, step: int, consumed: int) -> None:
         pruning.consolidate()
         state = {
             "step": step,
@@ -431,17 +380,10 @@ class Trainer:
                   trainer_state=state, keep=self.cfg.train.keep_checkpoints,
                   rank_state=pruning.rank_state_dict())
 
-    def _finish(self, engine, pruning, timing: dict, wall: float, last_loss: float) -> dict:
+    def _finish(self, engine: TrainEngine, pruning, timing: dict, wall: float, last_loss: float) -> dict:
         """Gather the canonical weights (over TP: collective), evaluate; rank 0 writes the results."""
-        from megatron_effllm.model.weights import gather_canonical
-
         arch = pruning.arch
-        if engine.zero_optimization_stage() == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-                canonical = gather_canonical(engine.module, arch)
-        else:
+        with engine.gathered():
             canonical = gather_canonical(engine.module, arch)
         held = self.heldout_losses(engine)
         summary = {
@@ -460,35 +402,27 @@ class Trainer:
             os.makedirs(final, exist_ok=True)
             arch.save(os.path.join(final, "architecture.json"))
             if self.cfg.export.hf:
-                from megatron_effllm.convert.hf_io import save_hf_model
-
                 dtype = torch.bfloat16 if self.cfg.export.hf_dtype == "bf16" else torch.float32
                 tok_dir = self.tokenizer if os.path.isdir(str(self.tokenizer)) else None
                 save_hf_model(arch, {k: v.float() for k, v in canonical.items()},
                               os.path.join(final, "hf"), tokenizer_dir=tok_dir, dtype=dtype, overwrite=True)
                 summary["hf_dir"] = os.path.join(final, "hf")
                 if tok_dir is None:  # a .gguf, the builtin or a hub id: write its HF tokenizer files
-                    from megatron_effllm.data.tokenizer import save_hf_tokenizer
-
                     if not save_hf_tokenizer(str(self.tokenizer), summary["hf_dir"],
                                              model_max_length=arch.max_position_embeddings):
-                        _log(f"[export] no tokenizer files in {summary['hf_dir']}: {self.tokenizer} is a "
+                        log.warning(f"[export] no tokenizer files in {summary['hf_dir']}: {self.tokenizer} is a "
                              "sentencepiece model; copy the source's HF tokenizer files there")
                 if self.cfg.export.gguf:
-                    from megatron_effllm.convert.gguf_export import export_gguf
-
                     try:
                         export_gguf(summary["hf_dir"], os.path.join(final, "model.gguf"), dtype="f16",
                                     overwrite=True)
                         summary["gguf"] = os.path.join(final, "model.gguf")
                     except UserError as err:  # the HF model is the result; say why GGUF is missing
-                        _log(f"[export] no GGUF: {err}")
+                        log.warning(f"[export] no GGUF: {err}")
             self.metrics.log({"kind": "architecture", "step": self.cfg.train.steps,
                               "params": arch.num_params(), "architecture": arch.to_dict()})
             self.metrics.log({"kind": "summary", **summary})
             summary["plots"] = plot_run(self.run_dir)
-            import json
-
             with open(os.path.join(final, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         return summary
@@ -496,8 +430,7 @@ class Trainer:
 
 def run(cfg: RunConfig) -> dict:
     """Train; a lost peer becomes a one-line PeerFailure, a rollback restarts the loop."""
-    from megatron_effllm.parallel.runtime import comm_timeout_s
-
+    setup_logging()
     with faults.peer_failures(comm_timeout_s(cfg.parallel.comm_timeout_s)):
         trainer = Trainer(cfg)
         while True:

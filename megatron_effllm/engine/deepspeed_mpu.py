@@ -7,13 +7,12 @@ from megatron's groups.
 """
 from __future__ import annotations
 
-import torch.distributed as dist
+import torch.distributed as dist  # group rank and size queries only; no collective here
+from megatron.core import parallel_state
 
 
 class MegatronMPU:
     def __init__(self):
-        from megatron.core import parallel_state
-
         self._ps = parallel_state
 
     # model parallel = tensor x pipeline
