@@ -9,6 +9,6 @@
 - ``hooks``     reading an HF-layout model: weights/grads, activations, Hessians, mask hooks
 - ``calibrate`` / ``oneshot``  calibration passes and the one-shot prune pipeline
 
-No process group, engine or megatron import here; megatron layouts enter through
-``convert.megatron_layout`` in the training adapter.
+No process group, engine or megatron import here; the canonical schema comes from
+``layout.canonical``, and megatron layouts enter through ``layout`` in the training adapter.
 """
