@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import gguf
+import safetensors.torch
 import torch
 import transformers
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.initialization import no_init_weights
 
@@ -443,7 +443,7 @@ def save_hf_model(
             # A copy per shard: the caller's tensors may share storage (views of fused weights),
             # which safetensors refuses, and only one shard is held twice at a time.
             shard = {n: sd[n].detach().to("cpu", dtype).clone().contiguous() for n in names}
-            save_file(shard, os.path.join(tmp, filename), metadata={"format": "pt"})
+            safetensors.torch.save_file(shard, os.path.join(tmp, filename), metadata={"format": "pt"})
             del shard
         if split.is_sharded:
             total_size = sum(t.numel() for t in sd.values()) * (torch.finfo(dtype).bits // 8)
