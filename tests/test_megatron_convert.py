@@ -110,6 +110,16 @@ def test_layout_round_trip_every_layout_is_exact(name):
             assert_same(L.from_megatron(arch, shards, tp, pp), sd)
 
 
+def test_megatron_shapes_are_the_shards_shapes():
+    """The data-free shapes (the kinds' math on meta tensors) equal every real shard's."""
+    for name in ("llama", "qwen2"):
+        _, arch, sd = tiny_hf(name)
+        for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2)]:
+            for (t, p), shard in L.all_shards(arch, sd, tp, pp, L.TE).items():
+                want = {k: tuple(v.shape) for k, v in shard.items()}
+                assert L.megatron_shapes(arch, L.ParallelDims(t, tp, p, pp), L.TE) == want, (name, t, p)
+
+
 def test_layout_rejects_bad_input():
     _, arch, sd = tiny_hf("llama")
     with pytest.raises(UserError, match="missing"):

@@ -51,7 +51,7 @@ FIRST, EACH_LAYER, LAST = "first", "layer", "last"
 # last stage is not also the first.
 OWN_OUTPUT = "own_output"
 LAYERS = "decoder.layers."
-TIED_LM_HEAD = "lm_head.weight"
+LM_HEAD = "lm_head.weight"
 EMBEDDING = "model.embed_tokens.weight"
 
 Tensor = torch.Tensor
@@ -94,7 +94,7 @@ PARAMS = (
     Param("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), FUSED_GATE_UP),
     Param("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), ROW),
     Param("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED, LAST),
-    Param("output_layer.weight", (TIED_LM_HEAD,), VOCAB, LAST, when=OWN_OUTPUT),
+    Param("output_layer.weight", (LM_HEAD,), VOCAB, LAST, when=OWN_OUTPUT),
 )
 _LAYER_NAMES = {n: p for p in PARAMS if p.where == EACH_LAYER for n in (p.name, p.te_name) if n}
 _TOP_NAMES = {p.name: p for p in PARAMS if p.where != EACH_LAYER}
@@ -114,7 +114,7 @@ class Entry:
 def _bind(arch: Architecture, p: Param, name: str, pos: Optional[int]) -> Entry:
     if pos is not None:
         return Entry(name, tuple(layer_prefix(pos) + c for c in p.canonical), p.kind, arch.layers[pos])
-    canon = tuple(EMBEDDING if c == TIED_LM_HEAD and arch.tie_word_embeddings else c for c in p.canonical)
+    canon = tuple(EMBEDDING if c == LM_HEAD and arch.tie_word_embeddings else c for c in p.canonical)
     return Entry(name, canon, p.kind, None)
 
 
