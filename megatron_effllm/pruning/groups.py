@@ -56,23 +56,13 @@ class Axis:
 def tensor_axes(arch: Architecture) -> dict[str, tuple[Optional[Axis], ...]]:
     """Every canonical tensor name -> one Axis (or None) per dimension, in canonical order:
     the dimension symbols of ``layout.canonical`` are the group kinds (vocab rows: None)."""
-    units = {"head": arch.head_dim, "kv": arch.head_dim, "ffn": 1, "hidden": 1}
+    units = {canonical.HEAD: arch.head_dim, canonical.KV: arch.head_dim, canonical.FFN: 1, canonical.HIDDEN: 1}
     return {
         name: tuple(
-            None if d not in units else Axis(d, None if d == "hidden" else layer, units[d]) for d in dims
+            None if d not in units else Axis(d, None if d == canonical.HIDDEN else layer, units[d]) for d in dims
         )
         for name, dims, layer in canonical.iter_tensors(arch)
     }
-
-
-def group_count(arch: Architecture, kind: str, layer: Optional[int] = None) -> int:
-    """How many groups of ``kind`` the architecture has (in ``layer`` for per-layer kinds)."""
-    if kind == "hidden":
-        return arch.hidden_size
-    if kind == "layer":
-        return arch.num_layers
-    shape = arch.layers[layer]
-    return {"head": shape.num_heads, "kv": shape.num_kv_groups, "ffn": shape.ffn_hidden_size}[kind]
 
 
 # ---------------------------------------------------------------------- ownership
