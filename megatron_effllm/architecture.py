@@ -37,6 +37,11 @@ class LayerShape:
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_groups
 
+    @property
+    def widths(self) -> tuple[int, int, int]:
+        """(query heads, KV groups, FFN width)."""
+        return self.num_heads, self.num_kv_groups, self.ffn_hidden_size
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -114,12 +119,7 @@ class Architecture:
         decides the export format.
         """
         first = self.layers[0]
-        same = all(
-            (l.num_heads, l.num_kv_groups, l.ffn_hidden_size)
-            == (first.num_heads, first.num_kv_groups, first.ffn_hidden_size)
-            for l in self.layers
-        )
-        return same
+        return all(l.widths == first.widths for l in self.layers)
 
     def layer_exists(self, source_index: int) -> bool:
         return any(l.source_index == source_index for l in self.layers)
@@ -145,7 +145,7 @@ class Architecture:
         """
         D = self.hidden_size if hidden is None else hidden
         if layers is None:
-            layers = [(l.num_heads, l.num_kv_groups, l.ffn_hidden_size) for l in self.layers]
+            layers = [l.widths for l in self.layers]
         emb = D * self.vocab_size * (1 if self.tie_word_embeddings else 2) if include_embeddings else 0
         total = emb + D  # final norm
         for i, (heads, kv, ffn) in enumerate(layers):
@@ -163,7 +163,7 @@ class Architecture:
         return self.num_params() - self.num_params(include_embeddings=False)
 
     def layer_params(self, layer: LayerShape) -> int:
-        return self._block_params(layer.num_heads, layer.num_kv_groups, layer.ffn_hidden_size, self.hidden_size)
+        return self._block_params(*layer.widths, self.hidden_size)
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Total parameter count (``count_params`` of this architecture's own widths)."""

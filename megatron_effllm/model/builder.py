@@ -130,9 +130,7 @@ def make_transformer_config(
         num_query_groups=first.num_kv_groups,
         ffn_hidden_size=first.ffn_hidden_size,
         kv_channels=arch.head_dim,
-        layer_widths=tuple(
-            (l.num_heads, l.num_kv_groups, l.ffn_hidden_size) for l in arch.layers
-        ),
+        layer_widths=tuple(l.widths for l in arch.layers),
         normalization="RMSNorm",
         layernorm_epsilon=arch.rms_norm_eps,
         gated_linear_unit=True,

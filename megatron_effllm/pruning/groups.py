@@ -154,7 +154,7 @@ def ffn_cost(arch: Architecture) -> int:
 
 def hidden_cost(arch: Architecture, layers: Optional[Iterable[LayerShape]] = None) -> int:
     """Parameters of one hidden channel across the whole model (tied embedding counted once)."""
-    widths = [(l.num_heads, l.num_kv_groups, l.ffn_hidden_size) for l in (arch.layers if layers is None else layers)]
+    widths = [l.widths for l in (arch.layers if layers is None else layers)]
     return arch.count_params(1, widths) - arch.count_params(0, widths)
 
 
