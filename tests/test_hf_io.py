@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from megatron_effllm.architecture import Architecture, LayerShape
 from megatron_effllm.convert import hf_io
 from megatron_effllm.errors import UserError
+from megatron_effllm.layout import canonical_shapes, check_state_dict
 
 VOCAB = 128
 
@@ -20,7 +21,7 @@ def random_state_dict(arch, seed=0):
     return {
         name: torch.randn(shape, generator=g) * (0.2 if len(shape) > 1 else 1.0)
         + (1.0 if name.endswith("layernorm.weight") or name == "model.norm.weight" else 0.0)
-        for name, shape in hf_io.canonical_shapes(arch).items()
+        for name, shape in canonical_shapes(arch).items()
     }
 
 
@@ -73,7 +74,7 @@ def greedy_without_cache(model, ids, steps):
 )
 def test_uniform_round_trip_loads_in_stock_transformers(tmp_path, family, tied):
     arch = uniform_arch(family, tied)
-    sd = hf_io.check_state_dict(random_state_dict(arch), arch, "test")
+    sd = check_state_dict(arch, random_state_dict(arch), "test")
     out = tmp_path / "model"
     hf_io.save_hf_model(arch, sd, str(out), dtype=torch.float32)
 
@@ -99,7 +100,7 @@ def test_uniform_round_trip_loads_in_stock_transformers(tmp_path, family, tied):
 
 def test_bf16_save_rounds_once_and_loads_in_requested_dtype(tmp_path):
     arch = uniform_arch("llama", tied=True)
-    sd = hf_io.check_state_dict(random_state_dict(arch), arch, "test")
+    sd = check_state_dict(arch, random_state_dict(arch), "test")
     hf_io.save_hf_model(arch, sd, str(tmp_path / "m"))  # default bf16
     assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
     back = hf_io.load_hf_model(str(tmp_path / "m"), dtype=torch.bfloat16)
@@ -120,7 +121,7 @@ def test_depth_pruned_uniform_keeps_source_indices_in_a_stock_config(tmp_path):
 
 def test_reads_folders_written_by_transformers_sharded_and_bin(tmp_path):
     arch = uniform_arch("mistral", tied=False)
-    sd = hf_io.check_state_dict(random_state_dict(arch), arch, "test")
+    sd = check_state_dict(arch, random_state_dict(arch), "test")
     model = hf_io.build_hf_model(arch, sd)
 
     model.save_pretrained(str(tmp_path / "hf"), max_shard_size="20KB")
@@ -152,7 +153,7 @@ def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
         hf_io.save_hf_model(arch, sd, str(out))
     sd2 = random_state_dict(arch, seed=5)
     hf_io.save_hf_model(arch, sd2, str(out), dtype=torch.float32, overwrite=True)
-    assert_same_tensors(hf_io.load_hf_model(str(out)).state_dict, hf_io.check_state_dict(sd2, arch, "t"))
+    assert_same_tensors(hf_io.load_hf_model(str(out)).state_dict, check_state_dict(arch, sd2, "t"))
 
     import safetensors.torch
 
@@ -193,7 +194,7 @@ def test_tokenizer_files_are_copied(tmp_path):
 def test_non_uniform_export_loads_with_remote_code_and_generates(tmp_path, family, tied):
     arch = non_uniform_arch(family, tied)
     assert not arch.is_uniform and hf_io.needs_remote_code(arch)
-    sd = hf_io.check_state_dict(random_state_dict(arch, seed=3), arch, "test")
+    sd = check_state_dict(arch, random_state_dict(arch, seed=3), "test")
     out = tmp_path / f"pruned_{family}"
     hf_io.save_hf_model(arch, sd, str(out), dtype=torch.float32)
 

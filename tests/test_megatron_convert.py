@@ -24,7 +24,8 @@ from megatron_fixtures import (
     sample_ids,
     tiny_hf,
 )
-from megatron_effllm.convert import megatron_layout as L
+from megatron_effllm import layout as L
+from megatron_effllm.architecture import Architecture
 from megatron_effllm.errors import UserError
 
 TO_MEGATRON = "megatron_effllm.cli.convert_megatron"
@@ -38,6 +39,12 @@ def assert_same(a: dict, b: dict):
 
 
 # ----------------------------------------------------------------------------- pure layout
+def one_layer(num_heads=4, num_kv_groups=2, ffn=4) -> Architecture:
+    """hidden 1, head_dim 1: q/k/v and gate/up are column vectors labelled by their rows."""
+    return Architecture.uniform(num_layers=1, hidden_size=1, num_heads=num_heads, num_kv_groups=num_kv_groups,
+                                ffn_hidden_size=ffn, vocab_size=2, head_dim=1)
+
+
 def test_qkv_interleaving_is_megatrons_per_group_order():
     # 4 query heads in 2 KV groups, head_dim 1: rows labelled by what they are.
     q = torch.tensor([[10.0], [11.0], [12.0], [13.0]])  # heads 0,1 -> group 0; heads 2,3 -> group 1
@@ -46,8 +53,10 @@ def test_qkv_interleaving_is_megatrons_per_group_order():
     fused = L.fuse_qkv(q, k, v, 4, 2)
     assert fused.flatten().tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
     # TP=2: each rank holds whole groups.
-    assert L.qkv_to_megatron(q, k, v, 4, 2, 1, 2).flatten().tolist() == [12, 13, 21, 31]
-    back = L.qkv_from_megatron([L.qkv_to_megatron(q, k, v, 4, 2, r, 2) for r in range(2)], 4, 2)
+    assert L.qkv_to_megatron(q, k, v, 4, 2, L.ParallelDims(1, 2)).flatten().tolist() == [12, 13, 21, 31]
+    shards = [L.qkv_to_megatron(q, k, v, 4, 2, L.ParallelDims(r, 2)) for r in range(2)]
+    canon = L.canonical_from_shards(one_layer(), "decoder.layers.0.self_attention.linear_qkv.weight", shards)
+    back = [canon[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"]
     assert all(torch.equal(x, y) for x, y in zip(back, (q, k, v)))
     # Biases (1-D) take the same path.
     assert L.fuse_qkv(q[:, 0], k[:, 0], v[:, 0], 4, 2).tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
@@ -57,9 +66,10 @@ def test_fc1_tp_shard_is_gate_part_then_up_part():
     gate = torch.arange(4.0).unsqueeze(1)
     up = 10 + torch.arange(4.0).unsqueeze(1)
     assert L.fc1_to_megatron(gate, up).flatten().tolist() == [0, 1, 2, 3, 10, 11, 12, 13]
-    shards = [L.fc1_to_megatron(gate, up, r, 2) for r in range(2)]
+    shards = [L.fc1_to_megatron(gate, up, L.ParallelDims(r, 2)) for r in range(2)]
     assert shards[1].flatten().tolist() == [2, 3, 12, 13]
-    g, u = L.fc1_from_megatron(shards)
+    canon = L.canonical_from_shards(one_layer(), "decoder.layers.0.mlp.linear_fc1.weight", shards)
+    g, u = canon["model.layers.0.mlp.gate_proj.weight"], canon["model.layers.0.mlp.up_proj.weight"]
     assert torch.equal(g, gate) and torch.equal(u, up)
 
 
@@ -71,10 +81,10 @@ def test_primitives_map_masks_and_moments_like_weights():
     w = [torch.randn(n * d, h, generator=g) for n in (heads, kv, kv)]
     m = [torch.rand(n * d, h, generator=g) > 0.5 for n in (heads, kv, kv)]
     for r in range(2):
-        fused_w = L.qkv_to_megatron(*w, heads, kv, r, 2)
-        fused_m = L.qkv_to_megatron(*m, heads, kv, r, 2)
+        fused_w = L.qkv_to_megatron(*w, heads, kv, L.ParallelDims(r, 2))
+        fused_m = L.qkv_to_megatron(*m, heads, kv, L.ParallelDims(r, 2))
         assert fused_m.dtype == torch.bool
-        masked = L.qkv_to_megatron(*(a * b for a, b in zip(w, m)), heads, kv, r, 2)
+        masked = L.qkv_to_megatron(*(a * b for a, b in zip(w, m)), heads, kv, L.ParallelDims(r, 2))
         assert torch.equal(masked, fused_w * fused_m)
 
 
@@ -100,6 +110,16 @@ def test_layout_round_trip_every_layout_is_exact(name):
             assert_same(L.from_megatron(arch, shards, tp, pp), sd)
 
 
+def test_megatron_shapes_are_the_shards_shapes():
+    """The data-free shapes (the kinds' math on meta tensors) equal every real shard's."""
+    for name in ("llama", "qwen2"):
+        _, arch, sd = tiny_hf(name)
+        for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2)]:
+            for (t, p), shard in L.all_shards(arch, sd, tp, pp, L.TE).items():
+                want = {k: tuple(v.shape) for k, v in shard.items()}
+                assert L.megatron_shapes(arch, L.ParallelDims(t, tp, p, pp), L.TE) == want, (name, t, p)
+
+
 def test_layout_rejects_bad_input():
     _, arch, sd = tiny_hf("llama")
     with pytest.raises(UserError, match="missing"):
@@ -109,10 +129,10 @@ def test_layout_rejects_bad_input():
     with pytest.raises(UserError, match="up_proj"):
         L.to_megatron(arch, bad)
     with pytest.raises(UserError, match="tensor parallel size 3"):
-        L.to_megatron(arch, sd, 0, 3)
+        L.to_megatron(arch, sd, L.ParallelDims(0, 3))
     odd_vocab = arch.replace(vocab_size=VOCAB - 1)
     with pytest.raises(UserError, match="vocab size 127"):
-        L.to_megatron(odd_vocab, random_canonical(odd_vocab), 0, 2)
+        L.to_megatron(odd_vocab, random_canonical(odd_vocab), L.ParallelDims(0, 2))
     shards = L.all_shards(arch, sd, 2, 1)
     del shards[(1, 0)]
     with pytest.raises(UserError, match="tp=1 pp=0 is missing"):

@@ -13,7 +13,7 @@ import torch
 
 from dist_utils import run_ranks
 from megatron_effllm.architecture import Architecture, LayerShape
-from megatron_effllm.convert import megatron_layout as layout
+from megatron_effllm import layout
 from megatron_effllm.errors import UserError
 from megatron_effllm.parallel import distributed_pruning as dp
 from megatron_effllm.pruning.groups import PrunePlan
@@ -86,12 +86,12 @@ def test_every_layout_of_shards_sums_to_the_full_accumulator(family):
 
 def test_pieces_refuse_tensors_of_another_layout():
     arch = tiny("llama")
-    shard = layout.to_megatron(arch, random_canonical(arch), tp_rank=0, tp_size=2)
+    shard = layout.to_megatron(arch, random_canonical(arch), layout.ParallelDims(0, 2))
     with pytest.raises(UserError, match="another architecture or layout"):
         layout.canonical_pieces(arch, "decoder.layers.0.mlp.linear_fc2.weight",
-                                shard["decoder.layers.0.mlp.linear_fc2.weight"], tp_rank=0, tp_size=1)
+                                shard["decoder.layers.0.mlp.linear_fc2.weight"], layout.ParallelDims(0, 1))
     with pytest.raises(UserError, match="holds only 1 layers"):
-        layout.canonical_pieces(arch, "decoder.layers.1.input_layernorm.weight", torch.ones(32), pp_rank=1, pp_size=2)
+        layout.canonical_pieces(arch, "decoder.layers.1.input_layernorm.weight", torch.ones(32), layout.ParallelDims(pp_rank=1, pp=2))
     with pytest.raises(UserError, match="no canonical tensor"):
         layout.canonical_pieces(arch, "decoder.layers.0.self_attention.q_layernorm.weight", torch.ones(4))
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.pruning.groups import tensor_shapes
+from megatron_effllm.layout import canonical_shapes
 
 torch.set_num_threads(1)
 
@@ -29,7 +29,7 @@ def tiny_arch(family="llama", tie=False, heads=6, kv=2, layers=2, hidden=48, hea
 def random_state_dict(arch, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, shape in tensor_shapes(arch).items():
+    for name, shape in canonical_shapes(arch).items():
         if name.endswith("norm.weight"):
             out[name] = (1.0 + 0.3 * torch.randn(shape, generator=g)).to(dtype)
         elif name.endswith("bias"):

@@ -8,7 +8,8 @@ import torch
 from megatron_effllm.errors import UserError
 from megatron_effllm.pruning import oneshot
 from megatron_effllm.pruning.estimators.base import NEEDS, Estimator, GradientEstimator, Statistics
-from megatron_effllm.pruning.groups import PruningError, tensor_shapes
+from megatron_effllm.layout import canonical_shapes
+from megatron_effllm.pruning.groups import PruningError
 from megatron_effllm.pruning.registry import ESTIMATORS, SELECTORS, STRATEGIES, Registry, markdown_tables
 from megatron_effllm.pruning.saliency import GradSaliency
 from megatron_effllm.pruning.selectors.base import Selector
@@ -105,7 +106,7 @@ def test_an_estimator_is_one_module(tmp_path, monkeypatch):
     # it combines GradSaliency's sums like the built-in ones
     arch = tiny_arch("llama")
     acc = GradSaliency(arch, ["taylor"])
-    w = {n: torch.randn(s) for n, s in tensor_shapes(arch).items()}
+    w = {n: torch.randn(s) for n, s in canonical_shapes(arch).items()}
     acc.update(w, {n: torch.randn_like(t) for n, t in w.items()}, count=2.0)
     n = float(acc.state["count"])
     assert torch.equal(est.combine({"wg": acc.state["wg.hidden"]}, n), 2 * acc.scores("taylor").hidden)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from megatron_effllm import layout
 from megatron_effllm.pruning import groups as G
 from megatron_effllm.pruning.hooks import ActivationRecorder, weights_and_grads
 from megatron_effllm.pruning.obs import HessianAccumulator
@@ -283,7 +284,7 @@ def test_hf_model_weights_and_grads_feed_the_accumulator():
     ids = token_batch(arch)
     model(ids, labels=ids).loss.backward()
     weights, grads = weights_and_grads(model, arch)
-    assert set(weights) == set(G.tensor_shapes(arch)) and "lm_head.weight" not in weights
+    assert set(weights) == set(layout.canonical_shapes(arch)) and "lm_head.weight" not in weights
     acc = GradSaliency(arch, ["taylor"])
     acc.update(weights, grads, count=2)
     want, _ = grads_of(arch, sd, ids)

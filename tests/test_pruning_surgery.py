@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from megatron_effllm import layout
 from megatron_effllm.pruning import groups as G
 from megatron_effllm.pruning.groups import PrunePlan, PruningError
 from megatron_effllm.pruning.hooks import install_mask_hooks
@@ -57,8 +58,8 @@ def test_masked_forward_equals_pruned_forward(family, tie, kind):
     assert (masked - pruned).abs().max() < 1e-10
     # and the prune really changes the model
     assert (pruned - reference_logits(arch, sd, ids)).abs().max() > 1e-3
-    assert set(pruned_sd) == set(G.tensor_shapes(plan.after))
-    G.check_state_dict(plan.after, pruned_sd)
+    assert set(pruned_sd) == set(layout.canonical_shapes(plan.after))
+    layout.check_state_dict(plan.after, pruned_sd)
     assert ("lm_head.weight" in pruned_sd) == (not tie) and plan.after.tie_word_embeddings == tie
 
 

@@ -37,7 +37,7 @@ PROBE = torch.arange(2 * 24).reshape(2, 24) * 997 % 49152  # token ids for logit
 def _spied_run(rank, world_size, run_dir, extra, tp2_constraints=False):
     """Train; also return the megatron model's logits on PROBE at the end and, for every
     compaction, whether the carried state equals the old state sliced (gathered over TP)."""
-    from megatron_effllm.convert import megatron_layout as layout
+    from megatron_effllm import layout
     from megatron_effllm.model.forward import forward_logits
     from megatron_effllm.parallel import comm
     from megatron_effllm.pruning.surgery import slice_state_dict
@@ -395,7 +395,7 @@ def test_reshard_at_tp1_is_the_single_process_slicing():
     """The tensor-by-tensor compaction at TP=1 gives exactly what slicing the whole canonical
     state gives (weights, moments; with and without folded L0 gates)."""
     from megatron_effllm.architecture import Architecture, LayerShape
-    from megatron_effllm.convert import megatron_layout as layout
+    from megatron_effllm import layout
     from megatron_effllm.parallel import distributed_pruning as dp
     from megatron_effllm.pruning import l0
     from megatron_effllm.pruning.groups import PrunePlan

@@ -22,6 +22,7 @@ GGUF a model was converted from) or from a Hugging Face tokenizer folder through
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -29,12 +30,15 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+import gguf
 import numpy as np
 import torch
+from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.convert.hf_io import check_state_dict, load_hf_model, open_gguf
+from megatron_effllm.convert.hf_io import load_hf_model, open_gguf
 from megatron_effllm.errors import UserError
+from megatron_effllm.layout import check_state_dict
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 
@@ -102,8 +106,6 @@ def write_gguf(
     (a Hugging Face tokenizer folder); one of them is required. Written to a temporary sibling and
     renamed when complete.
     """
-    import gguf
-
     if dtype not in GGUF_DTYPES:
         raise UserError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
     if tokenizer_dir is None and tokenizer_gguf is None:
@@ -114,7 +116,7 @@ def write_gguf(
     out_file = os.path.abspath(out_file)
     if os.path.exists(out_file) and not overwrite:
         raise UserError(f"{out_file} already exists; choose another path or pass --overwrite")
-    sd = check_state_dict(state_dict, arch, "state dict to export")
+    sd = check_state_dict(arch, state_dict, "state dict to export")
     arch_name = gguf_arch_name(arch)
     model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "deci": gguf.MODEL_ARCH.DECI}[
         arch_name
@@ -180,8 +182,6 @@ def export_gguf(
 
 # ---------------------------------------------------------------------------------- metadata
 def _add_model_metadata(writer, arch: Architecture, dtype: str, name: str) -> None:
-    import gguf
-
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     writer.add_name(name)
@@ -222,8 +222,6 @@ def _add_model_metadata(writer, arch: Architecture, dtype: str, name: str) -> No
 
 def _encode(array: np.ndarray, dtype: str):
     """(data, raw ggml type or None) for one tensor in the requested precision."""
-    import gguf
-
     if array.ndim == 1 or dtype == "f32":
         return np.ascontiguousarray(array, dtype=np.float32), None
     if dtype == "q8_0":
@@ -253,9 +251,6 @@ def _copy_tokenizer(writer, tokenizer_gguf: str, vocab_size: int) -> None:
 
 
 def _add_hf_tokenizer(writer, tokenizer_dir: str, vocab_size: int) -> None:
-    import gguf
-    from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
-
     logging.getLogger("gguf.vocab").setLevel(logging.WARNING)  # per-token info lines
     path = Path(tokenizer_dir)
     vocab = None
@@ -300,8 +295,6 @@ def _add_hf_tokenizer(writer, tokenizer_dir: str, vocab_size: int) -> None:
 
 def _added_tokens(path: Path) -> dict[int, bool]:
     """{id: special} of the added tokens listed in tokenizer.json (empty if there is none)."""
-    import json
-
     file = path / "tokenizer.json"
     if not file.is_file():
         return {}

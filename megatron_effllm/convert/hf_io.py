@@ -3,7 +3,7 @@
 Reads a Hugging Face Llama / Qwen2 / Mistral folder (safetensors, sharded or not, or
 ``pytorch_model*.bin``), a ``.gguf`` file (through transformers' GGUF loader), or a folder this
 project exported, into an ``Architecture`` plus the canonical state dict (see
-``canonical_shapes``). Writes them back as a folder that stock transformers loads: a plain
+``layout.canonical``). Writes them back as a folder that stock transformers loads: a plain
 family config when one width per field describes the model, otherwise a config with per-layer
 lists and the small model class of ``hf_remote`` (``trust_remote_code=True``).
 
@@ -18,14 +18,24 @@ import json
 import os
 import shutil
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
+import gguf
+import safetensors.torch
 import torch
+import transformers
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.initialization import no_init_weights
 
 from megatron_effllm.architecture import Architecture
+from megatron_effllm.cache import cache_dir
+from megatron_effllm.convert.hf_remote.configuration_effllm import CONFIG_CLASSES
+from megatron_effllm.convert.hf_remote.modeling_effllm import MODEL_CLASSES
 from megatron_effllm.errors import UserError
+from megatron_effllm.layout.canonical import check_state_dict
 
 HF_REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
 REMOTE_CODE_FILES = ("configuration_effllm.py", "modeling_effllm.py")
@@ -45,68 +55,6 @@ class HFSource:
     arch: Architecture
     state_dict: dict[str, torch.Tensor]
     tokenizer_dir: Optional[str]
-
-
-# ---------------------------------------------------------------------------------- the contract
-def canonical_shapes(arch: Architecture) -> "OrderedDict[str, tuple[int, ...]]":
-    """Name -> shape of every tensor of the canonical state dict, in checkpoint order."""
-    h, d = arch.hidden_size, arch.head_dim
-    shapes: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-    shapes["model.embed_tokens.weight"] = (arch.vocab_size, h)
-    for i, layer in enumerate(arch.layers):
-        p = f"model.layers.{i}."
-        q, kv = layer.num_heads * d, layer.num_kv_groups * d
-        shapes[p + "input_layernorm.weight"] = (h,)
-        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-            shapes[p + f"self_attn.{name}.weight"] = (rows, h)
-            if arch.qkv_bias:
-                shapes[p + f"self_attn.{name}.bias"] = (rows,)
-        shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = (layer.ffn_hidden_size, h)
-        shapes[p + "mlp.up_proj.weight"] = (layer.ffn_hidden_size, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, layer.ffn_hidden_size)
-    shapes["model.norm.weight"] = (h,)
-    if not arch.tie_word_embeddings:
-        shapes["lm_head.weight"] = (arch.vocab_size, h)
-    return shapes
-
-
-def check_state_dict(
-    tensors: dict[str, torch.Tensor], arch: Architecture, where: str
-) -> "OrderedDict[str, torch.Tensor]":
-    """Return ``tensors`` as a canonical state dict for ``arch`` (canonical order), or raise a
-    UserError naming the first missing, unexpected or mis-shaped weight.
-
-    Tolerated and dropped: ``lm_head.weight`` of a tied model (some checkpoints store the copy)
-    and the RoPE ``inv_freq`` buffers old checkpoints carry.
-    """
-    expected = canonical_shapes(arch)
-    present = {
-        k: v for k, v in tensors.items()
-        if not k.endswith("rotary_emb.inv_freq")
-        and not (k == "lm_head.weight" and arch.tie_word_embeddings)
-    }
-    missing = [k for k in expected if k not in present]
-    if missing:
-        raise UserError(
-            f"{where}: weight {missing[0]} is missing ({len(missing)} missing in all); the weights "
-            "do not match the config: re-export the model or fix its config"
-        )
-    unexpected = [k for k in present if k not in expected]
-    if unexpected:
-        raise UserError(
-            f"{where}: unexpected weight {unexpected[0]} ({len(unexpected)} unexpected in all); only "
-            "Llama-family decoders without MLP/output biases are supported, or the config "
-            "describes a different model"
-        )
-    for name, shape in expected.items():
-        if tuple(present[name].shape) != shape:
-            raise UserError(
-                f"{where}: weight {name} has shape {tuple(present[name].shape)} but the config "
-                f"implies {shape}; the config does not match the weights (re-export the model)"
-            )
-    return OrderedDict((k, present[k]) for k in expected)
 
 
 # ---------------------------------------------------------------------------------- configs
@@ -134,8 +82,6 @@ def _rope_parameters(arch: Architecture) -> dict:
 def hf_config(arch: Architecture, dtype: Optional[torch.dtype] = None):
     """The transformers config describing ``arch``: a stock Llama/Qwen2/Mistral config, or the
     project's per-layer config (see ``needs_remote_code``)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
     kwargs = dict(
         vocab_size=arch.vocab_size,
         hidden_size=arch.hidden_size,
@@ -166,9 +112,6 @@ def hf_config(arch: Architecture, dtype: Optional[torch.dtype] = None):
         num_source_layers=arch.num_source_layers,
     )
     if needs_remote_code(arch):
-        from megatron_effllm.convert.hf_remote.configuration_effllm import CONFIG_CLASSES
-        from megatron_effllm.convert.hf_remote.modeling_effllm import MODEL_CLASSES
-
         config = CONFIG_CLASSES[arch.family](
             **kwargs,
             **trace,
@@ -184,7 +127,8 @@ def hf_config(arch: Architecture, dtype: Optional[torch.dtype] = None):
             "AutoModelForCausalLM": f"modeling_effllm.{model_cls}",
         }
     else:
-        stock = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch.family]
+        stock = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                 "mistral": transformers.MistralConfig}[arch.family]
         if trace["source_layer_indices"] != list(range(arch.num_layers)) or (
             arch.num_source_layers != arch.num_layers
         ):
@@ -203,11 +147,7 @@ def hf_config(arch: Architecture, dtype: Optional[torch.dtype] = None):
 def model_class(arch: Architecture):
     """The transformers causal-LM class for ``arch`` (stock, or the project's per-layer class)."""
     if needs_remote_code(arch):
-        from megatron_effllm.convert.hf_remote.modeling_effllm import MODEL_CLASSES
-
         return MODEL_CLASSES[arch.family]
-    import transformers
-
     return {
         "llama": transformers.LlamaForCausalLM,
         "qwen2": transformers.Qwen2ForCausalLM,
@@ -232,9 +172,7 @@ def build_hf_model(
     if state_dict is None:
         model = cls._from_config(config, **kwargs)
     else:
-        sd = check_state_dict(state_dict, arch, "state dict")
-        from transformers.initialization import no_init_weights
-
+        sd = check_state_dict(arch, state_dict, "state dict")
         with no_init_weights():  # every parameter is overwritten below
             model = cls._from_config(config, **kwargs)
         model.tie_weights()  # skipped with the initialisation above
@@ -245,12 +183,12 @@ def build_hf_model(
     return model.float().eval()
 
 
-def canonical_state_dict(model) -> "OrderedDict[str, torch.Tensor]":
+def canonical_state_dict(model) -> dict[str, torch.Tensor]:
     """The canonical state dict (canonical order, tied lm_head dropped) of a transformers
     Llama-family model; the tensors are the model's own, detached."""
     arch = Architecture.from_hf_config(model.config.to_dict())
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
-    return check_state_dict(tensors, arch, type(model).__name__)
+    return check_state_dict(arch, tensors, type(model).__name__)
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -280,7 +218,7 @@ def load_hf_model(path: str, dtype: torch.dtype = torch.float32) -> HFSource:
     if tensors and not any(k.startswith("model.") for k in tensors):
         # saved from the base model (LlamaModel) rather than the causal LM
         tensors = {("model." + k if not k.startswith("lm_head.") else k): v for k, v in tensors.items()}
-    state_dict = check_state_dict(tensors, arch, path)
+    state_dict = check_state_dict(arch, tensors, path)
     has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
     return HFSource(arch, state_dict, path if has_tokenizer else None)
 
@@ -348,8 +286,6 @@ def _read_weights(folder: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors(path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
     try:
         out = {}
         with safe_open(path, framework="pt") as f:
@@ -377,8 +313,6 @@ def _read_torch_bin(path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def open_gguf(path: str):
     """A ``gguf.GGUFReader`` over ``path`` (memory-mapped), or a UserError for a damaged file."""
-    import gguf
-
     try:
         return gguf.GGUFReader(path)
     except Exception as err:
@@ -396,8 +330,6 @@ def gguf_architecture(path: str) -> str:
 
 
 def _load_gguf(path: str, dtype: torch.dtype) -> HFSource:
-    from transformers import AutoModelForCausalLM
-
     arch_name = gguf_architecture(path)
     if arch_name == "deci":
         raise UserError(
@@ -423,16 +355,12 @@ def _load_gguf(path: str, dtype: torch.dtype) -> HFSource:
         raise UserError(f"{path}: {err}") from None
     tensors = {k: v.to(dtype) for k, v in canonical_state_dict(model).items()}
     del model
-    state_dict = check_state_dict(tensors, arch, path)
+    state_dict = check_state_dict(arch, tensors, path)
     return HFSource(arch, state_dict, _gguf_tokenizer_dir(path))
 
 
 def _gguf_tokenizer_dir(path: str) -> str:
     """The GGUF's tokenizer as a normal HF tokenizer folder, converted once and cached."""
-    from transformers import AutoTokenizer
-
-    from megatron_effllm.assets import cache_dir
-
     st = os.stat(path)
     key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     root = os.path.join(cache_dir(), "gguf-tokenizers")
@@ -472,12 +400,8 @@ def save_hf_model(
     Written into a sibling temporary folder and renamed when complete: on failure nothing
     appears at ``out_dir``.
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig
-
     arch.validate()
-    sd = check_state_dict(state_dict, arch, "state dict to save")
+    sd = check_state_dict(arch, state_dict, "state dict to save")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
@@ -519,7 +443,7 @@ def save_hf_model(
             # A copy per shard: the caller's tensors may share storage (views of fused weights),
             # which safetensors refuses, and only one shard is held twice at a time.
             shard = {n: sd[n].detach().to("cpu", dtype).clone().contiguous() for n in names}
-            save_file(shard, os.path.join(tmp, filename), metadata={"format": "pt"})
+            safetensors.torch.save_file(shard, os.path.join(tmp, filename), metadata={"format": "pt"})
             del shard
         if split.is_sharded:
             total_size = sum(t.numel() for t in sd.values()) * (torch.finfo(dtype).bits // 8)

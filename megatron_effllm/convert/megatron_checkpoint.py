@@ -26,9 +26,16 @@ from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_effllm.architecture import Architecture
+from megatron_effllm.convert.hf_io import TOKENIZER_FILES
 from megatron_effllm.errors import UserError
+from megatron_effllm.layout import TE, check_state_dict, from_megatron, megatron_shapes, stage_layer_counts
+from megatron_effllm.model.builder import build_gpt_model
+from megatron_effllm.model.weights import load_canonical, local_state_dict
+from megatron_effllm.parallel.runtime import init_model_parallel
 
 FORMAT = "megatron_effllm.megatron_checkpoint/1"
 MANIFEST = "effllm_checkpoint.json"
@@ -58,25 +65,9 @@ def _broadcast_error(err: Optional[str]) -> None:
 
 
 def checkpoint_tensor_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
-    """Global tensor keys and shapes a checkpoint of ``arch`` holds (layer keys are global;
-    norm weights are stored under the TransformerEngine names in both naming styles)."""
-    h, d, V = arch.hidden_size, arch.head_dim, arch.vocab_size
-    shapes = {"embedding.word_embeddings.weight": (V, h)}
-    for i, l in enumerate(arch.layers):
-        p = f"decoder.layers.{i}."
-        qkv_rows = (l.num_heads + 2 * l.num_kv_groups) * d
-        shapes[p + "self_attention.linear_qkv.layer_norm_weight"] = (h,)
-        shapes[p + "self_attention.linear_qkv.weight"] = (qkv_rows, h)
-        if arch.qkv_bias:
-            shapes[p + "self_attention.linear_qkv.bias"] = (qkv_rows,)
-        shapes[p + "self_attention.linear_proj.weight"] = (h, l.num_heads * d)
-        shapes[p + "mlp.linear_fc1.layer_norm_weight"] = (h,)
-        shapes[p + "mlp.linear_fc1.weight"] = (2 * l.ffn_hidden_size, h)
-        shapes[p + "mlp.linear_fc2.weight"] = (h, l.ffn_hidden_size)
-    shapes["decoder.final_layernorm.weight"] = (h,)
-    if not arch.tie_word_embeddings:
-        shapes["output_layer.weight"] = (V, h)
-    return shapes
+    """Global tensor keys and shapes a checkpoint of ``arch`` holds: the TP=PP=1 layout, norm
+    weights under the TransformerEngine names in both naming styles."""
+    return megatron_shapes(arch, style=TE)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -107,8 +98,6 @@ def read_checkpoint_info(ckpt_dir: str) -> tuple[Architecture, dict]:
 def verify_checkpoint(ckpt_dir: str, arch: Optional[Architecture] = None) -> None:
     """Check that every weight file exists with its full length and that every tensor the
     architecture needs is present with its shape. Reads metadata only (cheap)."""
-    import torch.distributed.checkpoint as dcp
-
     if arch is None:
         arch, _ = read_checkpoint_info(ckpt_dir)
     weights = os.path.join(ckpt_dir, WEIGHTS_DIR)
@@ -152,8 +141,6 @@ def load_into_model(model: torch.nn.Module, ckpt_dir: str, arch: Optional[Archit
 
     ``arch`` (the model's architecture), when given, must equal the checkpoint's.
     """
-    from megatron.core import dist_checkpointing
-
     err = None
     ck_arch = None
     if _rank() == 0:
@@ -189,11 +176,6 @@ def load_megatron_model(
     ``tp``/``pp`` (re)initialise megatron's groups; when omitted the current groups are used
     (one process, TP=PP=1 if none exist). ``params_dtype`` defaults to the stored dtype.
     """
-    from megatron.core import parallel_state
-
-    from megatron_effllm.model.builder import build_gpt_model
-    from megatron_effllm.parallel.runtime import init_model_parallel
-
     arch, manifest = read_checkpoint_info(ckpt_dir)
     if tp is not None or pp is not None or not parallel_state.model_parallel_is_initialized():
         init_model_parallel(tp=tp or 1, pp=pp or 1)
@@ -210,8 +192,6 @@ def load_megatron_checkpoint(ckpt_dir: str, tp: Optional[int] = None, pp: Option
     The state dict has the model's names (local spec, or TE names where TE is used), layer
     indices local to this rank's pipeline stage, no ``_extra_state``.
     """
-    from megatron_effllm.model.weights import local_state_dict
-
     arch, model = load_megatron_model(ckpt_dir, tp, pp)
     return arch, {k: v.detach().clone() for k, v in local_state_dict(model).items()}
 
@@ -219,8 +199,6 @@ def load_megatron_checkpoint(ckpt_dir: str, tp: Optional[int] = None, pp: Option
 def load_canonical_checkpoint(ckpt_dir: str) -> tuple[Architecture, dict[str, torch.Tensor], Optional[str]]:
     """(Architecture, canonical HF-named state dict, tokenizer folder or None), read in this
     process at TP=PP=1."""
-    from megatron_effllm.convert.megatron_layout import from_megatron
-
     arch, local = load_megatron_checkpoint(ckpt_dir, tp=1, pp=1)
     tok = os.path.join(ckpt_dir, TOKENIZER_DIR)
     return arch, from_megatron(arch, {(0, 0): local}, 1, 1), tok if os.path.isdir(tok) else None
@@ -242,8 +220,6 @@ def save_megatron_checkpoint(
     (tp, pp) are recorded in the manifest; by default they are read from the model and
     megatron's groups.
     """
-    from megatron.core import dist_checkpointing, parallel_state
-
     out_dir = os.path.abspath(out_dir)
     err = None
     box = [None]
@@ -294,8 +270,6 @@ def _finish(tmp, out_dir, arch, tokenizer_src, dtype, layout) -> None:
     """Rank 0: architecture, tokenizer and manifest next to the weights, verify, rename."""
     arch.save(os.path.join(tmp, ARCH_FILE))
     if tokenizer_src is not None:
-        from megatron_effllm.convert.hf_io import TOKENIZER_FILES
-
         os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(tokenizer_src, name)):
@@ -317,8 +291,6 @@ def _finish(tmp, out_dir, arch, tokenizer_src, dtype, layout) -> None:
 
 def check_layout(arch: Architecture, tp: int, pp: int) -> None:
     """UserError unless ``arch`` can be split over ``tp`` x ``pp`` ranks."""
-    from megatron_effllm.convert.megatron_layout import stage_layer_counts
-
     if tp < 1 or pp < 1:
         raise UserError(f"tensor/pipeline parallel sizes must be >= 1, got tp={tp} pp={pp}")
     arch.validate(tensor_parallel=tp)
@@ -346,15 +318,8 @@ def save_canonical_checkpoint(
 
     Uses megatron's groups at TP=PP=1 (initialised here if needed).
     """
-    from megatron.core import parallel_state
-
-    from megatron_effllm.convert.megatron_layout import check_canonical
-    from megatron_effllm.model.builder import build_gpt_model
-    from megatron_effllm.model.weights import load_canonical
-    from megatron_effllm.parallel.runtime import init_model_parallel
-
     check_layout(arch, tp, pp)
-    check_canonical(arch, state_dict)
+    check_state_dict(arch, state_dict, "canonical state dict")
     if not (
         parallel_state.model_parallel_is_initialized()
         and parallel_state.get_tensor_model_parallel_world_size() == 1

@@ -53,7 +53,7 @@ def ensure_dataset_helpers() -> None:
     import megatron.core.datasets as mcd
     from filelock import FileLock
 
-    from megatron_effllm.assets import cache_dir
+    from megatron_effllm.cache import cache_dir
 
     src = os.path.join(os.path.dirname(mcd.__file__), "helpers.cpp")
     if not os.path.isfile(src):

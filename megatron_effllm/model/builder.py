@@ -19,10 +19,16 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    set_tensor_model_parallel_attributes,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.convert.megatron_layout import stage_layer_counts
+from megatron_effllm.layout import stage_layer_counts
 from megatron_effllm.errors import UserError
 from megatron_effllm.parallel.runtime import cpu_device_mode, ensure_cpu_support
 
@@ -56,7 +62,7 @@ class PerLayerTransformerConfig(TransformerConfig):
 
 
 def te_available() -> bool:
-    try:
+    try:  # TransformerEngine is optional (GPU clusters only)
         import transformer_engine.pytorch  # noqa: F401
     except Exception:
         return False
@@ -124,9 +130,7 @@ def make_transformer_config(
         num_query_groups=first.num_kv_groups,
         ffn_hidden_size=first.ffn_hidden_size,
         kv_channels=arch.head_dim,
-        layer_widths=tuple(
-            (l.num_heads, l.num_kv_groups, l.ffn_hidden_size) for l in arch.layers
-        ),
+        layer_widths=tuple(l.widths for l in arch.layers),
         normalization="RMSNorm",
         layernorm_epsilon=arch.rms_norm_eps,
         gated_linear_unit=True,
@@ -173,7 +177,7 @@ def build_gpt_model(
     importable (then norms are fused into ``linear_qkv``/``linear_fc1``), else the local spec.
     The embedding and output layer have exactly ``arch.vocab_size`` rows (no padding, so the
     vocabulary must be divisible by the TP size; UserError otherwise). Pipeline stages take
-    ``convert.megatron_layout.stage_layer_counts`` layers each (uneven splits allowed).
+    ``layout.stage_layer_counts`` layers each (uneven splits allowed).
     Weights are randomly initialised (left uninitialised with ``init_weights=False``, when
     real ones are loaded next: ``model.weights.load_canonical`` or a checkpoint).
     """
@@ -231,13 +235,6 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
     while it initialises them (``perform_initialization``). Without them a model built to load
     weights would look replicated to whatever reads the attributes: DeepSpeed's gradient-norm
     clipping would count each shard on TP rank 0 only."""
-    from megatron.core.tensor_parallel.layers import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-        set_tensor_model_parallel_attributes,
-    )
-
     for module in model.modules():
         if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)):
             dim = 0

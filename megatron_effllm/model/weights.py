@@ -1,14 +1,17 @@
 """Move canonical (HF-named) weights into and out of a built, possibly sharded GPTModel."""
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
+from megatron_effllm import layout
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.convert import megatron_layout as layout
 from megatron_effllm.errors import UserError
+from megatron_effllm.layout import ParallelDims
 from megatron_effllm.parallel.runtime import model_parallel_sizes
 
 
@@ -48,7 +51,7 @@ def load_local(model: torch.nn.Module, local: Mapping[str, torch.Tensor]) -> Non
 def load_canonical(model: torch.nn.Module, arch: Architecture, sd: Mapping[str, torch.Tensor]) -> None:
     """Load a canonical state dict into this rank's shard of the model."""
     tp_rank, tp, pp_rank, pp = model_parallel_sizes()
-    load_local(model, layout.to_megatron(arch, sd, tp_rank, tp, pp_rank, pp, model_style(model)))
+    load_local(model, layout.to_megatron(arch, sd, ParallelDims(tp_rank, tp, pp_rank, pp), model_style(model)))
 
 
 def gather_shards(model: torch.nn.Module) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
@@ -66,8 +69,6 @@ def _gather_over_model_parallel(mine: dict) -> dict[tuple[int, int], dict]:
     travel tensor by tensor through the communication device (an all-gather per tensor: the
     transient there is one full tensor, not the pickled model); across pipeline stages the
     names differ and the dicts go as objects."""
-    from megatron.core import parallel_state
-
     tp_rank, tp, pp_rank, pp = model_parallel_sizes()
     if tp * pp == 1:
         return {(0, 0): mine}
@@ -118,8 +119,6 @@ def random_canonical(arch: Architecture, seed: int, std: float = 0.02) -> dict[s
     megatron's scheme (normal(0, std); the residual writers o_proj / down_proj scaled by
     1/sqrt(2 * layers); norms one, biases zero).
     """
-    import math
-
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     scaled = std / math.sqrt(2.0 * max(arch.num_layers, 1))
     out: dict[str, torch.Tensor] = {}

@@ -5,7 +5,7 @@ process groups enter:
 
 - ``feed_saliency`` adds one rank's *local* megatron parameters and gradients to a
   ``GradSaliency`` of the full architecture. Every piece lands at its place in the canonical
-  tensors (``convert.megatron_layout.canonical_pieces``: heads / KV groups / FFN channels of the
+  tensors (``layout.canonical_pieces``: heads / KV groups / FFN channels of the
   TP shard, o_proj / down_proj columns, vocab rows of the embedding and output layer, which give
   partial sums for the hidden channels; a stage's local layers at their global positions), so
   the states of all TP x PP ranks of a model replica *sum* to the full-model accumulator.
@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.convert import megatron_layout as layout
+from megatron_effllm import layout
 from megatron_effllm.pruning.groups import PrunePlan, PruningError, tensor_axes
 from megatron_effllm.pruning.saliency import GradSaliency
 from megatron_effllm.pruning.surgery import check_masks, mask_tensor
@@ -81,8 +81,8 @@ def feed_local_tensors(
             continue
         if name == "output_layer.weight" and arch.tie_word_embeddings:
             continue  # megatron's last-stage copy of the embedding: the first stage counts it
-        w_pieces = layout.canonical_pieces(arch, name, weights[name], tp_rank, tp_size, pp_rank, pp_size)
-        g_pieces = layout.canonical_pieces(arch, name, g, tp_rank, tp_size, pp_rank, pp_size)
+        w_pieces = layout.canonical_pieces(arch, name, weights[name], layout.ParallelDims(tp_rank, tp_size, pp_rank, pp_size))
+        g_pieces = layout.canonical_pieces(arch, name, g, layout.ParallelDims(tp_rank, tp_size, pp_rank, pp_size))
         for canon, (w_piece, off) in w_pieces.items():
             if not off and tp_rank != 0:
                 continue  # replicated on every TP rank (norms): counted on TP rank 0
@@ -278,7 +278,7 @@ def local_weight_masks(
     def canonical_mask(name: str) -> torch.Tensor:
         return mask_tensor(name, one.expand(shapes[name]), arch, masks, axes[name])
 
-    return {k: m for k, m in layout.iter_megatron(arch, canonical_mask, tp_rank, tp_size, pp_rank, pp_size, style)
+    return {k: m for k, m in layout.iter_megatron(arch, canonical_mask, layout.ParallelDims(tp_rank, tp_size, pp_rank, pp_size), style)
             if not bool(m.all())}
 
 
@@ -397,7 +397,8 @@ def reshard_state(
     rank calls it with the same names. Under PP each stage slices its own layers (layer numbers
     local to the stage); removing layers would move layers between stages and is refused.
     """
-    from megatron_effllm.pruning.groups import layer_of, layer_prefix, tensor_axes
+    from megatron_effllm.layout import layer_of, layer_prefix
+    from megatron_effllm.pruning.groups import tensor_axes
     from megatron_effllm.pruning.surgery import slice_tensor
 
     tp_rank, tp, pp_rank, pp = model_parallel_sizes()
@@ -426,7 +427,7 @@ def reshard_state(
                 new_c = c if l is None else layer_prefix(new_pos[l]) + c[len(layer_prefix(l)):]
                 sliced[new_c] = slice_tensor(t, axes[c], plan).contiguous()
             del canon
-            new_entry[key] = layout.megatron_tensor(new_arch, new_name, sliced, tp_rank, tp, pp_rank, pp)
+            new_entry[key] = layout.megatron_tensor(new_arch, new_name, sliced, layout.ParallelDims(tp_rank, tp, pp_rank, pp))
         out[new_name] = new_entry
     return out
 
@@ -442,7 +443,8 @@ def reshard_block_hessians(state: Mapping[str, torch.Tensor], plan: PrunePlan) -
     shard boundaries: entries between columns that came from different old ranks are zero, as
     they were in the approximation. One layer's full matrix at a time. Collective over TP.
     """
-    from megatron_effllm.pruning.groups import expand_units, layer_prefix, tensor_axes
+    from megatron_effllm.layout import layer_prefix
+    from megatron_effllm.pruning.groups import expand_units, tensor_axes
 
     tp_rank, tp = tp_layout()
     axes = tensor_axes(plan.before)

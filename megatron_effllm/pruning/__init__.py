@@ -14,5 +14,6 @@
 - ``calibrate`` / ``oneshot``  calibration passes and the one-shot prune pipeline
 
 No process group, engine or megatron import here, and nothing from ``eval`` or ``training``;
-megatron layouts enter through ``convert.megatron_layout`` in the training adapter.
+the canonical schema comes from ``layout.canonical``, and megatron layouts enter through
+``layout`` in the training adapter.
 """

@@ -2,8 +2,10 @@
 
 A group is the smallest set of parameter slices that must go together for the network to stay
 well-formed. Everything in the pruning package reads one table, ``tensor_axes``: for every
-canonical tensor (HF Llama names, see COMMON contract) and every dimension, which group kind
-indexes that dimension. Masking, slicing, costs and saliency reductions are all derived from it.
+canonical tensor (HF Llama names, ``layout.canonical``) and every dimension, which group kind
+indexes that dimension (derived from the canonical table's dimension symbols). Masking,
+slicing and saliency reductions are derived from it; the costs from the one parameter count,
+``Architecture.count_params``.
 
 Group kinds (``layer`` is the position in ``arch.layers``):
 
@@ -33,6 +35,7 @@ import torch
 
 from megatron_effllm.architecture import Architecture, LayerShape
 from megatron_effllm.errors import UserError
+from megatron_effllm.layout import canonical
 
 GROUP_KINDS = ("head", "kv", "ffn", "hidden")
 
@@ -50,98 +53,16 @@ class Axis:
     unit: int
 
 
-LAYER_TENSORS = (
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.q_proj.bias",
-    "self_attn.k_proj.weight",
-    "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight",
-    "self_attn.v_proj.bias",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
-
-
-def layer_prefix(pos: int) -> str:
-    return f"model.layers.{pos}."
-
-
 def tensor_axes(arch: Architecture) -> dict[str, tuple[Optional[Axis], ...]]:
-    """Every canonical tensor name -> one Axis (or None) per dimension, in canonical order."""
-    d = arch.head_dim
-    hid = Axis("hidden", None, 1)
-    out: dict[str, tuple[Optional[Axis], ...]] = {"model.embed_tokens.weight": (None, hid)}
-    for l in range(arch.num_layers):
-        p = layer_prefix(l)
-        head, kv, ffn = Axis("head", l, d), Axis("kv", l, d), Axis("ffn", l, 1)
-        out[p + "input_layernorm.weight"] = (hid,)
-        out[p + "self_attn.q_proj.weight"] = (head, hid)
-        if arch.qkv_bias:
-            out[p + "self_attn.q_proj.bias"] = (head,)
-        out[p + "self_attn.k_proj.weight"] = (kv, hid)
-        if arch.qkv_bias:
-            out[p + "self_attn.k_proj.bias"] = (kv,)
-        out[p + "self_attn.v_proj.weight"] = (kv, hid)
-        if arch.qkv_bias:
-            out[p + "self_attn.v_proj.bias"] = (kv,)
-        out[p + "self_attn.o_proj.weight"] = (hid, head)
-        out[p + "post_attention_layernorm.weight"] = (hid,)
-        out[p + "mlp.gate_proj.weight"] = (ffn, hid)
-        out[p + "mlp.up_proj.weight"] = (ffn, hid)
-        out[p + "mlp.down_proj.weight"] = (hid, ffn)
-    out["model.norm.weight"] = (hid,)
-    if not arch.tie_word_embeddings:
-        out["lm_head.weight"] = (None, hid)
-    return out
-
-
-def tensor_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
-    """Canonical shape of every tensor (the same table, as sizes)."""
-    out = {}
-    for name, axes in tensor_axes(arch).items():
-        out[name] = tuple(
-            arch.vocab_size if ax is None else group_count(arch, ax.kind, ax.layer) * ax.unit
-            for ax in axes
+    """Every canonical tensor name -> one Axis (or None) per dimension, in canonical order:
+    the dimension symbols of ``layout.canonical`` are the group kinds (vocab rows: None)."""
+    units = {canonical.HEAD: arch.head_dim, canonical.KV: arch.head_dim, canonical.FFN: 1, canonical.HIDDEN: 1}
+    return {
+        name: tuple(
+            None if d not in units else Axis(d, None if d == canonical.HIDDEN else layer, units[d]) for d in dims
         )
-    return out
-
-
-def layer_of(name: str) -> Optional[int]:
-    """Layer position of a canonical tensor name, or None for embeddings / final norm / lm_head."""
-    if name.startswith("model.layers."):
-        return int(name.split(".")[2])
-    return None
-
-
-def group_count(arch: Architecture, kind: str, layer: Optional[int] = None) -> int:
-    """How many groups of ``kind`` the architecture has (in ``layer`` for per-layer kinds)."""
-    if kind == "hidden":
-        return arch.hidden_size
-    if kind == "layer":
-        return arch.num_layers
-    shape = arch.layers[layer]
-    return {"head": shape.num_heads, "kv": shape.num_kv_groups, "ffn": shape.ffn_hidden_size}[kind]
-
-
-def check_state_dict(arch: Architecture, tensors: dict[str, torch.Tensor], what: str = "state dict") -> None:
-    """Raise PruningError unless ``tensors`` holds exactly the canonical names and shapes of ``arch``."""
-    shapes = tensor_shapes(arch)
-    missing = sorted(set(shapes) - set(tensors))
-    extra = sorted(set(tensors) - set(shapes))
-    if missing or extra:
-        raise PruningError(
-            f"{what} does not match the architecture: missing {missing[:3]}, unexpected {extra[:3]}; "
-            "pass the canonical HF-named state dict of this architecture"
-        )
-    for name, shape in shapes.items():
-        if tuple(tensors[name].shape) != shape:
-            raise PruningError(
-                f"{what}: {name} has shape {tuple(tensors[name].shape)}, the architecture says {shape}"
-            )
+        for name, dims, layer in canonical.iter_tensors(arch)
+    }
 
 
 # ---------------------------------------------------------------------- ownership
@@ -172,9 +93,9 @@ def owned_slices(
     out = []
     axes_table = tensor_axes(arch)
     if kind == "layer":
-        shapes = tensor_shapes(arch)
+        shapes = canonical.canonical_shapes(arch)
         for name, axes in axes_table.items():
-            if layer_of(name) in set(index.tolist()):
+            if canonical.layer_of(name) in set(index.tolist()):
                 out.append((name, 0, torch.arange(shapes[name][0])))
         return out
     wanted = {kind: index}
@@ -189,7 +110,7 @@ def owned_slices(
 
 def owned_param_count(arch: Architecture, kind: str, layer: Optional[int], index: Iterable[int]) -> int:
     """Number of distinct parameters the groups own (overlaps between dims counted once)."""
-    shapes = tensor_shapes(arch)
+    shapes = canonical.canonical_shapes(arch)
     per_tensor: dict[str, dict[int, torch.Tensor]] = {}
     for name, dim, idx in owned_slices(arch, kind, layer, index):
         per_tensor.setdefault(name, {})[dim] = idx
@@ -203,17 +124,21 @@ def owned_param_count(arch: Architecture, kind: str, layer: Optional[int], index
     return total
 
 
-# ---------------------------------------------------------------------- costs (closed form)
+# ---------------------------------------------------------------------- costs
+# Each cost is what the one parameter count (``Architecture.count_params``) loses with one group:
+# the count is linear in every width, so that is a difference of two counts.
+def _block_step(arch: Architecture, heads: int = 0, kv: int = 0, ffn: int = 0) -> int:
+    return arch.layer_params(LayerShape(heads, kv, ffn, 0)) - arch.layer_params(LayerShape(0, 0, 0, 0))
+
+
 def head_cost(arch: Architecture) -> int:
     """Parameters of one query head: its q rows (+bias) and o columns."""
-    h, d = arch.hidden_size, arch.head_dim
-    return 2 * h * d + (d if arch.qkv_bias else 0)
+    return _block_step(arch, heads=1)
 
 
 def kv_own_cost(arch: Architecture) -> int:
     """Parameters of one KV group's own k/v rows (+biases), without its query heads."""
-    h, d = arch.hidden_size, arch.head_dim
-    return 2 * h * d + (2 * d if arch.qkv_bias else 0)
+    return _block_step(arch, kv=1)
 
 
 def kv_cost(arch: Architecture, layer: int, heads_per_group: Optional[int] = None) -> int:
@@ -224,16 +149,13 @@ def kv_cost(arch: Architecture, layer: int, heads_per_group: Optional[int] = Non
 
 def ffn_cost(arch: Architecture) -> int:
     """Parameters of one FFN channel: gate and up rows, down column."""
-    return 3 * arch.hidden_size
+    return _block_step(arch, ffn=1)
 
 
 def hidden_cost(arch: Architecture, layers: Optional[Iterable[LayerShape]] = None) -> int:
     """Parameters of one hidden channel across the whole model (tied embedding counted once)."""
-    layers = arch.layers if layers is None else layers
-    d = arch.head_dim
-    per_layer = sum((2 * l.num_heads + 2 * l.num_kv_groups) * d + 3 * l.ffn_hidden_size + 2 for l in layers)
-    emb = arch.vocab_size * (1 if arch.tie_word_embeddings else 2)
-    return emb + per_layer + 1
+    widths = [l.widths for l in (arch.layers if layers is None else layers)]
+    return arch.count_params(1, widths) - arch.count_params(0, widths)
 
 
 def layer_cost(arch: Architecture, layer: int) -> int:

@@ -127,22 +127,17 @@ def expected_params(
     dtype = ref.dtype if ref is not None else torch.float64
     device = ref.device if ref is not None else None
     one = lambda n: torch.ones(n, dtype=dtype, device=device)  # noqa: E731
-    d = arch.head_dim
     pd = (hidden if hidden is not None else one(arch.hidden_size)).sum()
-    total = pd * arch.vocab_size * (1 if arch.tie_word_embeddings else 2) + pd  # embeddings, final norm
+    widths = []
     for i, s in enumerate(arch.layers):
         ph = heads[i] if heads is not None else one(s.num_heads)
         pg = kv[i] if kv is not None else one(s.num_kv_groups)
         pf = ffn[i] if ffn is not None else one(s.ffn_hidden_size)
-        pl = layers[i] if layers is not None else torch.ones((), dtype=dtype, device=device)
         if ph.numel() != s.num_heads or pg.numel() != s.num_kv_groups or pf.numel() != s.ffn_hidden_size:
             raise PruningError(f"layer {i}: gate counts do not match the architecture's widths")
-        heads_alive = (ph * pg.repeat_interleave(s.heads_per_group)).sum()
-        groups_alive = pg.sum()
-        bias = (heads_alive + 2 * groups_alive) * d if arch.qkv_bias else 0.0
-        block = 2 * heads_alive * d * pd + 2 * groups_alive * d * pd + bias + 3 * pf.sum() * pd + 2 * pd
-        total = total + pl * block
-    return total
+        # A head survives with its KV group: expected live heads sum P(h) P(group of h).
+        widths.append(((ph * pg.repeat_interleave(s.heads_per_group)).sum(), pg.sum(), pf.sum()))
+    return arch.count_params(pd, widths, keep_layers=layers)
 
 
 def lagrangian(expected_sparsity: torch.Tensor, target: float, lambda1: torch.Tensor, lambda2: torch.Tensor) -> torch.Tensor:
@@ -247,8 +242,7 @@ def uniform_widths(
 
     def params(x: float) -> int:
         widths, D = shape(x)
-        layers = [LayerShape(k * h, k, f, s.source_index) for (k, h, f), s in zip(widths, arch.layers)]
-        return arch.replace(hidden_size=D, layers=tuple(layers)).num_params()
+        return arch.count_params(D, [(k * h, k, f) for k, h, f in widths])
 
     floor = params(0.0)
     if floor > target_params:

@@ -22,14 +22,8 @@ from typing import Iterable, Optional
 import torch
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.pruning.groups import (
-    PrunePlan,
-    PruningError,
-    check_state_dict,
-    expand_units,
-    layer_prefix,
-    tensor_axes,
-)
+from megatron_effllm.layout import check_state_dict, layer_prefix
+from megatron_effllm.pruning.groups import PrunePlan, PruningError, expand_units, tensor_axes
 from megatron_effllm.pruning.saliency import GroupScores
 
 # Weights that read the same input as another one share its Hessian.

@@ -27,7 +27,8 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.pruning.groups import PrunePlan, PruningError, layer_of, tensor_axes
+from megatron_effllm.layout import layer_of
+from megatron_effllm.pruning.groups import PrunePlan, PruningError, tensor_axes
 from megatron_effllm.pruning.registry import ESTIMATORS
 from megatron_effllm.pruning.surgery import slice_group_vectors
 

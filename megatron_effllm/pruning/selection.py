@@ -160,8 +160,7 @@ def hidden_width(D: int, ratio: float, c: Constraints) -> int:
 
 
 def params_at(arch: Architecture, widths, hidden: int) -> int:
-    layers = [LayerShape(k * h, k, f, s.source_index) for (k, h, f), s in zip(widths, arch.layers)]
-    return arch.replace(hidden_size=hidden, layers=tuple(layers)).num_params()
+    return arch.count_params(hidden, [(k * h, k, f) for k, h, f in widths])
 
 
 def bisect_fraction(params_of, target: int, what: str) -> float:

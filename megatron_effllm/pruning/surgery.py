@@ -20,15 +20,8 @@ from typing import Optional
 import torch
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.pruning.groups import (
-    PrunePlan,
-    PruningError,
-    check_state_dict,
-    expand_units,
-    layer_of,
-    layer_prefix,
-    tensor_axes,
-)
+from megatron_effllm.layout import check_state_dict, layer_of, renumber
+from megatron_effllm.pruning.groups import PrunePlan, PruningError, expand_units, tensor_axes
 
 
 # ---------------------------------------------------------------------- masks
@@ -186,8 +179,7 @@ def slice_state_dict(
         l = layer_of(name)
         if l is not None and l not in new_pos:
             continue
-        new_name = name if l is None else layer_prefix(new_pos[l]) + name[len(layer_prefix(l)):]
-        out[new_name] = slice_tensor(canonical[name], axes, plan).contiguous()
+        out[renumber(name, new_pos)] = slice_tensor(canonical[name], axes, plan).contiguous()
     out.update(rest)
     return out
 

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.convert import megatron_layout as layout
+from megatron_effllm import layout
 from megatron_effllm.errors import UserError
 from megatron_effllm.parallel import distributed_pruning as dist_pruning
 from megatron_effllm.pruning import obs as obs_mod
@@ -83,8 +83,8 @@ def _param_pieces(arch: Architecture, name: str, w: torch.Tensor, g: torch.Tenso
     Under PP a tied embedding has two copies, each seeing the gradient of one use (input on the
     first stage, output on the last): the training runtime feeds the last stage's copy and adds
     the first stage's part after the schedule (``PruningRuntime.end_pipeline_schedule``)."""
-    w_pieces = layout.canonical_pieces(arch, name, w, tp_rank, tp_size, pp_rank, pp_size, check=False)
-    g_pieces = layout.canonical_pieces(arch, name, g, tp_rank, tp_size, pp_rank, pp_size, check=False)
+    w_pieces = layout.canonical_pieces(arch, name, w, layout.ParallelDims(tp_rank, tp_size, pp_rank, pp_size), check=False)
+    g_pieces = layout.canonical_pieces(arch, name, g, layout.ParallelDims(tp_rank, tp_size, pp_rank, pp_size), check=False)
     out = {}
     for canon, (wc, off) in w_pieces.items():
         if not off and tp_rank != 0:
