@@ -1,8 +1,6 @@
 """One-shot pruning end to end on a tiny model: every estimator and one-shot strategy, and the CLI."""
 import gzip
 import json
-import os
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,6 @@ from megatron_effllm.pruning import oneshot
 from megatron_effllm.pruning.selection import Constraints
 from test_pruning_reference import random_state_dict, reference_logits, tiny_arch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("The quick brown fox jumps over the lazy dog. def main(argv): return argv[0] if argv else None\n"
         "NAME ls - list directory contents. SYNOPSIS ls [OPTION]... [FILE]...\n") * 40
 
@@ -75,8 +72,7 @@ def test_oneshot_pipeline(tiny_folder, estimator, strategy, obs):
 
 def test_cli_prunes_saves_and_reloads(tiny_folder, tmp_path, capsys):
     root, arch, sd, tok, files = tiny_folder
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import prune_oneshot
+    from megatron_effllm.cli import prune_oneshot
 
     out = tmp_path / "pruned"
     prune_oneshot.main(["--model", str(root / "model"), "--target-params", "0.6", "--out", str(out),

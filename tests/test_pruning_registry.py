@@ -1,6 +1,5 @@
 """The registries are the one vocabulary: config choices, CLI choices, README and dispatch read them."""
 import os
-import sys
 
 import pytest
 import torch
@@ -72,8 +71,7 @@ def test_config_choices_come_from_the_registries(tmp_path):
 
 
 def test_cli_choices_come_from_the_registries(capsys):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import prune_oneshot
+    from megatron_effllm.cli import prune_oneshot
 
     args = prune_oneshot.parse_args(["--model", "m", "--target-params", "0.5", "--out", "o", "--strategy", "adapt",
                                      "--estimator", "obs"])

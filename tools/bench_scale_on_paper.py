@@ -24,6 +24,7 @@ import resource
 import time
 
 from megatron_effllm.errors import UserError, cli_entry
+from megatron_effllm.pruning.registry import ESTIMATORS
 
 MODELS = {  # Architecture.uniform fields of the published configs
     "llama3-8b": dict(num_layers=32, hidden_size=4096, num_heads=32, num_kv_groups=8, ffn_hidden_size=14336,
@@ -68,7 +69,7 @@ def main(argv=None):
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--dp", type=int, default=64)
-    ap.add_argument("--estimator", default="taylor", choices=("taylor", "taylor_elem", "fisher", "mix"))
+    ap.add_argument("--estimator", default="taylor", choices=ESTIMATORS.names(in_training=True))
     ap.add_argument("--grad-bytes", type=int, default=4, help="bytes per gradient element in the all-reduce (fp32: 4, bf16: 2)")
     ap.add_argument("--stat-bytes", type=int, default=8, help="bytes per saliency entry (the accumulators are fp64)")
     ap.add_argument("--hessian-bytes", type=int, default=4, help="bytes per Hessian entry (fp32)")

@@ -79,7 +79,7 @@ def read_checkpoint_info(ckpt_dir: str) -> tuple[Architecture, dict]:
     if not os.path.isfile(manifest_path):
         raise UserError(
             f"{ckpt_dir} is not a megatron_effllm checkpoint ({MANIFEST} missing); "
-            "write one with tools/convert_hf_to_megatron.py"
+            "write one with effllm-convert-megatron"
         )
     try:
         with open(manifest_path) as f:

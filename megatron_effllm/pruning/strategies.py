@@ -19,7 +19,7 @@ class Strategy:
     name: str
     runtime: str  # one of RUNTIMES
     selector: Optional[str]  # a name in registry.SELECTORS (saliency runtimes and one-shot)
-    oneshot: bool  # tools/prune_oneshot.py --strategy runs it
+    oneshot: bool  # effllm-prune-oneshot --strategy runs it
     description: str
 
     def __post_init__(self):

@@ -98,8 +98,8 @@ def verify(folder: str) -> None:
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     if not os.path.isfile(manifest):
         for marker, what, hint in (
-            ("effllm_checkpoint.json", "a model checkpoint of tools/convert_hf_to_megatron.py",
-             "export it with tools/convert_megatron_to_hf.py to start from it with model.source"),
+            ("effllm_checkpoint.json", "a model checkpoint of effllm-convert-megatron",
+             "export it with effllm-convert-hf to start from it with model.source"),
             ("config.json", "a Hugging Face model folder", "to start from it, set model.source"),
         ):
             if os.path.isfile(os.path.join(folder, marker)):

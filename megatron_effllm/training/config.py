@@ -318,7 +318,7 @@ def validate(cfg: RunConfig) -> None:
         )
     if STRATEGIES.get(p.strategy).runtime == "saliency" and not ESTIMATORS.get(p.estimator).in_training:
         raise ConfigError(
-            f"prune.estimator {p.estimator!r} works in one-shot pruning only (tools/prune_oneshot.py); "
+            f"prune.estimator {p.estimator!r} works in one-shot pruning only (effllm-prune-oneshot); "
             f"during training use one of {', '.join(ESTIMATORS.names(in_training=True))}"
         )
     if p.strategy != "none":

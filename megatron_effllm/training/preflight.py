@@ -80,7 +80,7 @@ def check_data_tokens(data_args, arch: Architecture, tokenizer_spec, eos_token=N
             raise UserError(
                 f"data {prefix} was tokenized with {tok['name']} ({tok['vocab_size']:,} tokens) but "
                 f"the model's tokenizer {run_tok.name} has {run_tok.vocab_size:,}; preprocess the data "
-                "again with the model's tokenizer (tools/preprocess_data.py --tokenizer ...)"
+                "again with the model's tokenizer (effllm-preprocess --tokenizer ...)"
             )
 
 

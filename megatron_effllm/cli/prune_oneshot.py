@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """One-shot structured pruning of a Hugging Face model (or GGUF) to a parameter target.
 
-    python tools/prune_oneshot.py --model SmolLM2-135M-Instruct.Q4_1.gguf --target-params 0.5 --out pruned
-    python tools/prune_oneshot.py --model hf_dir --target-params 67M --out pruned --strategy uniform --obs --eval-ppl
+    effllm-prune-oneshot --model SmolLM2-135M-Instruct.Q4_1.gguf --target-params 0.5 --out pruned
+    effllm-prune-oneshot --model hf_dir --target-params 67M --out pruned --strategy uniform --obs --eval-ppl
 
 Calibration text (default: the shipped corpus sample's train files) is tokenized with the
 model's tokenizer; saliency is accumulated over the calibration windows (forward + backward of
@@ -14,22 +14,19 @@ and checked against the in-memory pruned model.
 """
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from megatron_effllm.assets import corpus_files  # noqa: E402
-from megatron_effllm.convert import hf_io  # noqa: E402
-from megatron_effllm.errors import UserError, cli_entry  # noqa: E402
-from megatron_effllm.eval.perplexity import calibration_windows, geometric_mean, heldout_perplexity  # noqa: E402
-from megatron_effllm.log import get_logger, setup_logging  # noqa: E402
-from megatron_effllm.pruning import oneshot  # noqa: E402
-from megatron_effllm.pruning.registry import ESTIMATORS, STRATEGIES, help_text  # noqa: E402
-from megatron_effllm.pruning.selection import Constraints  # noqa: E402
+from megatron_effllm.assets import corpus_files
+from megatron_effllm.convert import hf_io
+from megatron_effllm.errors import UserError, cli_entry
+from megatron_effllm.eval.perplexity import calibration_windows, geometric_mean, heldout_perplexity
+from megatron_effllm.log import get_logger, setup_logging
+from megatron_effllm.pruning import oneshot
+from megatron_effllm.pruning.registry import ESTIMATORS, STRATEGIES, help_text
+from megatron_effllm.pruning.selection import Constraints
 
 logger = get_logger(__name__)
 
@@ -51,7 +48,7 @@ def parse_count(text: str, total: int) -> int:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="effllm-prune-oneshot", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="HF model folder or .gguf file")
     ap.add_argument("--target-params", required=True,
                     help="total parameters to keep (embeddings included): a count (67M, 67000000) or a fraction (0.5)")
