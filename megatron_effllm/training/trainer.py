@@ -234,7 +234,7 @@ class Trainer:
         self.source_arch = arch
         self.tokenizer = tokenizer
         from megatron_effllm.training import preflight
-        from megatron_effllm.training.pruning_runtime import make_runtime
+        from megatron_effllm.training.runtime.factory import make_runtime
 
         # Cheap checks of the inputs against each other first, before any expensive work.
         _check_tensor_parallel(cfg, arch)
