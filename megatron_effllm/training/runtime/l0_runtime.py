@@ -55,17 +55,7 @@ from megatron_effllm.pruning.selection import plan_from_widths
 from megatron_effllm.pruning.surgery import masks_from_plan, norm_eps, rescale_to_kept
 from megatron_effllm.training.runtime.base import RuntimeBase
 from megatron_effllm.training.runtime.live_model import NORM_MODULES
-
-
-def _cpu(obj):
-    """A deep copy with every tensor on the CPU (checkpoints load on any device)."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
+from megatron_effllm.training.runtime.state import cpu_copy
 
 
 def _segments(arch: Architecture, hidden: bool) -> dict[str, tuple[int, int]]:
@@ -432,10 +422,10 @@ class L0Runtime(RuntimeBase):
             "strategy": "sheared",
             **self._common_state(),
             "phase": self.phase,
-            "log_alpha": None if self.log_alpha is None else _cpu(self.log_alpha),
-            "lambdas": None if self.lambdas is None else _cpu(self.lambdas),
-            "optimizer": _cpu(opt),
-            "fold": _cpu(self._fold),
+            "log_alpha": None if self.log_alpha is None else cpu_copy(self.log_alpha),
+            "lambdas": None if self.lambdas is None else cpu_copy(self.lambdas),
+            "optimizer": cpu_copy(opt),
+            "fold": cpu_copy(self._fold),
         }
 
     def load_state_dict(self, state: dict) -> None:

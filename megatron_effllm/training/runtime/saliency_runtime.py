@@ -66,18 +66,6 @@ class SaliencyRuntime(RuntimeBase):
         return Statistics(GradSaliency(arch, estimators=(self.p.estimator,)), obs_mod.HessianAccumulator(),
                           torch.zeros(arch.num_layers, 2, dtype=torch.float64))
 
-    # The running sums (``state.Statistics``).
-    saliency = property(lambda self: self.stats.saliency)
-    hessians = property(lambda self: self.stats.hessians)
-
-    @property
-    def layer_cos(self) -> torch.Tensor:
-        return self.stats.layer_cos
-
-    @layer_cos.setter
-    def layer_cos(self, value: torch.Tensor) -> None:
-        self.stats.layer_cos = value
-
     def snapshot_statistics(self) -> Optional[dict]:
         """What the coming step adds to the statistics, to put back if it is skipped."""
         return self.stats.snapshot()

@@ -1,4 +1,4 @@
-"""The saliency runtime's running statistics across ranks and in checkpoints: scores, OBS
+"""Checkpointable runtime state. The saliency runtime's running statistics across ranks and in checkpoints: scores, OBS
 Hessians (and the cached H^-1 of the current compaction cycle) and Adapt-Pruner's layer cosines.
 
 Every data-parallel rank accumulates its own sums; ``consolidate`` moves them to one rank
@@ -12,6 +12,17 @@ import torch
 
 from megatron_effllm.parallel import comm
 from megatron_effllm.pruning import obs as obs_mod
+
+
+def cpu_copy(obj):
+    """A deep copy with every tensor on the CPU (checkpoints load on any device)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
 
 
 class Statistics:
