@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_effllm.errors import UserError
-from megatron_effllm.pruning.groups import PrunePlan
+from megatron_effllm.pruning.groups import PrunePlan, expand_units
 from megatron_effllm.pruning.obs import downdate_inverse, remove_columns_
 from megatron_effllm.pruning.saliency import GroupScores
 from megatron_effllm.pruning.selection import Constraints, select_adaptive, select_global, select_uniform
@@ -71,11 +71,6 @@ def next_plan(effective: PrunePlan, target: int, scores_of: Callable[[PrunePlan]
     return total
 
 
-def unit_columns(units, unit: int) -> torch.Tensor:
-    """Column indices of ``units`` of ``unit`` columns each (heads: head_dim; FFN channels: 1)."""
-    return torch.tensor([u * unit + j for u in units for j in range(unit)])
-
-
 @torch.no_grad()
 def obs_compensate(W: torch.Tensor, Hinv: torch.Tensor, alive: list, gone: list, unit: int
                    ) -> tuple[torch.Tensor, list, torch.Tensor]:
@@ -87,8 +82,8 @@ def obs_compensate(W: torch.Tensor, Hinv: torch.Tensor, alive: list, gone: list,
     compaction cycle needs no new inverse.
     """
     pos = {u: i for i, u in enumerate(alive)}
-    rm = torch.tensor([pos[u] * unit + j for u in gone for j in range(unit)])
-    cols = unit_columns(alive, unit)
+    rm = expand_units([pos[u] for u in gone], unit)
+    cols = expand_units(alive, unit)
     W_alive = W[:, cols].double()
     M = remove_columns_(W_alive, Hinv, rm)
     W[:, cols] = W_alive.to(W.dtype)

@@ -30,8 +30,8 @@ from megatron_effllm.parallel import comm
 from megatron_effllm.parallel.distributed_pruning import check_same_decision, reduce_saliency
 from megatron_effllm.parallel.reshard import reshard_block_hessians
 from megatron_effllm.pruning import obs as obs_mod
-from megatron_effllm.pruning.event import make_selector, next_plan, obs_compensate, unit_columns
-from megatron_effllm.pruning.groups import PrunePlan
+from megatron_effllm.pruning.event import make_selector, next_plan, obs_compensate
+from megatron_effllm.pruning.groups import PrunePlan, expand_units
 from megatron_effllm.pruning.saliency import GradSaliency, GroupScores
 from megatron_effllm.pruning.surgery import masks_from_plan
 from megatron_effllm.training.runtime import engine_access
@@ -270,7 +270,7 @@ class SaliencyRuntime(RuntimeBase):
         cached = self.stats.obs_cache.get(canon)
         if cached is not None and cached[0] == alive_units:
             return cached
-        cols = unit_columns(alive_units, unit)
+        cols = expand_units(alive_units, unit)
         H = self._reduced_hessian(canon)[cols][:, cols]
         entry = (list(alive_units), obs_mod.inverse_hessian(H))
         self.stats.obs_cache[canon] = entry
