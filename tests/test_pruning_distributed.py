@@ -1,4 +1,5 @@
-"""Pruning statistics and decisions across ranks (parallel/distributed_pruning.py).
+"""Pruning statistics and decisions across ranks (parallel/distributed_pruning.py), through the
+functions the training runtime runs (its gradient feed and live masks).
 
 In one process: every TP/PP shard of a canonical (weight, gradient) pair, fed through the
 layout map, sums to the full-model accumulator. On two real gloo ranks: DP=2 scores equal one
@@ -15,6 +16,8 @@ from dist_utils import run_ranks
 from megatron_effllm.architecture import Architecture, LayerShape
 from megatron_effllm import layout
 from megatron_effllm.errors import UserError
+from megatron_effllm.layout.dims import ParallelDims
+from megatron_effllm.parallel import comm
 from megatron_effllm.parallel import distributed_pruning as dp
 from megatron_effllm.pruning.groups import PrunePlan
 from megatron_effllm.pruning.saliency import GradSaliency, merge_states
@@ -70,7 +73,7 @@ def test_every_layout_of_shards_sums_to_the_full_accumulator(family):
         states = []
         for (t, p), local in w_shards.items():
             acc = GradSaliency(arch)
-            dp.feed_local_tensors(acc, local, g_shards[(t, p)], 3, tp_rank=t, tp_size=tp, pp_rank=p, pp_size=pp)
+            dp.feed_local_tensors(acc, local, g_shards[(t, p)], 3, ParallelDims(t, tp, p, pp))
             states.append(acc.state_dict())
         merged = merge_states(states)
         assert rel_diff(merged, full.state_dict()) <= EXACT, (tp, pp)
@@ -80,7 +83,7 @@ def test_every_layout_of_shards_sums_to_the_full_accumulator(family):
     w_shards, g_shards = layout.all_shards(arch, w, 2, 1), layout.all_shards(arch, g, 2, 1)
     wrong = [GradSaliency(arch) for _ in range(2)]
     for t in range(2):
-        dp.feed_local_tensors(wrong[t], w_shards[(1 - t, 0)], g_shards[(1 - t, 0)], 3, tp_rank=t, tp_size=2)
+        dp.feed_local_tensors(wrong[t], w_shards[(1 - t, 0)], g_shards[(1 - t, 0)], 3, ParallelDims(t, 2))
     assert rel_diff(merge_states([a.state_dict() for a in wrong]), full.state_dict()) > 0.1
 
 
@@ -139,8 +142,6 @@ def _target(arch):
 
 
 def _data_parallel_body(rank, world_size):
-    from megatron.core import parallel_state as ps
-
     from megatron_effllm.model import build_gpt_model, load_canonical
     from megatron_effllm.parallel.runtime import init_model_parallel
     from megatron_effllm.pruning.selection import Constraints
@@ -176,7 +177,7 @@ def _data_parallel_body(rank, world_size):
     plan = select_global(reduced.scores(ESTIMATOR), _target(arch), c)
     out["plan_as_one_process"] = plan.to_dict() == select_global(one.scores(ESTIMATOR), _target(arch), c).to_dict()
     out["digest"] = dp.check_same_decision(plan)
-    out["digest_dp_group"] = dp.check_same_decision(plan, group=ps.get_data_parallel_group())
+    out["digest_dp_group"] = dp.check_same_decision(plan, "dp")
 
     # rank 1 keeps another FFN channel in one layer: same Architecture, different weights kept
     ffn = {l: plan.ffn[l].tolist() for l in plan.kept_layers}
@@ -191,7 +192,7 @@ def _data_parallel_body(rank, world_size):
         try:
             dp.check_same_decision(decision)
             errors.append(None)
-        except dp.DecisionMismatchError as err:
+        except comm.AgreementError as err:
             errors.append(str(err))
     out["errors"] = errors
     # the failed checks left no collective pending: the group still works
@@ -226,6 +227,7 @@ def _layouts_body(rank, world_size):
     from megatron_effllm.pruning.selection import Constraints
     from megatron_effllm.pruning.selectors.global_ranking import select_global
     from megatron_effllm.pruning.surgery import masks_from_plan, slice_state_dict
+    from megatron_effllm.training.runtime.live_model import LiveMasks
 
     ids, labels = _batch()
     c = Constraints(tensor_parallel=2)  # the plan must be valid at TP=2 as well
@@ -270,11 +272,12 @@ def _layouts_body(rank, world_size):
             r["pruned_roundtrip"] = all(torch.equal(v, sliced[k]) for k, v in gather_canonical(pruned, plan.after).items())
             want = forward_logits(pruned, ids)
             unpruned = forward_logits(model, ids)
-            handles = dp.apply_masks_(model, arch, masks_from_plan(plan))
+            # the training runtime's masks: weights zeroed before the forward, norms corrected
+            masks = LiveMasks(model, comm.dims())
+            masks.set(arch, masks_from_plan(plan))
             r["masked_vs_pruned"] = float((forward_logits(model, ids) - want).abs().max())
             r["unpruned_vs_pruned"] = float((unpruned - want).abs().max())
-            for h in handles:
-                h.remove()
+            masks.remove()
             r["masked_without_norm_fix"] = float((forward_logits(model, ids) - want).abs().max())
     return out
 

@@ -142,3 +142,24 @@ def test_model_update_lowers_each_layer_output_error(kind):
     scores = obs_group_scores(sd, arch, hess)
     assert scores.kv is None and scores.hidden is None and scores.heads[0].numel() == 6
     assert bool((scores.ffn[1] > 0).all())
+
+
+def test_event_compensation_in_steps_equals_one_block_update():
+    """A training run removes columns over several events, downdating H^-1 in between
+    (``event.obs_compensate``): two steps give the block update of both sets at once, and the
+    downdated inverse is that of H over the remaining columns."""
+    from megatron_effllm.pruning.event import obs_compensate
+
+    X, W = calib(7, d_in=12)
+    H = damped_hessian(X.T @ X, X.shape[0])
+    unit = 2  # columns per unit (a head of two channels)
+    alive = list(range(6))
+    W1, alive1, Hinv1 = obs_compensate(W.clone(), inverse_hessian(H), alive, [1, 4], unit)
+    assert alive1 == [0, 2, 3, 5]
+    cols = [c for u in alive1 for c in (2 * u, 2 * u + 1)]
+    assert torch.allclose(Hinv1, torch.linalg.inv(H[cols][:, cols]), rtol=1e-9, atol=1e-9)
+    W2, alive2, _ = obs_compensate(W1, Hinv1, alive1, [3], unit)
+    block, _ = obs_update(W, H, [2, 3, 8, 9, 6, 7])
+    assert alive2 == [0, 2, 5]
+    assert torch.allclose(W2, block, rtol=1e-9, atol=1e-9)
+    assert bool((W2[:, [2, 3, 6, 7, 8, 9]] == 0).all())

@@ -1,6 +1,5 @@
 """The training pipeline end to end on 2 real gloo ranks (ZeRO-2): pruning while training,
 compaction with carried Adam state, checkpoints, exact resume, HF export."""
-import glob
 import json
 import math
 import os
@@ -193,7 +192,7 @@ def test_other_strategies_reach_their_target(tmp_path, strategy):
 def _train_sheared(rank, world_size, run_dir, extra):
     """_train, also returning what this rank's L0 gates were after each of their updates and at
     the end of the soft phase."""
-    from megatron_effllm.training import l0_runtime
+    from megatron_effllm.training.runtime import l0_runtime
 
     seen = {"after": {}}
     event, finalize = l0_runtime.L0Runtime.prune_event, l0_runtime.L0Runtime._finalize
@@ -261,8 +260,9 @@ def test_sheared_config_errors_are_one_line():
     from megatron_effllm.architecture import Architecture
     from megatron_effllm.errors import UserError
     from megatron_effllm.training.config import load_config
-    from megatron_effllm.training.l0_runtime import L0Runtime
-    from megatron_effllm.training.pruning_runtime import PruningRuntime, make_runtime
+    from megatron_effllm.training.runtime.factory import make_runtime
+    from megatron_effllm.training.runtime.l0_runtime import L0Runtime
+    from megatron_effllm.training.runtime.saliency_runtime import SaliencyRuntime
 
     base = SHORT + ["prune.strategy=sheared", "run_dir=unused"]
     arch = Architecture.uniform(**load_config(TINY, base).model.init)
@@ -274,7 +274,7 @@ def test_sheared_config_errors_are_one_line():
             make_runtime(load_config(TINY, base + extra), arch, arch.num_params())
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="make_runtime"):
-        PruningRuntime(load_config(TINY, base), arch, arch.num_params())
+        SaliencyRuntime(load_config(TINY, base), arch, arch.num_params())
 
 
 def test_random_init_from_a_pruned_architecture(full_run, tmp_path):

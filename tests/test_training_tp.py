@@ -41,13 +41,13 @@ def _spied_run(rank, world_size, run_dir, extra, tp2_constraints=False):
     from megatron_effllm.model.forward import forward_logits
     from megatron_effllm.parallel import comm
     from megatron_effllm.pruning.surgery import slice_state_dict
-    from megatron_effllm.training import pruning_runtime as prt
     from megatron_effllm.training.config import load_config
+    from megatron_effllm.training.runtime.schedule import Schedule
     from megatron_effllm.training.trainer import Trainer, run
 
     if tp2_constraints:  # one process choosing from the shapes TP=2 allows
-        constraints = prt.PruningRuntime.constraints
-        prt.PruningRuntime.constraints = lambda self: dataclasses.replace(constraints(self), tensor_parallel=2)
+        constraints = Schedule.constraints
+        Schedule.constraints = lambda self: dataclasses.replace(constraints(self), tensor_parallel=2)
     seen = {"compactions": []}
 
     def canonical_state(engine, arch):
@@ -224,9 +224,10 @@ def _engine_checks_body(rank, world_size, run_dir):
     """Gradient clipping's norm at TP=2, the block-diagonal Hessian re-shard, and a sheared run."""
     from megatron_effllm.architecture import Architecture
     from megatron_effllm.model.builder import build_gpt_model
-    from megatron_effllm.parallel import distributed_pruning as dp
     from megatron_effllm.engine import build_engine
     from megatron_effllm.engine.base import EngineOptions
+    from megatron_effllm.parallel import comm
+    from megatron_effllm.parallel.reshard import reshard_block_hessians
     from megatron_effllm.parallel.runtime import init_model_parallel
     from megatron_effllm.pruning.groups import PrunePlan
 
@@ -271,8 +272,8 @@ def _engine_checks_body(rank, world_size, run_dir):
     kept = [0, 8, 9, 10, 11, 12, 13, 14]
     plan = PrunePlan.build(arch, L, heads={l: range(4) for l in L}, kv={l: range(2) for l in L},
                            ffn={0: kept, 1: range(16)}, hidden=range(32))
-    new = dp.reshard_block_hessians(state, plan)
-    blocks = dp.tp_all_gather(state[f"xtx.{name}"])
+    new = reshard_block_hessians(state, plan)
+    blocks = comm.all_gather(state[f"xtx.{name}"], "tp")
     full = torch.zeros(16, 16, dtype=torch.float64)
     full[:8, :8], full[8:, 8:] = blocks
     want = full[kept][:, kept][rank * 4:(rank + 1) * 4, rank * 4:(rank + 1) * 4]
@@ -285,7 +286,7 @@ def _engine_checks_body(rank, world_size, run_dir):
 
 
 def _sheared(rank, world_size, run_dir, extra=TP2):
-    from megatron_effllm.training import l0_runtime
+    from megatron_effllm.training.runtime import l0_runtime
     from megatron_effllm.training.config import load_config
     from megatron_effllm.training.trainer import run
 
@@ -306,10 +307,10 @@ def _sheared(rank, world_size, run_dir, extra=TP2):
 
 
 def _sheared_tp1(rank, world_size, run_dir):
-    from megatron_effllm.training import pruning_runtime as prt
+    from megatron_effllm.training.runtime.schedule import Schedule
 
-    constraints = prt.PruningRuntime.constraints
-    prt.PruningRuntime.constraints = lambda self: dataclasses.replace(constraints(self), tensor_parallel=2)
+    constraints = Schedule.constraints
+    Schedule.constraints = lambda self: dataclasses.replace(constraints(self), tensor_parallel=2)
     return _sheared(rank, world_size, run_dir, extra=[])
 
 
@@ -396,7 +397,7 @@ def test_reshard_at_tp1_is_the_single_process_slicing():
     state gives (weights, moments; with and without folded L0 gates)."""
     from megatron_effllm.architecture import Architecture, LayerShape
     from megatron_effllm import layout
-    from megatron_effllm.parallel import distributed_pruning as dp
+    from megatron_effllm.parallel.reshard import reshard_state
     from megatron_effllm.pruning import l0
     from megatron_effllm.pruning.groups import PrunePlan
     from megatron_effllm.pruning.surgery import slice_state_dict
@@ -418,7 +419,7 @@ def test_reshard_at_tp1_is_the_single_process_slicing():
                  "ffn": [torch.rand(l.ffn_hidden_size, generator=g, dtype=torch.float64) for l in arch.layers]}
         for fold in (None, gates):
             full = {n: {k: meg[k][n].clone() for k in keys} for n in meg["param"]}
-            got = dp.reshard_state(arch, plan, full,
+            got = reshard_state(arch, plan, full,
                                    fold=None if fold is None else (lambda c: l0.fold_gates(c, arch, **fold)))
             assert not full  # consumed tensor by tensor
             for k in keys:

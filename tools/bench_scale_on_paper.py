@@ -44,6 +44,7 @@ def measure_mask_build(arch, tp: int, pp: int) -> dict:
     """Seconds, peak-memory growth (bytes) and masked entries of one rank's prune-event masks."""
     import torch
 
+    from megatron_effllm.layout.dims import ParallelDims
     from megatron_effllm.parallel.distributed_pruning import local_weight_masks
     from megatron_effllm.pruning.surgery import full_masks
 
@@ -55,7 +56,7 @@ def measure_mask_build(arch, tp: int, pp: int) -> dict:
     masks["hidden"][torch.randperm(arch.hidden_size, generator=g)[: arch.hidden_size // 100]] = 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     start = time.perf_counter()
-    local = local_weight_masks(arch, masks, tp_rank=0, tp_size=tp, pp_rank=0, pp_size=pp)
+    local = local_weight_masks(arch, masks, ParallelDims(0, tp, 0, pp))
     seconds = time.perf_counter() - start
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) * 1024
     return {"seconds": seconds, "peak_growth": grown, "entries": sum(m.numel() for m in local.values()),

@@ -15,7 +15,7 @@ from megatron_effllm.architecture import Architecture
 from megatron_effllm.pruning.groups import PruningError, tensor_axes
 from megatron_effllm.pruning.obs import HessianAccumulator
 from megatron_effllm.pruning.saliency import ActivationSaliency
-from megatron_effllm.pruning.surgery import check_masks, effective_head_mask, masked_rms_norm
+from megatron_effllm.pruning.surgery import check_masks, effective_head_mask, masked_rms_norm, norm_eps
 
 
 def weights_and_grads(model: torch.nn.Module, arch: Architecture) -> tuple[dict, dict]:
@@ -148,8 +148,7 @@ def install_mask_hooks(model: torch.nn.Module, arch: Architecture, masks: dict[s
         return out * hm.to(out.dtype).to(out.device)
 
     def norm_hook(mod, args, out):
-        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", arch.rms_norm_eps))
-        return masked_rms_norm(args[0], mod.weight, eps, hm)
+        return masked_rms_norm(args[0], mod.weight, norm_eps(mod, arch.rms_norm_eps), hm)
 
     for l in range(arch.num_layers):
         p = f"model.layers.{l}."

@@ -13,7 +13,7 @@ deterministic (``deterministic_gates``) and folded into the weights.
 Under GQA, give every layer one gate per *head slot* (position within a KV group) and expand it
 over the groups (``expand_head_slots``), so all groups keep the same number of heads.
 
-In a training run (``training.l0_runtime``) the gates end in a fixed shape, the same widths in
+In a training run (``training.runtime.l0_runtime``) the gates end in a fixed shape, the same widths in
 every layer as Sheared-LLaMA's targets are: ``uniform_widths`` turns the expected counts into
 such a shape at the parameter target, ``fold_gates`` folds the test-time gate values
 (``gate_values``) into the weights that read or write the gated activations.

@@ -136,13 +136,28 @@ def obs_update(W: torch.Tensor, H: torch.Tensor, remove: Iterable[int]) -> tuple
     if P.numel() == 0:
         return W.clone(), 0.0
     Hinv = inverse_hessian(H)
-    W64 = W.to(torch.float64)
-    M = torch.linalg.inv(Hinv[P][:, P])
-    Wp = W64[:, P]
-    delta = -Wp @ M @ Hinv[P, :]
-    out = W64 + delta
-    out[:, P] = 0.0
+    out = W.to(torch.float64).clone()
+    Wp = out[:, P]  # a copy: the columns before the update
+    M = remove_columns_(out, Hinv, P)
     return out.to(W.dtype), float(0.5 * torch.einsum("ru,uv,rv->", Wp, M, Wp))
+
+
+def remove_columns_(W: torch.Tensor, Hinv: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """The OBS update in place: W <- W - W[:,P] M (H^-1)[P,:] with columns P exactly zero, for
+    M = ((H^-1)[P,P])^-1, which is returned (for S_P and the downdate of H^-1)."""
+    M = torch.linalg.inv(Hinv[P][:, P])
+    W -= W[:, P] @ M @ Hinv[P, :]
+    W[:, P] = 0.0
+    return M
+
+
+def downdate_inverse(Hinv: torch.Tensor, P: torch.Tensor, M: torch.Tensor,
+                     keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """H^-1 after columns P are gone (rank-|P|): H^-1 - H^-1[:,P] M H^-1[P,:]. With ``keep`` (the
+    remaining columns) only that block is formed: the inverse over the remaining columns."""
+    if keep is None:
+        return Hinv - Hinv[:, P] @ M @ Hinv[P, :]
+    return Hinv[keep][:, keep] - Hinv[keep][:, P] @ M @ Hinv[P][:, keep]
 
 
 def obs_greedy(
@@ -171,9 +186,8 @@ def obs_greedy(
         s = obs_saliency(W64, Hinv, cand[idx])
         pick = int(idx[int(torch.argmin(s))])  # argmin returns the first minimum: lowest index on ties
         g = cand[pick]
-        M = torch.linalg.inv(Hinv[g][:, g])
-        W64 -= W64[:, g] @ M @ Hinv[g, :]
-        Hinv -= Hinv[:, g] @ M @ Hinv[g, :]
+        M = remove_columns_(W64, Hinv, g)
+        Hinv = downdate_inverse(Hinv, g, M)
         alive[pick] = False
         removed.append(pick)
         gone = cand[torch.as_tensor(removed)].reshape(-1)

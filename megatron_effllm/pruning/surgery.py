@@ -142,6 +142,25 @@ def masked_rms_norm(
     return weight * (h * torch.rsqrt(var + eps)).to(dtype)
 
 
+def norm_eps(module: torch.nn.Module, default: float) -> float:
+    """The epsilon of an RMSNorm module (HF: ``variance_epsilon``; torch / megatron: ``eps``),
+    else ``default`` (the architecture's ``rms_norm_eps``)."""
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(module, "eps", None)
+    return default if eps is None else eps
+
+
+def rescale_to_kept(x: torch.Tensor, output: torch.Tensor, eps: float, kept) -> torch.Tensor:
+    """An RMSNorm's ``output`` for input ``x`` whose masked hidden channels are exactly zero,
+    rescaled so that its statistics run over the ``kept`` channels only (as after their
+    removal): sqrt((ss/D + eps) / (ss/D_kept + eps)), one sum of squares serving both means.
+    ``kept`` is a number or a 0-d tensor (the count of open L0 gates)."""
+    ss = x.float().pow(2).sum(-1, keepdim=True)
+    scale = torch.sqrt((ss / x.shape[-1] + eps) / (ss / kept + eps))
+    return (output.float() * scale).to(output.dtype)
+
+
 # ---------------------------------------------------------------------- physical removal
 def slice_tensor(t: torch.Tensor, axes, plan: PrunePlan) -> torch.Tensor:
     """Slice one tensor shaped like a canonical tensor of ``plan.before`` (axes from tensor_axes)."""

@@ -45,7 +45,7 @@ from megatron_effllm.training.config import RunConfig, save_config
 from megatron_effllm.training.fault_injection import inject_nonfinite, kill_point
 from megatron_effllm.training.metrics import MetricsLogger, plot_run
 from megatron_effllm.training.pipeline import PipelineStep, mark_replicated_copies, mean_token_loss
-from megatron_effllm.training.pruning_runtime import make_runtime
+from megatron_effllm.training.runtime.factory import make_runtime
 from megatron_effllm.training.schedules import learning_rate
 
 BUILTIN_MODELS = ("smollm2-135m",)
@@ -231,7 +231,7 @@ class Trainer:
             ckpt.load_engine_state(engine, resume_dir)  # refuses another layout in one line
             pruning.load_rank_state_dict(ckpt.read_rank_state(resume_dir))
             log.info(f"[resume] continuing from {resume_dir} at step {start_step}")
-        pruning.install(engine.module)
+        pruning.install(engine)
         data_iter = make_train_iterator(self.data_args, self.dp_rank, self.dp_size, cfg.data.micro_batch,
                                         cfg.data.global_batch, start_state=trainer_state.get("data"))
         if "source_heldout" in trainer_state:
@@ -361,7 +361,7 @@ class Trainer:
                                 carry_optimizer_state=self.cfg.prune.optimizer_state == "carry",
                                 after_destroy=lambda: kill_point("compact.after_destroy", step))
         pruning.after_compaction(plan)
-        pruning.install(engine.module)
+        pruning.install(engine)
         self.metrics.log({"kind": "compaction", "params": plan.after.num_params(),
                           "architecture": plan.after.to_dict()})
         return engine

@@ -30,47 +30,33 @@ rank's slice of the linear_proj / linear_fc2 input, so their gradients come from
 holds them (summed over TP, the hidden gates' from TP rank 0: they are computed on replicated
 activations), and the compaction folds and re-shards tensor by tensor.
 
-Not supported: layer gates (prune.allow_depth), OBS (the folded gates compensate instead), PP > 1
-(the trainer refuses it). With TransformerEngine layers the norms fused into linear_qkv /
-linear_fc1 keep their statistics over every channel during the soft phase.
+Pipeline parallelism: every stage gates its own layers (global layer numbers) and the hidden
+channels where its modules write or normalise the residual stream; the gates' gradients are
+summed over the stages, so every rank holds the same gates. The layer count stays fixed.
+
+Not supported: layer gates (prune.allow_depth), OBS (the folded gates compensate instead). With
+TransformerEngine layers the norms fused into linear_qkv / linear_fc1 keep their statistics over
+every channel during the soft phase.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 
 from megatron_effllm.architecture import Architecture
+from megatron_effllm.engine.base import TrainEngine
 from megatron_effllm.errors import UserError
+from megatron_effllm.parallel import comm
 from megatron_effllm.pruning import l0
-from megatron_effllm.pruning import obs as obs_mod
 from megatron_effllm.pruning.groups import PrunePlan
-from megatron_effllm.pruning.saliency import GradSaliency, GroupScores
+from megatron_effllm.pruning.saliency import GroupScores
 from megatron_effllm.pruning.selection import plan_from_widths
-from megatron_effllm.pruning.surgery import masks_from_plan
-from megatron_effllm.parallel import distributed_pruning as dist_pruning
-from megatron_effllm.training.pruning_runtime import PruningRuntime
-
-
-def _dp():
-    """(data-parallel group, its size), or (None, 1) without torch.distributed."""
-    if not torch.distributed.is_initialized():
-        return None, 1
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_data_parallel_group()
-    return group, torch.distributed.get_world_size(group)
-
-
-def _cpu(obj):
-    """A deep copy with every tensor on the CPU (checkpoints load on any device)."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
+from megatron_effllm.pruning.surgery import masks_from_plan, norm_eps, rescale_to_kept
+from megatron_effllm.training.runtime.base import RuntimeBase
+from megatron_effllm.training.runtime.live_model import NORM_MODULES
+from megatron_effllm.training.runtime.state import cpu_copy
 
 
 def _segments(arch: Architecture, hidden: bool) -> dict[str, tuple[int, int]]:
@@ -85,11 +71,10 @@ def _segments(arch: Architecture, hidden: bool) -> dict[str, tuple[int, int]]:
     return out
 
 
-class L0Runtime(PruningRuntime):
-    """The pruning runtime of prune.strategy=sheared (same interface the Trainer calls)."""
+class L0Runtime(RuntimeBase):
+    """The pruning runtime of prune.strategy=sheared (the ``PruningRuntime`` protocol)."""
 
-    STRATEGIES = ("sheared",)
-    USES_SALIENCY = False
+    RUNTIMES = ("l0",)
 
     def __init__(self, cfg, arch: Architecture, source_params: int):
         super().__init__(cfg, arch, source_params)
@@ -97,6 +82,7 @@ class L0Runtime(PruningRuntime):
         if p.allow_depth:
             raise UserError("prune.strategy=sheared learns head, FFN and hidden-channel gates but no layer "
                             "gates; set prune.allow_depth=false (or use prune.strategy=efficientllm)")
+        self._hooks: list = []
         self.phase = "before"
         self._hidden = bool(p.prune_hidden)
         self._seg = _segments(arch, self._hidden)
@@ -115,7 +101,7 @@ class L0Runtime(PruningRuntime):
         self._last: Optional[tuple[int, dict]] = None
         try:  # the floors of a shape that keeps every KV group and layer, checked before any work
             zeros = torch.zeros(n, dtype=torch.float64)
-            l0.uniform_widths(arch, self.target, self.constraints(), **self._site_lists(zeros))
+            l0.uniform_widths(arch, self.target, self.schedule.constraints(), **self._site_lists(zeros))
         except UserError as err:
             raise UserError(f"prune.target_params {p.target_params:g} ({self.target:,} parameters) is out of "
                             f"reach for prune.strategy=sheared: {err}") from None
@@ -177,9 +163,9 @@ class L0Runtime(PruningRuntime):
                 return None
             x = args[0]
             z = self._z[key]
-            if self._tp > 1:  # this rank's heads / FFN channels: a contiguous range of the input
-                n = z.numel() // self._tp
-                z = z[self._tp_rank * n:(self._tp_rank + 1) * n]
+            if self.dims.tp > 1:  # this rank's heads / FFN channels: a contiguous range of the input
+                n = z.numel() // self.dims.tp
+                z = z[self.dims.tp_rank * n:(self.dims.tp_rank + 1) * n]
             return (x * z.to(x.dtype),) + tuple(args[1:])
 
         return hook
@@ -199,17 +185,14 @@ class L0Runtime(PruningRuntime):
         in the stream), as they will be after the closed channels are removed."""
         if self._z is None:
             return output
-        x = args[0]
-        eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-6)
-        ss = x.float().pow(2).sum(-1, keepdim=True)
-        scale = torch.sqrt((ss / x.shape[-1] + eps) / (ss / self._z["hidden_open"] + eps))
-        return (output.float() * scale).to(output.dtype)
+        return rescale_to_kept(args[0], output, norm_eps(module, self.arch.rms_norm_eps), self._z["hidden_open"])
 
     # ------------------------------------------------------------------ hooks on the live model
-    def install(self, model: torch.nn.Module) -> None:
-        self.remove_hooks()
-        self._tp_rank, self._tp, self._pp_rank, self._pp = dist_pruning.model_parallel_sizes()
-        self._model = model
+    def install(self, engine: TrainEngine) -> None:
+        """Hooks on the engine's module drawing the gates and applying them (nothing once the
+        gates are gone)."""
+        model = engine.module
+        self._attach(model)
         if self.log_alpha is None:
             return
         self._to_device(next(model.parameters()).device)
@@ -225,9 +208,14 @@ class L0Runtime(PruningRuntime):
             elif self._hidden and name == "embedding":
                 self._hooks.append(module.register_forward_hook(self._gate_output))
             # (With TransformerEngine these names are IdentityOps: the norms are fused into the linears.)
-            if (self._hidden and name.endswith(("input_layernorm", "pre_mlp_layernorm", "final_layernorm"))
+            if (self._hidden and name.endswith(NORM_MODULES)
                     and getattr(module, "weight", None) is not None):
                 self._hooks.append(module.register_forward_hook(self._gate_norm))
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def _to_device(self, device) -> None:
         """Gates on the model's device, and their optimizer (built here, once it is known)."""
@@ -257,10 +245,28 @@ class L0Runtime(PruningRuntime):
             self.log_alpha.grad = None
 
     def end_micro_batch(self, samples: float) -> None:
-        pass
+        """Nothing to count: the gates' gradient is the loss's, averaged by the engine."""
 
     def extra_grad_leaves(self) -> list:
         return [self.log_alpha] if self.phase == "soft" and self.log_alpha is not None else []
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Nothing records from gradients: the hand-over backward needs no pause."""
+        yield
+
+    def before_micro_batch_backward(self, batch: dict) -> None:
+        """The gates need nothing from the pipeline schedule (their gradients are the leaves')."""
+
+    def end_pipeline_schedule(self) -> None:
+        """As ``before_micro_batch_backward``."""
+
+    def snapshot_statistics(self) -> None:
+        """No running statistics: a skipped step's gate gradients go with ``discard_step``."""
+        return None
+
+    def restore_statistics(self, snapshot) -> None:
+        """Nothing to put back (``snapshot_statistics``)."""
 
     def discard_step(self) -> None:
         self._skip = True
@@ -300,25 +306,20 @@ class L0Runtime(PruningRuntime):
     def _update_gates(self, step: int) -> None:
         la, lam = self.log_alpha, self.lambdas
         grad = la.grad.detach().clone() if la.grad is not None else torch.zeros_like(la)
-        if self._tp > 1:
+        if self.dims.tp > 1:
             # Head / FFN gates: each TP rank has the gradient of its own slice (zero elsewhere);
             # hidden gates act on replicated activations, so take TP rank 0's. Summed over TP,
             # every rank holds the same gradient.
-            from megatron.core import parallel_state as ps
-
-            if self._hidden and self._tp_rank != 0:
+            if self._hidden and self.dims.tp_rank != 0:
                 off, n = self._seg["hidden"]
                 grad[off:off + n] = 0.0
-            torch.distributed.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
-        if self._pp > 1:
-            # Each stage has the gradient of its own layers' gates and its part of the hidden
-            # gates' (the embedding, its layers' residual writers and norms): they add up.
-            from megatron.core import parallel_state as ps
-
-            torch.distributed.all_reduce(grad, group=ps.get_pipeline_model_parallel_group())
-        group, size = _dp()
+            comm.all_reduce_(grad, "tp")
+        # Each stage has the gradient of its own layers' gates and its part of the hidden
+        # gates' (the embedding, its layers' residual writers and norms): they add up.
+        comm.all_reduce_(grad, "pp")
+        size = comm.size("dp")
         if size > 1:  # the gradient of the global batch's loss: identical gates on every rank
-            torch.distributed.all_reduce(grad, group=group)
+            comm.all_reduce_(grad, "dp")
             grad /= size
         if not bool(torch.isfinite(grad).all()):  # identical on every rank after the all-reduce
             la.grad = None
@@ -349,34 +350,28 @@ class L0Runtime(PruningRuntime):
         if self.phase == "soft":
             with torch.no_grad():
                 return int(round(float(self._expected_params())))
-        return super().current_params()
+        return self.effective_arch().num_params()
 
     def effective_arch(self) -> Architecture:
         if self.phase == "soft":
             with torch.no_grad():
                 return l0.expected_architecture(self.arch, **self._probs(cpu=True))
-        return super().effective_arch()
+        return self.effective_plan().after
 
     # ------------------------------------------------------------------ the end of the soft phase
     def _check_ranks_agree(self) -> None:
-        group, size = _dp()
-        if self._tp > 1 or self._pp > 1:  # every rank (data and model parallel) holds the same gates
-            group, size = None, torch.distributed.get_world_size()
-        if size == 1:
-            return
-        x = torch.cat([self.log_alpha.detach(), self.lambdas.detach()])
-        hi, lo = x.clone(), x.clone()
-        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=group)
-        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=group)
-        if not torch.equal(hi, lo):
-            raise RuntimeError("the L0 gates differ between ranks; the final shape would too")
+        """Every rank (data and model parallel) holds the same gates, or the final shapes differ."""
+        x = torch.cat([self.log_alpha.detach(), self.lambdas.detach()]).cpu()
+        comm.check_agreement(x.numpy().tobytes(), "the L0 gates", "world",
+                             advice="the final shape would differ between them")
 
     @torch.no_grad()
     def _finalize(self, step: int) -> dict:
         """Deterministic gates -> a uniform shape at the target -> masks, and the values to fold."""
         self._check_ranks_agree()
         metrics = self._metrics(step)
-        widths, hidden = l0.uniform_widths(self.arch, self.target, self.constraints(), **self._probs(cpu=True))
+        widths, hidden = l0.uniform_widths(self.arch, self.target, self.schedule.constraints(),
+                                           **self._probs(cpu=True))
         la = self.log_alpha.detach().double().cpu()
         # Within a layer the largest log_alphas survive (slot scores are equal across KV groups, so
         # every group keeps the same slots).
@@ -396,17 +391,17 @@ class L0Runtime(PruningRuntime):
                 "architecture": plan.after.to_dict(), **metrics}
 
     def slice_engine_state(self, plan: PrunePlan):
-        """The base slicing, after folding the gate values into the fp32 masters.
+        """The common slicing, after folding the gate values into the fp32 masters.
 
         Adam moments carry over unscaled: Adam's step m / sqrt(v) does not depend on the
         gradient's scale, and a kept gate of value zero would make rescaled moments infinite."""
         fold, arch = self._fold, self.arch
         if fold is None:
-            return super().slice_engine_state(plan)
-        return super().slice_engine_state(plan, fold=lambda canon: l0.fold_gates(canon, arch, **fold))
+            return self._slicer(plan)
+        return self._slicer(plan, fold=lambda canon: l0.fold_gates(canon, arch, **fold))
 
     def after_compaction(self, plan: PrunePlan) -> None:
-        super().after_compaction(plan)
+        self._reset_shape(plan)
         self.remove_hooks()
         self.phase = "done"
         self.log_alpha = self.lambdas = None
@@ -417,19 +412,23 @@ class L0Runtime(PruningRuntime):
     def consolidate(self) -> None:
         """Nothing to gather: every data-parallel rank holds the same gates."""
 
+    def rank_state_dict(self) -> None:
+        """Nothing differs between ranks (the gates are replicated)."""
+        return None
+
+    def load_rank_state_dict(self, state: Optional[dict]) -> None:
+        """Nothing to load (``rank_state_dict``)."""
+
     def state_dict(self) -> dict:
         opt = self._opt.state_dict() if self._opt is not None else self._opt_state
         return {
             "strategy": "sheared",
-            "arch": self.arch.to_dict(),
-            "masks": {k: v.clone() for k, v in self.masks.items()},
-            "events": self.events,
-            "history": list(self.history),
+            **self._common_state(),
             "phase": self.phase,
-            "log_alpha": None if self.log_alpha is None else _cpu(self.log_alpha),
-            "lambdas": None if self.lambdas is None else _cpu(self.lambdas),
-            "optimizer": _cpu(opt),
-            "fold": _cpu(self._fold),
+            "log_alpha": None if self.log_alpha is None else cpu_copy(self.log_alpha),
+            "lambdas": None if self.lambdas is None else cpu_copy(self.lambdas),
+            "optimizer": cpu_copy(opt),
+            "fold": cpu_copy(self._fold),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -437,14 +436,8 @@ class L0Runtime(PruningRuntime):
         if state.get("strategy") != "sheared":
             raise UserError("the checkpoint's pruning state was not written with prune.strategy=sheared; "
                             "resume with the strategy it was written with, or start over (resume: none)")
-        self.arch = Architecture.from_dict(state["arch"])
-        self.masks = {k: v.clone() for k, v in state["masks"].items()}
-        self.events = state["events"]
-        self.history = list(state["history"])
+        self._load_common_state(state)
         self.phase = state["phase"]
-        self.saliency = GradSaliency(self.arch, estimators=())
-        self.hessians = obs_mod.HessianAccumulator()
-        self.layer_cos = torch.zeros(self.arch.num_layers, 2, dtype=torch.float64)
         if state["log_alpha"] is None:
             self.log_alpha = self.lambdas = None
             self._seg = {}
