@@ -25,7 +25,6 @@ import uuid
 from typing import Optional, Union
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing, parallel_state
 
@@ -35,6 +34,7 @@ from megatron_effllm.errors import UserError
 from megatron_effllm.layout import TE, check_state_dict, from_megatron, megatron_shapes, stage_layer_counts
 from megatron_effllm.model.builder import build_gpt_model
 from megatron_effllm.model.weights import load_canonical, local_state_dict
+from megatron_effllm.parallel import comm
 from megatron_effllm.parallel.runtime import init_model_parallel
 
 FORMAT = "megatron_effllm.megatron_checkpoint/1"
@@ -46,22 +46,11 @@ TOKENIZER_DIR = "tokenizer"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _broadcast_error(err: Optional[str]) -> None:
     """Raise the same UserError on every rank when rank 0 found a problem."""
-    box = [err]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise UserError(box[0])
+    err = comm.broadcast_object(err, 0)
+    if err:
+        raise UserError(err)
 
 
 def checkpoint_tensor_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
@@ -143,7 +132,7 @@ def load_into_model(model: torch.nn.Module, ckpt_dir: str, arch: Optional[Archit
     """
     err = None
     ck_arch = None
-    if _rank() == 0:
+    if comm.global_rank() == 0:
         try:
             ck_arch, _ = read_checkpoint_info(ckpt_dir)
             verify_checkpoint(ckpt_dir, ck_arch)
@@ -223,7 +212,7 @@ def save_megatron_checkpoint(
     out_dir = os.path.abspath(out_dir)
     err = None
     box = [None]
-    if _rank() == 0:
+    if comm.global_rank() == 0:
         if os.path.exists(out_dir):
             err = f"output folder {out_dir} already exists; choose a new folder or remove it"
         elif tokenizer_src is not None and not os.path.isdir(tokenizer_src):
@@ -236,9 +225,7 @@ def save_megatron_checkpoint(
             except OSError as e:
                 err = f"cannot create {box[0]} ({e.strerror}); check the output path and permissions"
     _broadcast_error(err)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    tmp = box[0]
+    tmp = comm.broadcast_object(box[0], 0)
     try:
         if isinstance(model_or_sharded_sd, torch.nn.Module):
             if dtype is None:
@@ -252,16 +239,16 @@ def save_megatron_checkpoint(
                 parallel_state.get_pipeline_model_parallel_world_size(),
             )
         dist_checkpointing.save(sharded, os.path.join(tmp, WEIGHTS_DIR))
-        _barrier()
+        comm.barrier()
         err = None
-        if _rank() == 0:
+        if comm.global_rank() == 0:
             try:
                 _finish(tmp, out_dir, arch, tokenizer_src, dtype, layout)
             except UserError as e:
                 err = str(e)
         _broadcast_error(err)
     except BaseException:
-        if _rank() == 0:
+        if comm.global_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 

@@ -29,6 +29,7 @@ from typing import Optional, Sequence, Union
 
 import numpy
 
+from megatron_effllm.cache import cache_dir
 from megatron_effllm.data.preprocess import read_meta
 from megatron_effllm.errors import UserError
 
@@ -52,8 +53,6 @@ def ensure_dataset_helpers() -> None:
         pass
     import megatron.core.datasets as mcd
     from filelock import FileLock
-
-    from megatron_effllm.cache import cache_dir
 
     src = os.path.join(os.path.dirname(mcd.__file__), "helpers.cpp")
     if not os.path.isfile(src):

@@ -33,9 +33,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from megatron_effllm.assets import corpus_files
 from megatron_effllm.data import blend
 from megatron_effllm.data.dynamic_batch import DynamicBatchSampler
 from megatron_effllm.data.preprocess import inputs_fingerprint, preprocess, read_meta
+from megatron_effllm.data.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer_path
 from megatron_effllm.errors import UserError
 from megatron_effllm.parallel import comm
 
@@ -375,8 +377,6 @@ def _normalize_spec(spec, split: str) -> dict:
     if spec in (None, ""):
         return {}
     if spec == "builtin":
-        from megatron_effllm.assets import corpus_files
-
         return {d: [p] for d, p in corpus_files("train" if split == "train" else "heldout").items()}
     if isinstance(spec, str):
         if spec.endswith(".json"):
@@ -400,15 +400,11 @@ class _TokenizerOnce:
     """The tokenizer for raw inputs, loaded only if some domain needs tokenizing."""
 
     def __init__(self, tokenizer, eos_token: Optional[str]):
-        from megatron_effllm.data.tokenizer import Tokenizer
-
         self._tok = tokenizer if isinstance(tokenizer, Tokenizer) else None
         self.spec, self.eos_token = tokenizer, eos_token
 
     def source(self) -> tuple:
         """(path, eos_token) that identify the tokenizer without loading it."""
-        from megatron_effllm.data.tokenizer import resolve_tokenizer_path
-
         if self._tok is not None:
             return self._tok.path, self._tok.eos_token
         if self.spec is None:
@@ -416,8 +412,6 @@ class _TokenizerOnce:
         return resolve_tokenizer_path(self.spec), self.eos_token
 
     def get(self):
-        from megatron_effllm.data.tokenizer import load_tokenizer
-
         if self._tok is None:
             self._tok = load_tokenizer(self.spec, self.eos_token)
         return self._tok

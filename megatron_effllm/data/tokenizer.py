@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+from megatron_effllm.assets import smollm2_gguf
 from megatron_effllm.errors import UserError
 
 BUILTIN_ALIASES = ("smollm2-135m",)
@@ -161,8 +162,6 @@ def resolve_tokenizer_path(path: str) -> str:
         raise UserError("no tokenizer given; pass --tokenizer with an HF folder, a .gguf file "
                         "or a sentencepiece .model")
     if path in BUILTIN_ALIASES:
-        from megatron_effllm.assets import smollm2_gguf
-
         return smollm2_gguf()
     if os.path.isdir(path):
         if not any(os.path.exists(os.path.join(path, f)) for f in _HF_FILES):

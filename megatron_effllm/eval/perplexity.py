@@ -27,6 +27,7 @@ from typing import Iterable, Union
 
 import torch
 
+from megatron_effllm.assets import corpus_files
 from megatron_effllm.errors import UserError
 
 
@@ -137,8 +138,6 @@ def perplexity_files(spec: str) -> dict[str, str]:
     """{domain: path} from ``builtin`` (the shipped held-out corpus sample) or a comma-separated
     list of ``path`` or ``domain=path`` entries (domain defaults to the file name up to its first dot)."""
     if spec.strip() == "builtin":
-        from megatron_effllm.assets import corpus_files
-
         return corpus_files("heldout")
     files: dict[str, str] = {}
     for part in (p.strip() for p in spec.split(",")):

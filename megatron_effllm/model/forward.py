@@ -6,10 +6,11 @@ works at any TP/PP size. Every rank of the model-parallel group gets the full-vo
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron_effllm.parallel import comm
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -59,14 +60,11 @@ def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
     if pp == 1:
         return logits
     # The last stage shares the logits with the other stages of its pipeline.
-    group = parallel_state.get_pipeline_model_parallel_group()
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    size = [vocab]
-    dist.broadcast_object_list(size, src=last, group=group)
+    last = comm.pipeline_last_rank()
+    vocab = comm.broadcast_object(vocab, last, "pp")
     if not parallel_state.is_pipeline_last_stage():
-        logits = torch.empty(b, s, size[0], dtype=torch.float32, device=device)
-    dist.broadcast(logits, src=last, group=group)
-    return logits
+        logits = torch.empty(b, s, vocab, dtype=torch.float32, device=device)
+    return comm.broadcast_(logits, last, "pp")
 
 
 @torch.no_grad()

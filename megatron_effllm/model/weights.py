@@ -5,14 +5,11 @@ import math
 from typing import Mapping
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_effllm import layout
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.errors import UserError
-from megatron_effllm.layout import ParallelDims
-from megatron_effllm.parallel.runtime import model_parallel_sizes
+from megatron_effllm.parallel import comm
 
 
 def local_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -50,8 +47,7 @@ def load_local(model: torch.nn.Module, local: Mapping[str, torch.Tensor]) -> Non
 
 def load_canonical(model: torch.nn.Module, arch: Architecture, sd: Mapping[str, torch.Tensor]) -> None:
     """Load a canonical state dict into this rank's shard of the model."""
-    tp_rank, tp, pp_rank, pp = model_parallel_sizes()
-    load_local(model, layout.to_megatron(arch, sd, ParallelDims(tp_rank, tp, pp_rank, pp), model_style(model)))
+    load_local(model, layout.to_megatron(arch, sd, comm.dims(), model_style(model)))
 
 
 def gather_shards(model: torch.nn.Module) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
@@ -69,31 +65,22 @@ def _gather_over_model_parallel(mine: dict) -> dict[tuple[int, int], dict]:
     travel tensor by tensor through the communication device (an all-gather per tensor: the
     transient there is one full tensor, not the pickled model); across pipeline stages the
     names differ and the dicts go as objects."""
-    tp_rank, tp, pp_rank, pp = model_parallel_sizes()
-    if tp * pp == 1:
+    dims = comm.dims()
+    if dims.tp * dims.pp == 1:
         return {(0, 0): mine}
-    if pp == 1:
-        group = parallel_state.get_tensor_model_parallel_group()
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-        out: dict[tuple[int, int], dict] = {(t, 0): {} for t in range(tp)}
+    if dims.pp == 1:
+        out: dict[tuple[int, int], dict] = {(t, 0): {} for t in range(dims.tp)}
         for name in sorted(mine):
-            t = mine[name].contiguous()
-            t = t.to(device) if device is not None else t
-            parts = [torch.empty_like(t) for _ in range(tp)]
-            dist.all_gather(parts, t, group=group)
-            for r, part in enumerate(parts):
+            for r, part in enumerate(comm.all_gather(mine[name], "tp")):
                 out[(r, 0)][name] = part.cpu()
         return out
-    group = parallel_state.get_model_parallel_group()
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, ((tp_rank, pp_rank), mine), group=group)
-    return dict(gathered)
+    return dict(comm.all_gather_object(((dims.tp_rank, dims.pp_rank), mine), "mp"))
 
 
 def gather_canonical(model: torch.nn.Module, arch: Architecture) -> dict[str, torch.Tensor]:
     """The full canonical state dict of a sharded model, on every model-parallel rank."""
-    _, tp, _, pp = model_parallel_sizes()
-    return layout.from_megatron(arch, gather_shards(model), tp, pp)
+    dims = comm.dims()
+    return layout.from_megatron(arch, gather_shards(model), dims.tp, dims.pp)
 
 
 def gather_canonical_grads(model: torch.nn.Module, arch: Architecture) -> dict[str, torch.Tensor]:
@@ -101,13 +88,13 @@ def gather_canonical_grads(model: torch.nn.Module, arch: Architecture) -> dict[s
     model-parallel rank. With tied embeddings under pipeline parallelism the embedding's
     gradient is the first stage's: sum the two copies first (megatron's finalize_model_grads,
     or ``parallel.distributed_pruning.allreduce_tied_embedding_grads_``)."""
-    _, tp, _, pp = model_parallel_sizes()
+    dims = comm.dims()
     mine = {}
     for k, p in model.named_parameters():
         if p.grad is None:
             raise UserError(f"parameter {k} has no gradient; run a backward pass first")
         mine[k] = p.grad.detach().cpu().clone()
-    return layout.from_megatron(arch, _gather_over_model_parallel(mine), tp, pp)
+    return layout.from_megatron(arch, _gather_over_model_parallel(mine), dims.tp, dims.pp)
 
 
 def random_canonical(arch: Architecture, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:

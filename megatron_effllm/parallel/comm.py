@@ -1,7 +1,8 @@
 """Every collective of the package goes through this module.
 
 Groups are named, not passed: ``"world"``, ``"dp"`` (data parallel), ``"tp"`` (tensor
-parallel), ``"pp"`` (pipeline), ``"embedding"`` (first and last stage, tied embeddings). They
+parallel), ``"pp"`` (pipeline), ``"mp"`` (model parallel: TP x PP, one model replica),
+``"embedding"`` (first and last stage, tied embeddings). They
 resolve to megatron-core's ``parallel_state`` groups when model parallelism is initialised; with
 a bare process group every rank is data-parallel; without torch.distributed every call is the
 single-process identity (reductions leave tensors as they are, gathers return ``[t]``).
@@ -22,7 +23,7 @@ from megatron_effllm.errors import UserError
 from megatron_effllm.layout.dims import ParallelDims
 
 GroupName = str
-GROUPS = ("world", "dp", "tp", "pp", "embedding")
+GROUPS = ("world", "dp", "tp", "pp", "mp", "embedding")
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -61,6 +62,8 @@ def group(name: GroupName = "world"):
         return ps.get_tensor_model_parallel_group()
     if name == "pp":
         return ps.get_pipeline_model_parallel_group()
+    if name == "mp":
+        return ps.get_model_parallel_group()
     return ps.get_embedding_group() if ps.is_rank_in_embedding_group() else None
 
 
@@ -168,6 +171,26 @@ def broadcast_(t: torch.Tensor, src: int, group_name: GroupName = "world") -> to
     if buf is not t:
         t.copy_(buf)
     return t
+
+
+def broadcast_object(obj, src: int, group_name: GroupName = "world"):
+    """Global rank ``src``'s picklable ``obj`` on every rank of the group (``obj`` elsewhere is
+    ignored); ``obj`` itself for a one-rank group."""
+    g = _resolve(group_name)
+    if g is None or dist.get_world_size(g) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=g)
+    return box[0]
+
+
+def pipeline_last_rank() -> int:
+    """Global rank of the last pipeline stage of this rank's pipeline."""
+    if not _model_parallel_ready():
+        return 0
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_last_rank()
 
 
 def barrier(group_name: GroupName = "world") -> None:

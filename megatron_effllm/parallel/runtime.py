@@ -231,15 +231,3 @@ def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234,
 def destroy_model_parallel() -> None:
     """Tear down megatron-core's groups (the torch.distributed world stays)."""
     parallel_state.destroy_model_parallel()
-
-
-def model_parallel_sizes() -> tuple[int, int, int, int]:
-    """(tp_rank, tp_size, pp_rank, pp_size) of this process; (0, 1, 0, 1) without groups."""
-    if not parallel_state.model_parallel_is_initialized():
-        return 0, 1, 0, 1
-    return (
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_pipeline_model_parallel_rank(),
-        parallel_state.get_pipeline_model_parallel_world_size(),
-    )

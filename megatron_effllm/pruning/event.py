@@ -36,16 +36,18 @@ def compose_plans(first: PrunePlan, second: PrunePlan) -> PrunePlan:
 
 def make_selector(selector: RegisteredSelector, constraints: Constraints, *,
                   layer_importance: Optional[Callable[[], torch.Tensor]] = None,
-                  adapt_step: float = 0.02) -> Selector:
+                  adapt_step: float = 0.02, adapt_steps: int = 1) -> Selector:
     """(scores, target) -> plan through a registered selector (``registry.SELECTORS``) under
     ``constraints``. ``layer_importance()`` is asked for only when selecting, and only by a
-    selector that needs it (Adapt-Pruner): it may be collective."""
+    selector that needs it (Adapt-Pruner): it may be collective. ``adapt_steps``: Adapt-Pruner
+    updates per selection (one per prune event in training, several in a one-shot prune)."""
     if selector.needs_layer_importance and layer_importance is None:
         raise ValueError(f"the {selector.name} selector needs layer_importance")
 
     def select(scores: GroupScores, target: int) -> PrunePlan:
         importance = layer_importance() if selector.needs_layer_importance else None
-        return selector.select(scores, target, constraints, layer_importance=importance, adapt_step=adapt_step)
+        return selector.select(scores, target, constraints, layer_importance=importance, adapt_step=adapt_step,
+                               adapt_steps=adapt_steps)
 
     return select
 

@@ -17,6 +17,7 @@ from megatron_effllm.architecture import Architecture
 from megatron_effllm.errors import UserError
 from megatron_effllm.pruning.calibrate import calibrate
 from megatron_effllm.pruning.estimators.base import Statistics
+from megatron_effllm.pruning.event import make_selector, next_plan
 from megatron_effllm.pruning.groups import PrunePlan
 from megatron_effllm.pruning.obs import HessianAccumulator, apply_obs_update
 from megatron_effllm.pruning.registry import ESTIMATORS, SELECTORS, STRATEGIES
@@ -83,14 +84,14 @@ def choose(calib: Statistics, arch: Architecture, state_dict: dict, options: One
     options.check()
     scores = ESTIMATORS.get(options.estimator).scores(calib, arch, state_dict)
     selector = options.selector()
-    importance = None
-    if selector.needs_layer_importance:
-        if calib.activations is None:
-            raise UserError(f"strategy {options.strategy!r} needs block input/output statistics; "
-                            "calibrate with it selected")
-        importance = calib.activations.layer_importance()
-    return selector.select(scores, options.target_params, options.constraints, layer_importance=importance,
+    if selector.needs_layer_importance and calib.activations is None:
+        raise UserError(f"strategy {options.strategy!r} needs block input/output statistics; "
+                        "calibrate with it selected")
+    # The training runtime's prune event, on one process: nothing masked yet, no ranks to agree.
+    select = make_selector(selector, options.constraints, layer_importance=lambda: calib.activations.layer_importance(),
                            adapt_step=options.adaptive_A, adapt_steps=options.adaptive_steps)
+    plan = next_plan(PrunePlan.identity(arch), options.target_params, lambda effective: scores, select)
+    return PrunePlan.identity(arch) if plan is None else plan
 
 
 def apply(state_dict: dict, plan: PrunePlan, calib: Statistics, options: OneShotOptions) -> dict:

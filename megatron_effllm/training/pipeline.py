@@ -198,7 +198,7 @@ class PipelineStep:
         # Hand the gradients to the engine: d/dp sum(p * g) = g exactly, through ZeRO's hooks.
         with paused():
             surrogate = sum((p * g.to(p.dtype)).sum() for p, g in zip(params, acc[:len(params)]))
-            del acc
+            acc.clear()  # the fp32 buffers go before the engine allocates its own
             engine.backward(surrogate, last_micro_batch=True, scale_with_accumulation=False)
         mean = torch.stack(losses).mean() if last else torch.zeros((), dtype=torch.float32)
         return broadcast_from_last_stage(mean.to(next(module.parameters()).device))
