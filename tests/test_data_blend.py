@@ -16,8 +16,8 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
 
 from megatron_effllm.data import blend  # noqa: E402
-from megatron_effllm.data.loader import (DataArgs, make_heldout_batches,  # noqa: E402
-                                         make_train_iterator, prepare_data)
+from megatron_effllm.data.loader import DataArgs, make_heldout_batches, make_train_iterator  # noqa: E402
+from megatron_effllm.data.prepare import prepare_data  # noqa: E402
 from megatron_effllm.errors import UserError  # noqa: E402
 
 EOD, VOCAB = 0, 5000

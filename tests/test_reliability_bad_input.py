@@ -165,7 +165,7 @@ DATA_CASES = [
 
 @pytest.mark.parametrize("make, expected", [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
 def test_data_cases(assets, tmp_path, make, expected):
-    from megatron_effllm.data.loader import prepare_data
+    from megatron_effllm.data.prepare import prepare_data
     from megatron_effllm.errors import UserError
 
     inputs = tmp_path / "inputs"
@@ -184,7 +184,7 @@ def test_data_cases(assets, tmp_path, make, expected):
 
 
 def test_heldout_domain_without_training_data(assets, tmp_path):
-    from megatron_effllm.data.loader import prepare_data
+    from megatron_effllm.data.prepare import prepare_data
     from megatron_effllm.errors import UserError
 
     data = assets["data"]
@@ -198,7 +198,7 @@ def test_pretokenized_data_from_another_tokenizer(assets, tmp_path):
     from eval_fixtures import tiny_tokenizer
 
     from megatron_effllm.architecture import Architecture
-    from megatron_effllm.data.loader import prepare_data
+    from megatron_effllm.data.prepare import prepare_data
     from megatron_effllm.data.preprocess import preprocess
     from megatron_effllm.errors import UserError
     from megatron_effllm.training.preflight import check_data_tokens

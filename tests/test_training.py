@@ -47,7 +47,8 @@ def _hf_heldout_losses(run_dir) -> dict:
     trainer sums them."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_effllm.data.loader import make_heldout_batches, prepare_data
+    from megatron_effllm.data.loader import make_heldout_batches
+    from megatron_effllm.data.prepare import prepare_data
     from megatron_effllm.training.config import load_config
 
     cfg = load_config(TINY, SHORT + [f"run_dir={run_dir}"])

@@ -29,7 +29,8 @@ from megatron_effllm.architecture import Architecture
 from megatron_effllm.assets import smollm2_hf_dir
 from megatron_effllm.convert.gguf_export import export_gguf
 from megatron_effllm.convert.hf_io import load_hf_model, save_hf_model
-from megatron_effllm.data.loader import make_heldout_batches, make_train_iterator, prepare_data
+from megatron_effllm.data.loader import make_heldout_batches, make_train_iterator
+from megatron_effllm.data.prepare import prepare_data
 from megatron_effllm.data.tokenizer import save_hf_tokenizer
 from megatron_effllm.engine import build_engine
 from megatron_effllm.engine.base import EngineOptions, TrainEngine
