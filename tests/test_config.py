@@ -34,11 +34,37 @@ def test_overrides_and_types(tmp_path):
     ("a: [\n", [], "not valid YAML at line"),
     (BASE, ["prune.interval"], "must look like key=value"),
     (BASE, ["train.progress_bar=maybe"], "expected true or false"),
+    (BASE, ["optim=0"], "config section optim. must be a mapping, got 0"),
+    (BASE + "seed: 2001-02-30\n", [], r"is not valid YAML \(day is out of range for month\)"),
+    (BASE + "1: 2\n", [], "unknown config key 1; known keys: data, export"),
+    (BASE, ["optim.lr=1" + "0" * 400], "config key optim.lr: 10000000000000000000... is too large for a number"),
+    (BASE, ["optim.min_lr=-.inf"], "config key optim.min_lr must be a finite number >= 0, got -inf"),
+    (BASE, ["prune.ema=1"], r"config key prune.ema must be in \[0, 1\), got 1.0"),
+    (BASE, ["data.weights={web: 0, code: 0}"], "data.weights: every weight is 0"),
+    (BASE + 'resume: "/no/such\\ndir"\n', [], r"resume: '/no/such\\ndir' is not a checkpoint folder"),
 ])
 def test_config_errors_are_one_line(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(write(tmp_path, text), overrides)
     assert "\n" not in str(err.value)
+
+
+def test_numbers_from_yaml_strings(tmp_path):
+    """YAML 1.1 reads 1e3 and 3e-4 (no dot) as strings: they still count as numbers."""
+    cfg = load_config(write(tmp_path, BASE), ["train.steps=1e3", "optim.lr=3e-4", "prune.end_step=2e2"])
+    assert (cfg.train.steps, cfg.optim.lr, cfg.prune.end_step) == (1000, 3e-4, 200)
+
+
+def test_sample_index_limit(tmp_path):
+    """The static blend indexes steps x global batch samples up front: the largest run that fits
+    the limit loads, one step more is refused; the dynamic loader builds no such index."""
+    from megatron_effllm.training.config_checks import INDEX_BYTES_PER_SAMPLE, SAMPLE_INDEX_LIMIT_BYTES
+
+    steps = SAMPLE_INDEX_LIMIT_BYTES // INDEX_BYTES_PER_SAMPLE // 8
+    assert load_config(write(tmp_path, BASE), [f"train.steps={steps}"]).train.steps == steps
+    with pytest.raises(ConfigError, match=f"= {(steps + 1) * 8:,} training samples need a sample index of 8 GB"):
+        load_config(write(tmp_path, BASE), [f"train.steps={steps + 1}"])
+    assert load_config(write(tmp_path, BASE), [f"train.steps={steps + 1}", "data.dynamic=true"]).data.dynamic
 
 
 def test_missing_file():

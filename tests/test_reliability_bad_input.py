@@ -71,17 +71,38 @@ CONFIG_CASES = [
      "prune.end_step 500 is after the last step train.steps 100"),
     ("L0 gates' drop rate outside (0, 1)", BASE, ["prune.l0_droprate_init=1.5"],
      "prune.l0_droprate_init must be in (0, 1), got 1.5"),
-    ("non-positive learning rate", BASE, ["optim.lr=-0.1"], "optim.lr must be a positive number, got -0.1"),
+    ("non-positive learning rate", BASE, ["optim.lr=-0.1"], "config key optim.lr must be > 0, got -0.1"),
     ("min_lr above lr", BASE, ["optim.lr=1e-4", "optim.min_lr=1e-3"], "optim.min_lr 0.001 is above optim.lr"),
     ("beta outside [0, 1)", BASE, ["optim.beta2=1.5"], "config key optim.beta2 must be in [0, 1), got 1.5"),
     ("no checkpoint kept", BASE, ["train.keep_checkpoints=0"], "train.keep_checkpoints must be >= 1, got 0"),
     ("non-finite target", BASE, ["prune.target_params=.nan"], "prune.target_params must be a finite number"),
-    ("zero communication timeout", BASE, ["parallel.comm_timeout_s=0"], "parallel.comm_timeout_s must be positive"),
+    ("zero communication timeout", BASE, ["parallel.comm_timeout_s=0"], "parallel.comm_timeout_s must be in (0, 2592000], got 0.0"),
     ("resume path missing", BASE, ["resume=/nonexistent/step_000010"],
      "resume: /nonexistent/step_000010 is not a checkpoint folder"),
     ("no model", "model:\n  source: ''\n", [], "set model.source"),
     ("reference losses neither source nor a mapping", BASE, ["data.reference_losses=measured"],
      "data.reference_losses must be 'source' or a mapping domain -> loss, got 'measured'"),
+    ("NaN minimum learning rate", BASE, ["optim.min_lr=.nan", "optim.warmup_steps=1"],
+     "config key optim.min_lr must be a finite number >= 0, got nan"),
+    ("NaN gradient clipping", BASE, ["optim.clip_grad=.nan"],
+     "config key optim.clip_grad must be a finite number >= 0, got nan"),
+    ("NaN weight decay", BASE, ["optim.weight_decay=.nan"],
+     "config key optim.weight_decay must be a finite number >= 0, got nan"),
+    ("NaN dynamic-batch step size", BASE, ["data.dynamic=true", "data.dynamic_eta=.nan"],
+     "config key data.dynamic_eta must be a finite number in [0, 100], got nan"),
+    ("infinite communication timeout", BASE, ["parallel.comm_timeout_s=.inf"],
+     "config key parallel.comm_timeout_s must be a finite number in (0, 2592000], got inf"),
+    ("seed outside 0..2^32-1", BASE, ["seed=4294967296"], "config key seed must be in [0, 4294967295], got 4294967296"),
+    ("negative seed", BASE, ["seed=-1"], "config key seed must be in [0, 4294967295], got -1"),
+    ("training samples beyond the sample index limit", BASE, ["train.steps=1e9"],
+     "train.steps 1000000000 x data.global_batch 8 = 8,000,000,000 training samples need a sample index of 176 GB"),
+    ("empty run_dir", BASE, ["run_dir="], "run_dir '' is not a folder name; set run_dir"),
+    ("negative Adapt-Pruner step", BASE, ["prune.adapt_step=-0.1"],
+     "config key prune.adapt_step must be in [0, 1], got -0.1"),
+    ("negative reference loss", BASE, ["data.reference_losses={web: -1.0}"],
+     "data.reference_losses.web must be a finite number >= 0, got -1.0"),
+    ("weight of a domain not a number", BASE, ["data.weights={web: two}"],
+     "data.weights.web must be a finite number >= 0, got 'two'"),
 ]
 
 
@@ -548,11 +569,34 @@ def test_cli_cases(cli_results, name, expected):
 
 def test_catalogue_size():
     """The issue asks for at least 30 catalogued cases; the README lists them all."""
-    total = len(CONFIG_CASES) + len(DATA_CASES) + 2 + len(CLI_CASES)
+    total = len(CONFIG_CASES) + len(DATA_CASES) + 2 + len(CLI_CASES) + len(CONFIG_FILE_CASES)
     assert total >= 30
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     section = readme.split("## Troubleshooting", 1)[1]
     extra = ["held-out domain without training data", "pre-tokenized data from another tokenizer"]
-    for name in [c[0] for c in CONFIG_CASES + DATA_CASES + CLI_CASES] + extra:
+    for name in [c[0] for c in CONFIG_CASES + DATA_CASES + CLI_CASES + CONFIG_FILE_CASES] + extra:
         assert name in section, f"README troubleshooting does not list {name!r}"
+
+
+CONFIG_FILE_CASES = [
+    ("binary config file", bytes((i * 151 + 7) % 256 for i in range(512)), "is binary, not YAML text"),
+    ("gzip-compressed config file", gzip.compress(BASE.encode()), "is gzip-compressed; decompress it (gunzip)"),
+    ("config file that is a folder", None, "is a folder; give a YAML file"),
+]
+
+
+@pytest.mark.parametrize("content, expected", [c[1:] for c in CONFIG_FILE_CASES],
+                         ids=[c[0] for c in CONFIG_FILE_CASES])
+def test_config_file_cases(tmp_path, content, expected):
+    """Files that are not YAML text given as the configuration (None: a folder)."""
+    from megatron_effllm.training.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.mkdir() if content is None else path.write_bytes(content)
+    before = _hashes([str(tmp_path)])
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    msg = str(err.value)
+    assert "\n" not in msg and f"config file {path} {expected}" in msg, msg
+    assert _hashes([str(tmp_path)]) == before

@@ -2,28 +2,25 @@
 
     cfg = load_config("configs/tiny_cpu.yaml", ["run_dir=/tmp/x", "prune.interval=2"])
 
-Every mistake (unknown key, wrong type, impossible value) is a UserError with one line that
-names the key and what to write instead.
+Every mistake (unknown key, wrong type, a number outside the range its field declares with
+``number(...)``, NaN or infinity, impossible combinations; config_checks.py enforces them) is a
+UserError with one line that names the key and what to write instead.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import yaml
 
 from megatron_effllm.engine import ENGINES
-from megatron_effllm.errors import UserError
 from megatron_effllm.pruning.registry import ESTIMATORS, STRATEGIES, help_text
+from megatron_effllm.training.config_checks import ConfigError, build, number, show_name, validate
 
-
-class ConfigError(UserError):
-    pass
+# A run configuration is a few KB of YAML; a bigger file is something else given by mistake.
+MAX_CONFIG_BYTES = 8 << 20
 
 
 @dataclass
@@ -42,13 +39,13 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    zero_stage: int = 1
+    tp: int = number(1, ge=1)
+    pp: int = number(1, ge=1)
+    zero_stage: int = number(1, ge=0, le=3)
     engine: str = "deepspeed"  # the training engine (megatron_effllm.engine.ENGINES)
     # Seconds a collective waits for the other ranks before the run stops with an error naming a
     # lost peer (a rank that died fails them at once; one that hangs only by this timeout).
-    comm_timeout_s: float = 1800.0
+    comm_timeout_s: float = number(1800.0, gt=0, le=30 * 86400)  # at most 30 days
 
 
 @dataclass
@@ -61,30 +58,30 @@ class DataConfig:
     # Token that ends every document. Default: the tokenizer's EOS. Chat-tuned tokenizers end
     # turns with their EOS (SmolLM2-Instruct: <|im_end|>); pretraining text wants <|endoftext|>.
     eos_token: Optional[str] = None
-    seq_len: int = 256
-    micro_batch: int = 4
-    global_batch: int = 8
+    seq_len: int = number(256, ge=1)
+    micro_batch: int = number(4, ge=1)
+    global_batch: int = number(8, ge=1)
     # Sheared-LLaMA dynamic batch loading.
     dynamic: bool = False
-    dynamic_interval: int = 50
-    dynamic_eta: float = 1.0
-    dynamic_smoothing: float = 1e-4
+    dynamic_interval: int = number(50, ge=1)
+    dynamic_eta: float = number(1.0, ge=0, le=100)  # step size of the weight update
+    dynamic_smoothing: float = number(1e-4, ge=0, le=1)  # mixed-in share of uniform weights
     reference_losses: Union[str, dict, None] = "source"  # "source": measured from the source model
-    heldout_batches: int = 2  # per domain, for the dynamic weights and the logged held-out loss
+    heldout_batches: int = number(2, ge=1)  # per domain, for the dynamic weights and the logged held-out loss
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr: float = number(3e-4, gt=0)
+    min_lr: float = number(3e-5, ge=0)
+    weight_decay: float = number(0.01, ge=0)
+    beta1: float = number(0.9, ge=0, lt=1)
+    beta2: float = number(0.95, ge=0, lt=1)
+    eps: float = number(1e-8, gt=0)
+    clip_grad: float = number(1.0, ge=0)  # gradient-norm clipping; 0 turns it off
     schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 10
-    decay_fraction: float = 0.2  # wsd: fraction of the run spent decaying at the end
+    warmup_steps: int = number(10, ge=0)
+    decay_fraction: float = number(0.2, ge=0, le=1)  # wsd: fraction of the run spent decaying at the end
 
 
 @dataclass
@@ -92,47 +89,47 @@ class PruneConfig:
     # One of registry.STRATEGIES (the README's table; help: the field's metadata).
     strategy: str = field(default="efficientllm", metadata={"help": help_text(STRATEGIES)})
     # Target parameter count: an absolute number (> 1) or a fraction of the source (<= 1).
-    target_params: float = 0.5
+    target_params: float = number(0.5, gt=0)
     count_embeddings: bool = True  # whether the target counts embedding/lm_head parameters
-    start_step: int = 0
-    end_step: int = 100  # the target is reached here; training continues to train.steps
+    start_step: int = number(0, ge=0)
+    end_step: int = number(100, ge=1)  # the target is reached here; training continues to train.steps
     curve: str = "linear"  # linear | cubic
-    interval: int = 1  # a prune event (masking) every k steps
-    compact_every: int = 10  # physical compaction (slice + engine rebuild) every K events
+    interval: int = number(1, ge=1)  # a prune event (masking) every k steps
+    compact_every: int = number(10, ge=1)  # physical compaction (slice + engine rebuild) every K events
     # One of registry.ESTIMATORS usable in training (in_training); the others are one-shot only.
     estimator: str = field(default="fisher", metadata={"help": help_text(ESTIMATORS, in_training=True)})
-    ema: float = 0.9  # exponential moving average of scores across steps
+    ema: float = number(0.9, ge=0, lt=1)  # exponential moving average of scores across steps
     obs: bool = True  # local second-order update of the surviving columns at compaction
-    obs_damp: float = 0.01
-    obs_tokens_per_step: int = 256  # tokens per micro-batch that feed the layer Hessians
+    obs_damp: float = number(0.01, ge=0)
+    obs_tokens_per_step: int = number(256, ge=1)  # tokens per micro-batch that feed the layer Hessians
     prune_hidden: bool = True
     allow_depth: bool = False
-    min_heads_per_group: int = 1
-    min_ffn: int = 16
+    min_heads_per_group: int = number(1, ge=1)
+    min_ffn: int = number(16, ge=1)
     optimizer_state: str = "carry"  # carry (slice Adam moments) | reset (fresh optimizer)
     # adapt: Adapt-Pruner's step size A; sheared: L0 mask learning rate and lambda lr.
-    adapt_step: float = 0.02
-    l0_lr: float = 0.1
-    lagrangian_lr: float = 1.0
+    adapt_step: float = number(0.02, ge=0, le=1)  # |importance| <= 1, sparsity <= 0.99
+    l0_lr: float = number(0.1, gt=0)
+    lagrangian_lr: float = number(1.0, gt=0)
     # sheared: the gates' initial drop rate. 0.5 is Sheared-LLaMA's (a random half of every group
     # gated from the first step, recovered over thousands of steps); a short window wants them open.
-    l0_droprate_init: float = 0.5
+    l0_droprate_init: float = number(0.5, gt=0, lt=1)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    log_interval: int = 1
-    eval_interval: int = 50
-    checkpoint_interval: int = 50
-    keep_checkpoints: int = 2
+    steps: int = number(200, ge=1)
+    log_interval: int = number(1, ge=1)
+    eval_interval: int = number(50, ge=1)
+    checkpoint_interval: int = number(50, ge=1)
+    keep_checkpoints: int = number(2, ge=1)
     progress_bar: bool = True
     # A step whose loss or gradients are not finite is skipped (no update). Then: skip = go on,
     # stop after max_nonfinite such steps in a row; rollback = go back to the newest checkpoint
     # from before them instead (at most max_rollbacks times); stop = stop at the first.
     nonfinite_policy: str = "skip"
-    max_nonfinite: int = 3
-    max_rollbacks: int = 2
+    max_nonfinite: int = number(3, ge=1)
+    max_rollbacks: int = number(2, ge=0)
 
 
 @dataclass
@@ -145,7 +142,7 @@ class ExportConfig:
 @dataclass
 class RunConfig:
     run_dir: str = "runs/default"
-    seed: int = 1234
+    seed: int = number(1234, ge=0, le=2**32 - 1)  # numpy's seeds are 32-bit
     resume: str = "auto"  # auto | none | PATH of a checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -161,7 +158,6 @@ class RunConfig:
 
 CHOICES = {
     "model.dtype": ("bf16", "fp32"),
-    "parallel.zero_stage": (0, 1, 2, 3),
     "parallel.engine": tuple(ENGINES),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "prune.strategy": STRATEGIES.names(),
@@ -174,87 +170,28 @@ CHOICES = {
 }
 
 
-def _check_type(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(key, value, arg)
-            except ConfigError:
-                continue
-        names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
-        raise ConfigError(f"config key {key}: expected {names}, got {value!r}")
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key {key}: expected a string, got {value!r}")
-        return value
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
-        return value
-    raise ConfigError(f"config key {key}: unsupported type {tp}")
-
-
-def _build(cls, data: dict, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section {prefix or 'top level'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(sorted(names))}"
-            raise ConfigError(f"unknown config key {full}{hint}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{full}.")
-        else:
-            kwargs[key] = _check_type(full, value, tp)
-            choices = CHOICES.get(full)
-            if choices and kwargs[key] not in choices:
-                raise ConfigError(
-                    f"config key {full}: {kwargs[key]!r} is not one of {', '.join(map(str, choices))}"
-                )
-    return cls(**kwargs)
-
-
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override {dotted}: {part} is not a section")
+            raise ConfigError(f"override {show_name(dotted)}: {show_name(part)} is not a section")
         node = nxt
     node[parts[-1]] = value
+
+
+def _parse_yaml(text: str):
+    """yaml.safe_load, or None with the reason (one line) when ``text`` is not valid YAML."""
+    try:
+        return yaml.safe_load(text), None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        return None, f"is not valid YAML{f' at line {mark.line + 1}' if mark else ''}"
+    except RecursionError:
+        return None, "nests too deeply to be a run configuration"
+    except (ValueError, OverflowError) as err:  # a scalar its tag cannot hold (2001-02-30, !!int abc)
+        return None, f"is not valid YAML ({' '.join(str(err).split())})"
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -263,110 +200,52 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. prune.interval=2)")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        out.append((key.strip(), value))
+        value, problem = _parse_yaml(raw) if raw != "" else ("", None)
+        out.append((key.strip(), raw if problem else value))
     return out
 
 
-def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that a single key's type cannot express."""
-    p, d, t = cfg.prune, cfg.data, cfg.train
-    for key, val in (("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp),
-                     ("data.seq_len", d.seq_len), ("data.micro_batch", d.micro_batch),
-                     ("data.global_batch", d.global_batch), ("train.steps", t.steps),
-                     ("prune.interval", p.interval), ("prune.compact_every", p.compact_every),
-                     ("train.checkpoint_interval", t.checkpoint_interval),
-                     ("train.log_interval", t.log_interval),
-                     ("train.eval_interval", t.eval_interval),
-                     ("train.keep_checkpoints", t.keep_checkpoints),
-                     ("train.max_nonfinite", t.max_nonfinite),
-                     ("data.heldout_batches", d.heldout_batches),
-                     ("data.dynamic_interval", d.dynamic_interval),
-                     ("prune.obs_tokens_per_step", p.obs_tokens_per_step),
-                     ("prune.min_heads_per_group", p.min_heads_per_group),
-                     ("prune.min_ffn", p.min_ffn)):
-        if val < 1:
-            raise ConfigError(f"config key {key} must be >= 1, got {val}")
-    o = cfg.optim
-    for key, val in (("train.max_rollbacks", t.max_rollbacks), ("optim.warmup_steps", o.warmup_steps),
-                     ("optim.weight_decay", o.weight_decay), ("optim.clip_grad", o.clip_grad),
-                     ("optim.min_lr", o.min_lr), ("prune.start_step", p.start_step),
-                     ("prune.obs_damp", p.obs_damp)):
-        if val < 0:
-            raise ConfigError(f"config key {key} must be >= 0, got {val}")
-    if not (o.lr > 0 and math.isfinite(o.lr)):
-        raise ConfigError(f"optim.lr must be a positive number, got {o.lr}")
-    if o.min_lr > o.lr:
-        raise ConfigError(f"optim.min_lr {o.min_lr} is above optim.lr {o.lr}; lower optim.min_lr")
-    for key, val in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
-        if not 0.0 <= val < 1.0:
-            raise ConfigError(f"config key {key} must be in [0, 1), got {val}")
-    if not (o.eps > 0):
-        raise ConfigError(f"optim.eps must be positive, got {o.eps}")
-    if not 0.0 <= o.decay_fraction <= 1.0:
-        raise ConfigError(f"optim.decay_fraction must be in [0, 1], got {o.decay_fraction}")
-    if not (cfg.parallel.comm_timeout_s > 0):
-        raise ConfigError(f"parallel.comm_timeout_s must be positive, got {cfg.parallel.comm_timeout_s}")
-    if not math.isfinite(p.target_params):
-        raise ConfigError(f"prune.target_params must be a finite number, got {p.target_params}")
-    if d.global_batch % d.micro_batch:
-        raise ConfigError(
-            f"data.global_batch {d.global_batch} must be a multiple of data.micro_batch {d.micro_batch}"
-        )
-    if STRATEGIES.get(p.strategy).runtime == "saliency" and not ESTIMATORS.get(p.estimator).in_training:
-        raise ConfigError(
-            f"prune.estimator {p.estimator!r} works in one-shot pruning only (effllm-prune-oneshot); "
-            f"during training use one of {', '.join(ESTIMATORS.names(in_training=True))}"
-        )
-    if p.strategy != "none":
-        if p.target_params <= 0:
-            raise ConfigError(f"prune.target_params must be positive, got {p.target_params}")
-        if not 0 <= p.start_step < p.end_step:
-            raise ConfigError(
-                f"prune.start_step {p.start_step} must be >= 0 and below prune.end_step {p.end_step}"
-            )
-        if p.end_step > t.steps:
-            raise ConfigError(
-                f"prune.end_step {p.end_step} is after the last step train.steps {t.steps}; "
-                "lower prune.end_step or raise train.steps"
-            )
-        if not 0.0 <= p.ema < 1.0:
-            raise ConfigError(f"prune.ema must be in [0, 1), got {p.ema}")
-        if not 0.0 < p.l0_droprate_init < 1.0:
-            raise ConfigError(f"prune.l0_droprate_init must be in (0, 1), got {p.l0_droprate_init}")
-    ref = d.reference_losses
-    if isinstance(ref, str) and ref != "source":
-        raise ConfigError(f"data.reference_losses must be 'source' or a mapping domain -> loss, got {ref!r}")
-    if isinstance(ref, dict):
-        for dom, val in ref.items():
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
-                raise ConfigError(f"data.reference_losses.{dom} must be a number, got {val!r}")
-    if not cfg.model.source and not cfg.model.init:
-        raise ConfigError("set model.source (HF folder, .gguf or smollm2-135m) or model.init (random init)")
-    if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):
-        raise ConfigError(f"resume: {cfg.resume} is not a checkpoint folder; use auto, none or a path")
+def _read_tree(path: str) -> dict:
+    """The YAML mapping in the file ``path``: a one-line ConfigError for a missing, unreadable,
+    binary (compressed, a model file given by mistake) or malformed file."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a folder; give a YAML file (see configs/)")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found")
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {size:,} bytes, too large for a run configuration "
+                              f"(a YAML file of a few KB; at most {MAX_CONFIG_BYTES >> 20} MiB); check the path")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    if raw[:2] == b"\x1f\x8b":
+        raise ConfigError(f"config file {path} is gzip-compressed; decompress it (gunzip) and give the YAML file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is binary, not YAML text (not UTF-8 at byte {err.start}); "
+                          "give the run's .yaml file") from None
+    if "\0" in text:
+        raise ConfigError(f"config file {path} is binary, not YAML text (it holds NUL bytes); "
+                          "give the run's .yaml file")
+    tree, problem = _parse_yaml(text)
+    if problem:
+        raise ConfigError(f"config file {path} {problem}")
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    return tree
 
 
 def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> RunConfig:
-    tree: dict = {}
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} not found")
-        try:
-            with open(path) as f:
-                tree = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {path} is not valid YAML{where}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys")
+    tree = _read_tree(path) if path else {}
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
-    cfg = _build(RunConfig, tree, "")
+    cfg = build(RunConfig, tree, "", CHOICES)
     validate(cfg)
     return cfg
 
