@@ -58,7 +58,10 @@ def test_numbers_from_yaml_strings(tmp_path):
 def test_sample_index_limit(tmp_path):
     """The static blend indexes steps x global batch samples up front: the largest run that fits
     the limit loads, one step more is refused; the dynamic loader builds no such index."""
-    from megatron_effllm.training.config_checks import INDEX_BYTES_PER_SAMPLE, SAMPLE_INDEX_LIMIT_BYTES
+    from megatron_effllm.training.config_checks import (
+        INDEX_BYTES_PER_SAMPLE,
+        SAMPLE_INDEX_LIMIT_BYTES,
+    )
 
     steps = SAMPLE_INDEX_LIMIT_BYTES // INDEX_BYTES_PER_SAMPLE // 8
     assert load_config(write(tmp_path, BASE), [f"train.steps={steps}"]).train.steps == steps

@@ -17,7 +17,13 @@ import yaml
 
 from megatron_effllm.engine import ENGINES
 from megatron_effllm.pruning.registry import ESTIMATORS, STRATEGIES, help_text
-from megatron_effllm.training.config_checks import ConfigError, build, number, show_name, validate
+from megatron_effllm.training.config_checks import (
+    ConfigError,
+    build,
+    number,
+    show_name,
+    validate,
+)
 
 # A run configuration is a few KB of YAML; a bigger file is something else given by mistake.
 MAX_CONFIG_BYTES = 8 << 20
@@ -118,6 +124,7 @@ class PruneConfig:
 
 @dataclass
 class TrainConfig:
+    # with data.dynamic=false, steps x data.global_batch samples are indexed up front (at most 8 GiB)
     steps: int = number(200, ge=1)
     log_interval: int = number(1, ge=1)
     eval_interval: int = number(50, ge=1)

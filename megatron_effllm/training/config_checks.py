@@ -12,7 +12,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from megatron_effllm.errors import UserError
 from megatron_effllm.pruning.registry import ESTIMATORS, STRATEGIES
@@ -32,10 +32,10 @@ SAMPLE_INDEX_LIMIT_BYTES = 8 << 30
 @dataclass(frozen=True)
 class Range:
     """The values a numeric field accepts (always finite): ``ge``/``gt`` below, ``le``/``lt`` above."""
-    ge: Optional[float] = None
-    gt: Optional[float] = None
-    le: Optional[float] = None
-    lt: Optional[float] = None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
 
     def contains(self, value) -> bool:
         return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
