@@ -72,6 +72,8 @@ def runs(tmp_path_factory):
     cases = [
         # The first step of the pruning window skipped, and the second (the event waits twice).
         ("window_start_skipped", [], "loss@3,grad@4"),
+        # The same with events every 2 steps: the waiting one runs after step 5, off the schedule.
+        ("window_start_skipped_every_2", ["prune.interval=2", "prune.end_step=6"], "grad@3,loss@4"),
         # Every step from the window's start non-finite (what optim.weight_decay=nan does).
         ("every_step_nonfinite", [], "grad@3,loss@4,grad@5"),
         # A valid config whose every update blows up.
@@ -98,6 +100,32 @@ def test_prune_event_without_statistics_waits(runs):
     waits = [l for l in res["log"] if "no saliency statistics yet" in l]
     assert len(waits) == 1 and "waits for the next step" in waits[0], res["log"]
     assert any("the waiting prune event runs" in l for l in res["log"])
+
+
+def _resume(rank, world_size, run_dir, extra):
+    from megatron_effllm.training.config import load_config
+    from megatron_effllm.training.trainer import run
+
+    return run(load_config(TINY, SHORT + [f"run_dir={run_dir}"] + extra))
+
+
+def test_waiting_prune_event_resumes(runs, tmp_path):
+    """Events after steps 4 and 6; step 4's waits and runs after step 5. The step-4 checkpoint
+    holds the waiting event: resumed from it, the run prunes at step 5 too and ends exactly as
+    the uninterrupted one."""
+    base, out = runs
+    name, extra = "window_start_skipped_every_2", ["prune.interval=2", "prune.end_step=6"]
+    full = os.path.join(base, name)
+    assert [r["step"] for r in _metrics(full) if r["kind"] == "architecture"][:2] == [5, 6]
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(os.path.join(resumed, "checkpoints"))
+    shutil.copytree(os.path.join(full, "checkpoints", "step_000004"),
+                    os.path.join(resumed, "checkpoints", "step_000004"))
+    shutil.copytree(os.path.join(full, "data"), os.path.join(resumed, "data"))
+    (summary,) = run_ranks(_resume, world_size=1, args=(resumed, extra), timeout=600)
+    assert [r["step"] for r in _metrics(resumed) if r["kind"] == "architecture"][:2] == [5, 6]
+    want = out[name]["summary"]
+    assert summary["widths"] == want["widths"] and summary["final_loss"] == want["final_loss"]
 
 
 @pytest.mark.parametrize("name", ["every_step_nonfinite", "huge_lr", "l0_every_step_nonfinite"])
