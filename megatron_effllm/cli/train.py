@@ -8,12 +8,15 @@ running ``-m megatron_effllm.cli.train``). Overrides use dotted config keys, e.g
 prune.interval=2 run_dir=runs/try1 train.steps=100.
 """
 import argparse
+import os
+import shlex
 import sys
 
 import torch.distributed as dist
 
 from megatron_effllm.errors import cli_entry
 from megatron_effllm.log import setup_logging
+from megatron_effllm.training import checkpoint as ckpt
 from megatron_effllm.training.config import load_config
 from megatron_effllm.training.faults import PeerFailure
 from megatron_effllm.training.trainer import run
@@ -29,16 +32,44 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = ap.parse_args(argv)
     setup_logging()
-    cfg = load_config(args.config, args.overrides)
+    cfg = None
     try:
+        cfg = load_config(args.config, args.overrides)
         summary = run(cfg)
+    except KeyboardInterrupt:
+        # Ctrl-C: where the run can continue from instead of a traceback; 130 = 128 + SIGINT.
+        if _is_rank_zero():
+            print(f"\n{interrupted_message(args.config, args.overrides, cfg)}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except PeerFailure as err:
         # Not an input problem (exit code 2): a restart with resume: auto continues the run.
         # The same one "error:" line on stderr as cli_entry's, unprefixed.
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _is_rank_zero():
         print_summary(summary)
+
+
+def _is_rank_zero() -> bool:
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def interrupted_message(config: str, overrides: list, cfg) -> str:
+    """One line after Ctrl-C: the newest checkpoint and the command that continues from it."""
+    if cfg is None:
+        return "interrupted before the run started; nothing was written"
+    kept = ckpt.step_dirs(os.path.join(cfg.run_dir, "checkpoints"))
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    command = ["launchers/pretrain_prune.sh", config] if launched else ["effllm-train", "--config", config]
+    command += [o for o in overrides if not o.startswith("resume=")]
+    if not kept:
+        return (f"interrupted before the first checkpoint (train.checkpoint_interval="
+                f"{cfg.train.checkpoint_interval}); start again with: {shlex.join(command)}")
+    step, folder = kept[0]
+    return (f"interrupted; the last checkpoint is {folder} (step {step}); continue with: "
+            f"{shlex.join(command + [f'resume={folder}'])}")
 
 
 def print_summary(summary: dict) -> None:

@@ -9,7 +9,7 @@ across document boundaries, shuffled by megatron-core's seeded document/sample i
   sampler (which chooses the mixture itself) and for measuring each domain's held-out loss.
 
 A sample is ``{"tokens", "labels", "loss_mask", "position_ids"}`` (each ``[seq_len]``); a
-blended one also carries ``dataset_id``. Index files are cached under ``cache_dir`` (put it in
+sample of ``build_blended_datasets`` also carries ``dataset_id``, one domain or many. Index files are cached under ``cache_dir`` (put it in
 the run folder). When torch.distributed is initialised, megatron-core builds the indices on
 rank 0 first and the other ranks load them after a barrier on the default group, so every
 process must make the same calls.
@@ -242,8 +242,8 @@ def build_blended_datasets(train: Prefixes, weights: Optional[Sequence[float]], 
     weights; megatron-core repeats epochs of a prefix as needed). With ``valid`` prefixes the
     valid split comes from them (blended by their token counts) and all of ``train`` is for
     training; without, each prefix is divided by documents according to ``split``.
-    Returns megatron-core ``BlendedDataset``s (or a ``GPTDataset`` for a single unweighted
-    prefix), None for a split that is not built.
+    Returns megatron-core ``BlendedDataset``s (``OneDomainBlend`` where megatron-core builds a
+    lone ``GPTDataset``), None for a split that is not built; every sample has a ``dataset_id``.
     """
     ensure_dataset_helpers()
     from megatron.core.datasets.gpt_dataset import GPTDataset
@@ -290,7 +290,23 @@ def build_blended_datasets(train: Prefixes, weights: Optional[Sequence[float]], 
                 raise UserError(f"blending by weights needs the number of {which} samples "
                                 f"(num_samples[{i}], e.g. steps * global_batch for training)")
     config = gpt_config(seq_len, seed, cache_dir, tokens, eod_mask_loss, **blend)
-    return tuple(_builder_cls()(GPTDataset, sizes, lambda: True, config).build())
+    built = _builder_cls()(GPTDataset, sizes, lambda: True, config).build()
+    return tuple(OneDomainBlend(ds) if isinstance(ds, GPTDataset) else ds for ds in built)
+
+
+class OneDomainBlend:
+    """A blend of one prefix. megatron-core skips ``BlendedDataset`` for a single prefix (always
+    for a split given by its own files, ``blend_per_split``) and returns the bare ``GPTDataset``,
+    whose samples lack the ``dataset_id`` a blend's samples carry; this adds it (domain 0)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict:
+        return {"dataset_id": 0, **self.dataset[idx]}
 
 
 def build_domain_datasets(prefixes: Prefixes, seq_len: int, seed: int, cache_dir: Optional[str],

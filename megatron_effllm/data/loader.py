@@ -282,9 +282,11 @@ def make_train_iterator(args, dp_rank: int, dp_size: int, micro_batch: int, glob
         if n is None:  # one pass over the training tokens
             info = blend.describe(args.train)
             n = max(global_batch, sum(v["tokens"] for v in info.values()) // args.seq_len)
+        # Only the training split is read here (held-out batches: heldout_datasets), so the
+        # others get no samples: a weighted blend must be told every split's size.
         train, _, _ = blend.build_blended_datasets(
             args.train, weights, args.seq_len, args.seed, args.cache_dir,
-            num_samples=(int(n), None, None), valid=args.heldout, split=args.split,
+            num_samples=(int(n), 0, 0), valid=args.heldout, split=args.split,
             tokens=tokens, eod_mask_loss=args.eod_mask_loss)
         source = _BlendedSource(train, global_batch)
     return TrainDataIterator(source, domains, dp_rank, dp_size, micro_batch, global_batch,

@@ -3,8 +3,11 @@ variables, read at each call):
 
     EFFLLM_KILL_AT=POINT[@STEP][:RANK]          SIGKILL this process at a named point
     EFFLLM_KILL_SIGNAL=STOP                     SIGSTOP instead (a hung rank, not a dead one)
-    EFFLLM_INJECT_NONFINITE=KIND@STEP[:RANK],.. KIND loss (NaN loss) or grad (finite loss,
-                                                 infinite gradients); each fires once
+    EFFLLM_INJECT_NONFINITE=KIND@STEP[:RANK],.. KIND loss (NaN loss), grad (finite loss,
+                                                 infinite gradients) or weights (a NaN weight
+                                                 tensor after the step's update: a finite step
+                                                 whose update broke the model; give no RANK);
+                                                 each fires once
 
 The points are listed in ``KILL_POINTS``.
 """
@@ -72,19 +75,40 @@ class InfiniteGrad(torch.autograd.Function):
         return g * float("inf")
 
 
-def inject_nonfinite(loss: torch.Tensor, step: int) -> torch.Tensor:
-    """The loss, made non-finite (or given infinite gradients) where EFFLLM_INJECT_NONFINITE says."""
+def _due(step: int, kinds: tuple) -> Optional[str]:
+    """The kind of the first unfired EFFLLM_INJECT_NONFINITE item of ``kinds`` for this step
+    and rank (marked fired), or None."""
     spec = os.environ.get("EFFLLM_INJECT_NONFINITE")
     if not spec:
-        return loss
+        return None
     for item in spec.split(","):
         kind, at_step, rank = _parse(item)
         key = (spec, kind, at_step, rank)
-        if at_step != step or (rank is not None and rank != comm.global_rank()) or key in _fired:
+        if kind not in kinds or at_step != step or key in _fired:
+            continue
+        if rank is not None and rank != comm.global_rank():
             continue
         _fired.add(key)
-        if kind == "loss":
-            return loss * float("nan")
-        if kind == "grad":
-            return InfiniteGrad.apply(loss)
+        return kind
+    return None
+
+
+def inject_nonfinite(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """The loss, made non-finite (or given infinite gradients) where EFFLLM_INJECT_NONFINITE says."""
+    kind = _due(step, ("loss", "grad"))
+    if kind == "loss":
+        return loss * float("nan")
+    if kind == "grad":
+        return InfiniteGrad.apply(loss)
     return loss
+
+
+def inject_nonfinite_weights(engine, step: int) -> None:
+    """After step ``step``'s update: the model's first weight tensor set to NaN where
+    EFFLLM_INJECT_NONFINITE says ``weights@STEP`` (on every rank: the write is collective
+    under ZeRO-3)."""
+    if _due(step, ("weights",)) is None:
+        return
+    p = next(engine.module.parameters())
+    full = engine.full_fp32_param(p)
+    engine.set_full_param(p, torch.full_like(full, float("nan")))

@@ -10,6 +10,9 @@ Adam step count stay as they were). The pruning statistics the step added are pu
 from before the faults instead, keeping the data stream where it is so that the batches that
 failed are not seen again (at most ``train.max_rollbacks`` times); ``stop`` stops at the first.
 
+Non-finite results. A run that ends with non-finite weights or held-out losses exports
+nothing (``check_final_model``): it stops with one line naming the checkpoints it kept.
+
 Lost peers. A rank that dies (crash, out-of-memory kill) closes its connections, and a rank
 that hangs stops answering; collectives on the others then fail at once or after the process
 group's timeout (``parallel.comm_timeout_s``). ``peer_failures()`` turns that error into a
@@ -24,6 +27,7 @@ import math
 import os
 from typing import Optional
 
+import torch
 import torch.distributed as dist  # its error type only: collectives go through parallel.comm
 
 from megatron_effllm.engine.base import TrainEngine
@@ -121,6 +125,30 @@ class StepGuard:
         pruning.remove_hooks()
         engine.destroy()
         raise Rollback(folder, state, self.first_bad, step)
+
+
+def check_final_model(canonical: dict, heldout: dict, final_dir: str, ckpt_root: str) -> None:
+    """Refuse to export a trained model with non-finite weights or held-out losses (one line:
+    what is wrong, that nothing was exported, which checkpoints are kept)."""
+    weights = [k for k, v in canonical.items() if not bool(torch.isfinite(v).all())]
+    losses = {d: v for d, v in heldout.items() if not math.isfinite(v)}
+    if not weights and not losses:
+        return
+    what = []
+    if weights:
+        what.append(f"NaN/inf in {len(weights)} weight tensor{'s' if len(weights) > 1 else ''} "
+                    f"(first {weights[0]})")
+    if losses:
+        what.append("held-out loss " + ", ".join(f"{v} on {d}" for d, v in losses.items()))
+    kept = [os.path.basename(f) for _, f in ckpt.step_dirs(ckpt_root)]
+    if kept:
+        where = (f"the checkpoints {', '.join(reversed(kept))} in {ckpt_root} are kept (the newest "
+                 "holds this model): resume from an earlier one (resume=<its folder>)")
+    else:
+        where = "no checkpoint was kept: start again"
+    raise NonFiniteError(f"the trained model is not finite ({'; '.join(what)}); nothing was exported to "
+                         f"{final_dir}; {where} with a lower optim.lr or a higher optim.warmup_steps, "
+                         "or check the data")
 
 
 # ---------------------------------------------------------------------------------- lost peers

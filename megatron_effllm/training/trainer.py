@@ -43,7 +43,7 @@ from megatron_effllm.parallel.runtime import comm_timeout_s, init_model_parallel
 from megatron_effllm.training import checkpoint as ckpt
 from megatron_effllm.training import faults, preflight
 from megatron_effllm.training.config import RunConfig, save_config
-from megatron_effllm.training.fault_injection import inject_nonfinite, kill_point
+from megatron_effllm.training.fault_injection import inject_nonfinite, inject_nonfinite_weights, kill_point
 from megatron_effllm.training.metrics import MetricsLogger, plot_run
 from megatron_effllm.training.pipeline import PipelineStep, mark_replicated_copies, mean_token_loss
 from megatron_effllm.training.runtime.factory import make_runtime
@@ -264,7 +264,7 @@ class Trainer:
                                warmup=cfg.optim.warmup_steps, total=cfg.train.steps,
                                schedule=cfg.optim.schedule, decay_fraction=cfg.optim.decay_fraction)
             engine.set_learning_rate(lr)
-            in_window = pruning.enabled and pruning.p.start_step <= step < pruning.p.end_step
+            in_window = pruning.collects(step)
             guard.begin_step(pruning, in_window)
             # The engine divides the loss by the accumulation steps before backward.
             pruning.start_step(in_window, samples_per_rank=cfg.data.global_batch / self.dp_size,
@@ -292,6 +292,7 @@ class Trainer:
             loss_val = float(loss_t)
             # The update, or (non-finite loss or gradients on any rank) a skipped one.
             guard.finish_step(engine, pruning, step + 1, loss_val, data_iter)
+            inject_nonfinite_weights(engine, step + 1)
             consumed += tokens_per_step
             timing["train"] += time.time() - t0
             done = step + 1
@@ -387,6 +388,12 @@ class Trainer:
         with engine.gathered():
             canonical = gather_canonical(engine.module, arch)
         held = self.heldout_losses(engine)
+        # Identical on every rank (full canonical weights, all-reduced losses): all raise or none.
+        faults.check_final_model(canonical, held, os.path.join(self.run_dir, "final"), self.ckpt_root)
+        if pruning.waiting:
+            log.warning(f"[prune] the run ended with a prune event waiting for statistics (the last steps "
+                        f"were skipped as non-finite): {arch.num_params():,} parameters, above the target "
+                        f"{pruning.target:,}")
         summary = {
             "source_params": self.source_arch.num_params(),
             "final_params": arch.num_params(),

@@ -20,6 +20,7 @@ class RuntimeBase:
     """Shared state and the calls whose meaning does not depend on how groups are chosen."""
 
     RUNTIMES: tuple[str, ...] = ()  # the strategies' runtime kinds (pruning.strategies) the subclass runs
+    waiting = False  # a prune event is waiting for statistics (the steps before it were skipped)
 
     def __init__(self, cfg, arch: Architecture, source_params: int):
         self.schedule = Schedule(cfg, arch, source_params)
@@ -54,6 +55,10 @@ class RuntimeBase:
 
     def target_at(self, step: int) -> int:
         return self.schedule.target_at(step)
+
+    def collects(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) gathers pruning statistics: inside the window."""
+        return self.enabled and self.p.start_step <= step < self.p.end_step
 
     def effective_plan(self) -> PrunePlan:
         return plan_from_masks(self.arch, self.masks)

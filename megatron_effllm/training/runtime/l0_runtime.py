@@ -48,6 +48,7 @@ import torch
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.engine.base import TrainEngine
 from megatron_effllm.errors import UserError
+from megatron_effllm.log import get_logger
 from megatron_effllm.parallel import comm
 from megatron_effllm.pruning import l0
 from megatron_effllm.pruning.groups import PrunePlan
@@ -57,6 +58,8 @@ from megatron_effllm.pruning.surgery import masks_from_plan, norm_eps, rescale_t
 from megatron_effllm.training.runtime.base import RuntimeBase
 from megatron_effllm.training.runtime.live_model import NORM_MODULES
 from megatron_effllm.training.runtime.state import cpu_copy
+
+log = get_logger(__name__)
 
 
 def _segments(arch: Architecture, hidden: bool) -> dict[str, tuple[int, int]]:
@@ -288,7 +291,9 @@ class L0Runtime(RuntimeBase):
         """The gates' update for step ``step``; at end_step the final shape (masked, folded and
         sliced by the compaction that follows)."""
         self.events += 1
-        if not self._skip:
+        if self._skip:  # the gates need no statistics: they keep their values until a step counts
+            log.info(f"[prune] step {step}: no L0 gate update (the step was skipped as non-finite)")
+        else:
             self._update_gates(step)
         self._skip = False
         if step >= self.p.end_step:

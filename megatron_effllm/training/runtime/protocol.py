@@ -17,6 +17,7 @@ class PruningRuntime(Protocol):
     arch: Architecture  # the physical shape of the model in the engine
     enabled: bool
     target: int  # the final size in parameters
+    waiting: bool  # a prune event waits for statistics (every step since the window opened was skipped)
 
     # --- the live model ----------------------------------------------------------------
     def install(self, engine: TrainEngine) -> None:
@@ -57,6 +58,9 @@ class PruningRuntime(Protocol):
         """The model size the progress line shows."""
 
     # --- prune events and compaction -----------------------------------------------------
+    def collects(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) gathers statistics (the ``collecting`` of start_step)."""
+
     def event_due(self, step: int) -> bool: ...
 
     def prune_event(self, engine, step: int) -> Optional[dict]:

@@ -27,6 +27,7 @@ import torch
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.engine.base import TrainEngine
 from megatron_effllm.errors import UserError
+from megatron_effllm.log import get_logger
 from megatron_effllm.parallel import comm
 from megatron_effllm.parallel.distributed_pruning import check_same_decision, reduce_saliency
 from megatron_effllm.parallel.reshard import reshard_block_hessians
@@ -39,6 +40,9 @@ from megatron_effllm.pruning.surgery import masks_from_plan
 from megatron_effllm.training.runtime.base import RuntimeBase
 from megatron_effllm.training.runtime.live_model import GradientFeed, LiveMasks
 from megatron_effllm.training.runtime.state import Statistics
+
+log = get_logger(__name__)
+
 
 class SaliencyRuntime(RuntimeBase):
     """Scores, masks, OBS statistics and the schedule of one training run (any TP, PP)."""
@@ -54,6 +58,7 @@ class SaliencyRuntime(RuntimeBase):
         self._collecting = False
         self._collect_hessians = False
         self._grad_scale = 1.0
+        self.waiting = False  # a prune event found no statistics and runs at the next step
 
     def _check_options(self, p) -> None:
         strategy = self.schedule.strategy
@@ -78,7 +83,11 @@ class SaliencyRuntime(RuntimeBase):
 
     # ------------------------------------------------------------------ schedule
     def event_due(self, step: int) -> bool:
-        return self.schedule.event_due(step)
+        return self.schedule.event_due(step) or self.waiting
+
+    def collects(self, step: int) -> bool:
+        # A waiting event needs statistics even past the window's end.
+        return super().collects(step) or self.waiting
 
     def compaction_due(self, step: int) -> bool:
         if not self.enabled:
@@ -202,21 +211,43 @@ class SaliencyRuntime(RuntimeBase):
         mean = cos[:, 0] / cos[:, 1].clamp(min=1.0)
         return -mean[torch.as_tensor(eff_plan.kept_layers)]
 
-    def _reduced_scores(self, eff_plan: PrunePlan) -> GroupScores:
-        """The scores summed over TP, PP and DP (tiny vectors), of the groups ``eff_plan`` keeps."""
-        scorer = reduce_saliency(self.stats.saliency)
+    def _scores_of(self, scorer: GradSaliency, eff_plan: PrunePlan) -> GroupScores:
+        """The scores of the groups ``eff_plan`` keeps, from the reduced sums ``scorer``."""
         if not eff_plan.is_identity:
             scorer.apply_plan(eff_plan)
         return scorer.scores(self.p.estimator)
 
     def prune_event(self, engine, step: int) -> Optional[dict]:
-        """Mask the next groups to meet the schedule's target after ``step``; OBS-update."""
-        self.events += 1
+        """Mask the next groups to meet the schedule's target after ``step``; OBS-update.
+
+        A skipped (non-finite) step leaves the statistics as they were before it, so an event
+        after one reuses the running average of the earlier steps: still scores of the same
+        groups. An event with no statistics at all (every step since the window opened was
+        skipped) waits instead, step after step, until a step's gradients count; the target
+        follows the schedule, so that event catches up on what the waiting ones would have
+        removed.
+        """
         target = self.target_at(step)
         eff_plan = self.effective_plan()
+        scorer = None
+        if eff_plan.after.num_params() > target:  # as next_plan: only then are scores needed
+            # The sums over TP, PP and DP (tiny vectors); the count is the same on every rank.
+            scorer = reduce_saliency(self.stats.saliency)
+            if not float(scorer.state["count"]) > 0:
+                if not self.waiting:
+                    log.warning(f"[prune] step {step}: no saliency statistics yet (every step since the "
+                                f"pruning window opened at step {self.p.start_step} was skipped as "
+                                "non-finite); the prune event waits for the next step whose update counts")
+                self.waiting = True
+                return None
+            if self.waiting:
+                log.info(f"[prune] step {step}: a step's statistics counted; the waiting prune event runs")
+        self.waiting = False
+        self.events += 1
         select = make_selector(self.selector, self.schedule.constraints(), adapt_step=self.p.adapt_step,
                                layer_importance=lambda: self._layer_importance(eff_plan))
-        total = next_plan(eff_plan, target, self._reduced_scores, select, agree=check_same_decision)
+        total = next_plan(eff_plan, target, lambda plan: self._scores_of(scorer, plan), select,
+                          agree=check_same_decision)
         if total is None:
             return None
         if self.p.obs and self.stats.hessians.names():
@@ -317,13 +348,14 @@ class SaliencyRuntime(RuntimeBase):
 
     def state_dict(self) -> dict:
         """The state every rank shares (saved once, by rank 0, after ``consolidate``)."""
-        state = {**self._common_state(), **self.stats.shared_state()}
+        state = {**self._common_state(), **self.stats.shared_state(), "waiting": self.waiting}
         if not self._rank_local_hessians():
             state.update(self.stats.local_obs_state())
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self._load_common_state(state)
+        self.waiting = bool(state["waiting"])
         self.stats = self._new_statistics(self.arch)
         self.stats.load_shared_state(state)
 
