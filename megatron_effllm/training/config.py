@@ -146,7 +146,9 @@ class ExportConfig:
 class RunConfig:
     run_dir: str = "runs/default"
     seed: int = 1234
-    resume: str = "auto"  # auto | none | PATH of a checkpoint
+    # auto: continue the checkpoint `latest` names (or start) | none: start; refused in a folder that
+    # holds a run | fresh: start, moving an earlier run aside | PATH of a checkpoint of this run
+    resume: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -346,8 +348,8 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"data.reference_losses.{dom} must be a number, got {val!r}")
     if not cfg.model.source and not cfg.model.init:
         raise ConfigError("set model.source (HF folder, .gguf or smollm2-135m) or model.init (random init)")
-    if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):
-        raise ConfigError(f"resume: {cfg.resume} is not a checkpoint folder; use auto, none or a path")
+    if cfg.resume not in ("auto", "none", "fresh") and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"resume: {cfg.resume} is not a checkpoint folder; use auto, none, fresh or a path")
 
 
 def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> RunConfig:
