@@ -100,7 +100,7 @@ def verify(folder: str) -> None:
     if not os.path.isfile(manifest):
         for marker, what, hint in (
             ("effllm_checkpoint.json", "a model checkpoint of effllm-convert-megatron",
-             "export it with effllm-convert-hf to start from it with model.source"),
+             "to start from it, set model.source"),
             ("config.json", "a Hugging Face model folder", "to start from it, set model.source"),
         ):
             if os.path.isfile(os.path.join(folder, marker)):
