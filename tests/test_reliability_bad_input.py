@@ -442,8 +442,8 @@ CLI_CASES = [
     ("run_dir in use by another run", lambda ctx, name: _run_dir_case(ctx, name, "locked"),
      f"is in use by another run (pid {os.getpid()} on host "),
     ("resume none in a folder that holds a run", _train_case(resume="none"),
-     "holds an earlier run (checkpoints, metrics.jsonl, config.yaml); resume: none would mix the two: set "
-     "resume: auto to continue it, resume: fresh to move it to"),
+     ("holds an earlier run (checkpoints, metrics.jsonl, config.yaml); resume: none would mix the two: set "
+      "resume: auto to continue it, resume: fresh to move it to")),
 ]
 ENV = {"bad communication timeout in the environment": {"EFFLLM_COMM_TIMEOUT_S": "soon"}}
 
@@ -598,14 +598,15 @@ def test_read_only_run_dir(assets, tmp_path):
     run_dir.mkdir()
     argv = [sys.executable, "-m", "megatron_effllm.cli.train", "--config", _run_yaml(assets, run_dir)]
     if os.geteuid() == 0:  # root writes through permissions: mount the folder read-only
-        if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        if subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False).returncode != 0:
             pytest.skip("needs a read-only mount (unshare -m) when run as root")
-        argv = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && '
-                'shift && exec "$@"', str(run_dir), "--", *argv]
+        mount_ro = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && shift && exec "$@"'
+        argv = ["unshare", "-m", "sh", "-c", mount_ro, str(run_dir), "--", *argv]
     else:
         run_dir.chmod(0o555)
     try:
-        res = subprocess.run(argv, cwd=ROOT, env=_clean_env({}), capture_output=True, text=True, timeout=300)
+        res = subprocess.run(argv, cwd=ROOT, env=_clean_env({}), capture_output=True, text=True, timeout=300,
+                             check=False)
     finally:
         run_dir.chmod(0o755)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]

@@ -26,11 +26,8 @@ import torch
 from tqdm import tqdm
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.assets import smollm2_hf_dir
 from megatron_effllm.convert.gguf_export import export_gguf
-from megatron_effllm.convert.hf_io import load_hf_model, save_hf_model
-from megatron_effllm.convert.megatron_checkpoint import MANIFEST as MEGATRON_MANIFEST
-from megatron_effllm.convert.megatron_checkpoint import TOKENIZER_DIR, load_into_model, read_checkpoint_info
+from megatron_effllm.convert.hf_io import save_hf_model
 from megatron_effllm.data.loader import make_heldout_batches, make_train_iterator
 from megatron_effllm.data.prepare import prepare_data
 from megatron_effllm.data.tokenizer import save_hf_tokenizer
@@ -39,7 +36,7 @@ from megatron_effllm.engine.base import EngineOptions, TrainEngine
 from megatron_effllm.errors import UserError
 from megatron_effllm.log import get_logger, setup_logging
 from megatron_effllm.model.builder import build_gpt_model
-from megatron_effllm.model.weights import gather_canonical, load_canonical, random_canonical
+from megatron_effllm.model.weights import gather_canonical, load_canonical
 from megatron_effllm.parallel import comm
 from megatron_effllm.parallel.runtime import comm_timeout_s, init_model_parallel
 from megatron_effllm.training import checkpoint as ckpt
@@ -50,15 +47,9 @@ from megatron_effllm.training.metrics import MetricsLogger, plot_run
 from megatron_effllm.training.pipeline import PipelineStep, mark_replicated_copies, mean_token_loss
 from megatron_effllm.training.runtime.factory import make_runtime
 from megatron_effllm.training.schedules import learning_rate
+from megatron_effllm.training.source import load_source
 
-BUILTIN_MODELS = ("smollm2-135m",)
 log = get_logger(__name__)
-
-
-def resolve_source(source: str) -> str:
-    if source in BUILTIN_MODELS:
-        return smollm2_hf_dir(dtype="float32")
-    return source
 
 
 class Trainer:
@@ -103,46 +94,6 @@ class Trainer:
             )
         init_model_parallel(self.cfg.parallel.tp, self.cfg.parallel.pp, seed=self.cfg.seed,
                             timeout_s=self.cfg.parallel.comm_timeout_s)
-
-    def _load_source(self):
-        """(Architecture, canonical state dict or None, tokenizer path)."""
-        m = self.cfg.model
-        if m.source:
-            path = resolve_source(m.source)
-            if os.path.isfile(os.path.join(path, MEGATRON_MANIFEST)):
-                return self._load_megatron_source(path)
-            src = load_hf_model(path)
-            return src.arch, src.state_dict, src.tokenizer_dir
-        try:
-            if set(m.init) == {"architecture"}:  # any shape, e.g. a pruned run's final/architecture.json
-                if not os.path.isfile(str(m.init["architecture"])):
-                    raise UserError(f"model.init.architecture {m.init['architecture']} not found; give an "
-                                    "architecture.json (a run's final/architecture.json)")
-                arch = Architecture.load(m.init["architecture"])
-            else:
-                arch = Architecture.uniform(**m.init)
-        except TypeError as err:
-            raise UserError(f"model.init: {err}; give Architecture.uniform fields "
-                            "(num_layers, hidden_size, num_heads, num_kv_groups, ffn_hidden_size, vocab_size, ...)") from None
-        if not m.tokenizer:
-            raise UserError("model.init needs model.tokenizer (HF folder, .gguf, .model or smollm2-135m)")
-        return arch, random_canonical(arch, self.cfg.seed), m.tokenizer  # the same at any TP/PP
-
-    def _load_megatron_source(self, path: str):
-        """A megatron checkpoint folder (effllm-convert-megatron): loaded at this run's TP/PP
-        (collective; it loads at any layout), gathered to canonical weights."""
-        arch, _ = read_checkpoint_info(path)
-        model = build_gpt_model(arch, params_dtype=torch.float32, init_weights=False)
-        load_into_model(model, path, arch)
-        canonical = gather_canonical(model, arch)
-        del model
-        tok = os.path.join(path, TOKENIZER_DIR)
-        if not os.path.isdir(tok):
-            if not self.cfg.model.tokenizer:
-                raise UserError(f"megatron checkpoint {path} has no {TOKENIZER_DIR}/ folder; set "
-                                "model.tokenizer to the tokenizer it was trained with")
-            tok = self.cfg.model.tokenizer
-        return arch, canonical, tok
 
     def _build_model(self, arch: Architecture, canonical: Optional[dict]):
         torch.manual_seed(self.cfg.seed)
@@ -216,7 +167,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         t_start = time.time()
-        arch, canonical, tokenizer = self._load_source()
+        arch, canonical, tokenizer = load_source(self.cfg)
         self.source_arch = arch
         self.tokenizer = tokenizer
         # Cheap checks of the inputs against each other first, before any expensive work.
