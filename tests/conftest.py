@@ -22,6 +22,11 @@ MARKS = {
         "test_reliability_bad_input.py": ("test_cli_cases",),
         "test_reliability_checkpoints.py": ALL,
         "test_reliability_kill_resume.py": ALL,
+        "test_reliability_run_dir.py": (
+            "test_checkpoint_stores_a_plain_fingerprint", "test_a_changed_run_is_refused_in_one_line",
+            "test_safe_changes_resume_and_are_logged", "test_fresh_moves_the_earlier_run_aside",
+            "test_training_starts_from_a_megatron_checkpoint",
+        ),
         "test_eval_smollm2.py": ALL,
         "test_hf_io.py": ("test_real_smollm2_gguf_and_its_cached_hf_folder",),
         "test_gguf_export.py": ("test_real_smollm2_exports_to_gguf",),

@@ -247,7 +247,7 @@ def test_pretokenized_data_from_another_tokenizer(assets, tmp_path):
 def _run_yaml(assets, run_dir, **changes) -> str:
     """A tiny complete run configuration (random init, the tiny tokenizer, the clean text)."""
     cfg = {
-        "run_dir": str(run_dir), "seed": 1, "resume": "none",
+        "run_dir": str(run_dir), "seed": 1, "resume": "fresh",
         "model": {"source": "", "init": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_groups": 2,
                                          "ffn_hidden_size": 64, "vocab_size": 320, "tie_word_embeddings": True},
                   "tokenizer": assets["tok"], "dtype": "fp32"},
@@ -295,7 +295,8 @@ def _previous_run(run_dir) -> str:
 
 def _train_case(prepare=None, **changes):
     """An effllm-train case in a folder that a previous run left (config, metrics, a
-    verified checkpoint); ``prepare(step_folder)`` may damage it first."""
+    verified checkpoint; ``resume: fresh`` would move it aside once the inputs pass their
+    checks); ``prepare(step_folder)`` may damage it first."""
     def setup(ctx, name):
         run_dir = ctx["tmp"] / name
         step = _previous_run(str(run_dir))
@@ -454,6 +455,16 @@ CLI_CASES = [
     ("kill harness: unknown kill point",
      _cli("kill_resume_harness.py", "--named", "ckpt.nowhere@3:0", "--work", lambda c, n: str(c["tmp"] / n)),
      "--named: unknown kill point 'ckpt.nowhere'"),
+    # --- the run folder
+    ("run_dir is an existing file", lambda ctx, name: _run_dir_case(ctx, name, "file"),
+     "is a file, not a folder; set run_dir to a folder path"),
+    ("run_dir under /proc", lambda ctx, name: _run_dir_case(ctx, name, "/proc/effllm_run"),
+     "run_dir /proc/effllm_run cannot be created (No such file or directory); set run_dir to a folder you can write"),
+    ("run_dir in use by another run", lambda ctx, name: _run_dir_case(ctx, name, "locked"),
+     f"is in use by another run (pid {os.getpid()} on host "),
+    ("resume none in a folder that holds a run", _train_case(resume="none"),
+     ("holds an earlier run (checkpoints, metrics.jsonl, config.yaml); resume: none would mix the two: set "
+      "resume: auto to continue it, resume: fresh to move it to")),
 ]
 ENV = {"bad communication timeout in the environment": {"EFFLLM_COMM_TIMEOUT_S": "soon"}}
 
@@ -600,3 +611,48 @@ def test_config_file_cases(tmp_path, content, expected):
     msg = str(err.value)
     assert "\n" not in msg and f"config file {path} {expected}" in msg, msg
     assert _hashes([str(tmp_path)]) == before
+_HELD = []  # run-folder locks this process holds while the cases run
+
+
+def _run_dir_case(ctx, name, how):
+    """effllm-train with a run_dir that is a file, under /proc, or locked by this process."""
+    from megatron_effllm.training.run_dir import RunLock
+
+    run_dir = ctx["tmp"] / name
+    cfg = _run_yaml(ctx["assets"], run_dir)
+    watched = [cfg]
+    if how == "file":
+        run_dir.write_text("notes\n")
+        watched.append(str(run_dir))
+    elif how == "locked":
+        _previous_run(str(run_dir))
+        _HELD.append(RunLock(str(run_dir)))
+        watched.append(str(run_dir))
+    else:
+        return [_program("train"), "--config", cfg, f"run_dir={how}"], watched
+    return [_program("train"), "--config", cfg], watched
+
+
+def test_read_only_run_dir(assets, tmp_path):
+    """A run_dir that cannot be written (a read-only mount as root, a read-only folder
+    otherwise): exit code 2 and one line, from a real process."""
+    run_dir = tmp_path / "ro"
+    run_dir.mkdir()
+    argv = [sys.executable, "-m", "megatron_effllm.cli.train", "--config", _run_yaml(assets, run_dir)]
+    if os.geteuid() == 0:  # root writes through permissions: mount the folder read-only
+        if subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False).returncode != 0:
+            pytest.skip("needs a read-only mount (unshare -m) when run as root")
+        mount_ro = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && shift && exec "$@"'
+        argv = ["unshare", "-m", "sh", "-c", mount_ro, str(run_dir), "--", *argv]
+    else:
+        run_dir.chmod(0o555)
+    try:
+        res = subprocess.run(argv, cwd=ROOT, env=_clean_env({}), capture_output=True, text=True, timeout=300,
+                             check=False)
+    finally:
+        run_dir.chmod(0o755)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: run_dir {run_dir} is not writable (") and last.endswith(
+        "); set run_dir to a folder you can write"), last
+    assert os.listdir(run_dir) == []

@@ -263,7 +263,7 @@ def test_auto_resume_refuses_when_no_checkpoint_verifies(saved, tmp_path):
         os.remove(os.path.join(root, step, "trainer_state.pt"))
     before = _tree_hashes(root)
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .* verifies .*trainer_state.pt is missing"
-                       ".*set resume: none") as err:
+                       ".*set resume: fresh") as err:
         ckpt.find_resumable(root, report=lambda m: None)
     assert "\n" not in str(err.value)
     assert _tree_hashes(root) == before

@@ -117,7 +117,7 @@ def main(argv=None):
     from megatron_effllm.convert.gguf_export import export_gguf
     from megatron_effllm.convert.hf_io import load_hf_model
     from megatron_effllm.eval.report import append_section, command_line, write_result
-    from megatron_effllm.training.trainer import resolve_source
+    from megatron_effllm.training.source import resolve_source
 
     source = resolve_source(args.source)
     for path in (source, args.pruned):

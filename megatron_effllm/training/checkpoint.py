@@ -15,7 +15,8 @@ Layout of ``RUN/checkpoints/``::
 
 A checkpoint is written under ``step_000050.partial`` and renamed only when every rank has
 finished and the manifest is written; ``latest`` is then replaced with a rename. Loading
-verifies the manifest; ``resume: auto`` walks back to the newest checkpoint that verifies.
+verifies the manifest; ``resume: auto`` takes the checkpoint ``latest`` names and walks back
+from it to the newest one that verifies.
 A write that fails (a full disk) removes the partial folder on every rank and raises one
 CheckpointError; the previous checkpoints and ``latest`` are never touched before the new one
 is complete.
@@ -99,7 +100,7 @@ def verify(folder: str) -> None:
     if not os.path.isfile(manifest):
         for marker, what, hint in (
             ("effllm_checkpoint.json", "a model checkpoint of effllm-convert-megatron",
-             "export it with effllm-convert-hf to start from it with model.source"),
+             "to start from it, set model.source"),
             ("config.json", "a Hugging Face model folder", "to start from it, set model.source"),
         ):
             if os.path.isfile(os.path.join(folder, marker)):
@@ -136,26 +137,54 @@ def step_dirs(ckpt_root: str) -> list[tuple[int, str]]:
     return sorted(out, reverse=True)
 
 
-def find_resumable(ckpt_root: str, before_step: Optional[int] = None, report=None) -> Optional[str]:
-    """The newest checkpoint that verifies (of those saved before ``before_step``, if given).
+def read_latest(ckpt_root: str, report=None) -> Optional[int]:
+    """The step that ``latest`` names, or None when there is no readable ``latest``."""
+    path = os.path.join(ckpt_root, "latest")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            m = STEP_DIR.match(f.read().strip())
+    except (OSError, UnicodeDecodeError):
+        m = None
+    if m is None:
+        (report or log.warning)(f"[checkpoint] {path} does not name a step_N folder; ignoring it")
+        return None
+    return int(m.group(1))
 
-    Damaged ones are reported (to ``report``, a function of one line; default: the log) and
-    skipped. None when there is no checkpoint at all; when there
-    are some and none verifies, starting over would silently discard the run: that is an error.
+
+def find_resumable(ckpt_root: str, before_step: Optional[int] = None, report=None) -> Optional[str]:
+    """The checkpoint ``latest`` names when it verifies, else the newest one below it that does
+    (of those saved before ``before_step``, if given).
+
+    A step folder above ``latest`` was left by an interrupted save or by an abandoned branch of
+    the run (a resume from an older checkpoint): it is not continued. Damaged ones are reported
+    (to ``report``, a function of one line; default: the log) and skipped. None when there is no
+    checkpoint at all; when there are some and none verifies, starting over would silently
+    discard the run: that is an error.
     """
-    candidates = [(s, f) for s, f in step_dirs(ckpt_root) if before_step is None or s < before_step]
-    first_error = None
-    for _, folder in candidates:
+    say = report or log.warning
+    latest = read_latest(ckpt_root, say)
+    candidates, first_error, stale = [], None, None
+    for s, f in step_dirs(ckpt_root):
+        if latest is not None and s > latest:
+            stale = stale or f"{f} is newer than latest (step_{latest:06d})"
+            say(f"[checkpoint] skipping {f}: newer than {ckpt_root}/latest (step_{latest:06d}); an "
+                "interrupted save or an abandoned branch of the run left it")
+        elif before_step is None or s < before_step:
+            candidates.append(f)
+    for folder in candidates:
         try:
             verify(folder)
             return folder
         except CheckpointError as err:
             first_error = first_error or err
-            (report or log.warning)(f"[checkpoint] skipping {folder}: {err}")
+            say(f"[checkpoint] skipping {folder}: {err}")
+    first_error = first_error or stale
     if first_error is not None and before_step is None:
         raise CheckpointError(
             f"no checkpoint in {ckpt_root} verifies (newest: {first_error}); restore the files or "
-            "set resume: none to start over"
+            "set resume: fresh to move them aside and start over"
         )
     return None
 

@@ -150,7 +150,9 @@ class ExportConfig:
 class RunConfig:
     run_dir: str = "runs/default"
     seed: int = number(1234, ge=0, le=2**32 - 1)  # numpy's seeds are 32-bit
-    resume: str = "auto"  # auto | none | PATH of a checkpoint
+    # auto: continue the checkpoint `latest` names (or start) | none: start; refused in a folder that
+    # holds a run | fresh: start, moving an earlier run aside | PATH of a checkpoint of this run
+    resume: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)

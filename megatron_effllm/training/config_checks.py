@@ -217,5 +217,6 @@ def validate(cfg) -> None:
         _check_number_map("data.reference_losses", ref)
     if not cfg.model.source and not cfg.model.init:
         raise ConfigError("set model.source (HF folder, .gguf or smollm2-135m) or model.init (random init)")
-    if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):
-        raise ConfigError(f"resume: {show_name(cfg.resume)} is not a checkpoint folder; use auto, none or a path")
+    if cfg.resume not in ("auto", "none", "fresh") and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"resume: {show_name(cfg.resume)} is not a checkpoint folder; "
+                          "use auto, none, fresh or a path")

@@ -26,9 +26,8 @@ import torch
 from tqdm import tqdm
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.assets import smollm2_hf_dir
 from megatron_effllm.convert.gguf_export import export_gguf
-from megatron_effllm.convert.hf_io import load_hf_model, save_hf_model
+from megatron_effllm.convert.hf_io import save_hf_model
 from megatron_effllm.data.loader import make_heldout_batches, make_train_iterator
 from megatron_effllm.data.prepare import prepare_data
 from megatron_effllm.data.tokenizer import save_hf_tokenizer
@@ -37,26 +36,20 @@ from megatron_effllm.engine.base import EngineOptions, TrainEngine
 from megatron_effllm.errors import UserError
 from megatron_effllm.log import get_logger, setup_logging
 from megatron_effllm.model.builder import build_gpt_model
-from megatron_effllm.model.weights import gather_canonical, load_canonical, random_canonical
+from megatron_effllm.model.weights import gather_canonical, load_canonical
 from megatron_effllm.parallel import comm
 from megatron_effllm.parallel.runtime import comm_timeout_s, init_model_parallel
 from megatron_effllm.training import checkpoint as ckpt
-from megatron_effllm.training import faults, preflight
+from megatron_effllm.training import faults, preflight, run_dir
 from megatron_effllm.training.config import RunConfig, save_config
 from megatron_effllm.training.fault_injection import inject_nonfinite, inject_nonfinite_weights, kill_point
 from megatron_effllm.training.metrics import MetricsLogger, plot_run
 from megatron_effllm.training.pipeline import PipelineStep, mark_replicated_copies, mean_token_loss
 from megatron_effllm.training.runtime.factory import make_runtime
 from megatron_effllm.training.schedules import learning_rate
+from megatron_effllm.training.source import load_source
 
-BUILTIN_MODELS = ("smollm2-135m",)
 log = get_logger(__name__)
-
-
-def resolve_source(source: str) -> str:
-    if source in BUILTIN_MODELS:
-        return smollm2_hf_dir(dtype="float32")
-    return source
 
 
 class Trainer:
@@ -79,12 +72,11 @@ class Trainer:
         self.grad_accum = d.global_batch // per_pass
         self.run_dir = cfg.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
-        if self.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
+        self.metrics = None  # opened once the run really starts (a refused start writes nothing)
         self.pipeline = None
         if cfg.parallel.pp > 1:
             self.pipeline = PipelineStep(seq_len=d.seq_len, micro_batch=d.micro_batch)
+        self.lock = run_dir.claim(self.run_dir)  # last: a failed check above leaves nothing locked
 
     # ------------------------------------------------------------------ set-up
     def _init_distributed(self) -> None:
@@ -102,27 +94,6 @@ class Trainer:
             )
         init_model_parallel(self.cfg.parallel.tp, self.cfg.parallel.pp, seed=self.cfg.seed,
                             timeout_s=self.cfg.parallel.comm_timeout_s)
-
-    def _load_source(self):
-        """(Architecture, canonical state dict or None, tokenizer path)."""
-        m = self.cfg.model
-        if m.source:
-            src = load_hf_model(resolve_source(m.source))
-            return src.arch, src.state_dict, src.tokenizer_dir
-        try:
-            if set(m.init) == {"architecture"}:  # any shape, e.g. a pruned run's final/architecture.json
-                if not os.path.isfile(str(m.init["architecture"])):
-                    raise UserError(f"model.init.architecture {m.init['architecture']} not found; give an "
-                                    "architecture.json (a run's final/architecture.json)")
-                arch = Architecture.load(m.init["architecture"])
-            else:
-                arch = Architecture.uniform(**m.init)
-        except TypeError as err:
-            raise UserError(f"model.init: {err}; give Architecture.uniform fields "
-                            "(num_layers, hidden_size, num_heads, num_kv_groups, ffn_hidden_size, vocab_size, ...)") from None
-        if not m.tokenizer:
-            raise UserError("model.init needs model.tokenizer (HF folder, .gguf, .model or smollm2-135m)")
-        return arch, random_canonical(arch, self.cfg.seed), m.tokenizer  # the same at any TP/PP
 
     def _build_model(self, arch: Architecture, canonical: Optional[dict]):
         torch.manual_seed(self.cfg.seed)
@@ -196,34 +167,36 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         t_start = time.time()
-        arch, canonical, tokenizer = self._load_source()
+        arch, canonical, tokenizer = load_source(self.cfg)
         self.source_arch = arch
         self.tokenizer = tokenizer
         # Cheap checks of the inputs against each other first, before any expensive work.
         preflight.check_tensor_parallel(cfg, arch)
         pruning = make_runtime(cfg, arch, arch.num_params())
         preflight.check_prune_target(cfg, arch, pruning.target)
+        if self.rollback is None:
+            self.fingerprint = run_dir.fingerprint(cfg, arch, tokenizer, comm.world_size())
+            self.settings = run_dir.settings(cfg)
+        start = run_dir.choose_start(cfg, self.ckpt_root, self.fingerprint, self.settings,
+                                     rollback_folder=self.rollback.folder if self.rollback else None)
         self.data_args = prepare_data(
             cfg.data, tokenizer=tokenizer, out_dir=os.path.join(self.run_dir, "data"), seed=cfg.seed,
             train_samples=cfg.train.steps * cfg.data.global_batch, progress=self.is_main,
         )
         preflight.check_data_tokens(self.data_args, arch, tokenizer, cfg.data.eos_token)
-        start_step, trainer_state, resume_dir = 0, {}, None
-        rollback = self.rollback
-        if rollback is not None or cfg.resume != "none":
-            if rollback is not None:
-                resume_dir = rollback.folder
-            else:
-                resume_dir = cfg.resume if cfg.resume != "auto" else ckpt.find_resumable(self.ckpt_root)
-            if resume_dir is not None:
-                ckpt.verify(resume_dir)
-                arch_json, trainer_state = ckpt.read_meta(resume_dir)
-                arch = Architecture.from_json(arch_json)
-                canonical = None
-                start_step = trainer_state["step"]
-                pruning.load_state_dict(trainer_state["pruning"])
-                if rollback is not None:  # the data stream goes on past the batches that failed
-                    trainer_state["data"] = rollback.data_state
+        # The inputs passed every check: the run really starts here.
+        if start.move_aside:
+            run_dir.move_aside(self.run_dir)
+        if self.metrics is None:
+            self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
+        start_step, trainer_state, resume_dir = 0, start.trainer_state, start.folder
+        if resume_dir is not None:
+            arch = Architecture.from_json(start.arch_json)
+            canonical = None
+            start_step = trainer_state["step"]
+            pruning.load_state_dict(trainer_state["pruning"])
+            if self.rollback is not None:  # the data stream goes on past the batches that failed
+                trainer_state["data"] = self.rollback.data_state
         model = self._build_model(arch, canonical)
         del canonical
         engine = build_engine(cfg.parallel.engine, model, self._engine_options())
@@ -377,6 +350,8 @@ class Trainer:
             "data": data_iter.state_dict(),
             "reference_losses": self.reference,
             "source_heldout": self.source_heldout,
+            "fingerprint": self.fingerprint,  # what a resume must not change (run_dir)
+            "settings": self.settings,
         }
         ckpt.save(engine, self.ckpt_root, step, architecture_json=pruning.arch.to_json(),
                   trainer_state=state, keep=self.cfg.train.keep_checkpoints,
@@ -441,9 +416,13 @@ def run(cfg: RunConfig) -> dict:
     setup_logging()
     with faults.peer_failures(comm_timeout_s(cfg.parallel.comm_timeout_s)):
         trainer = Trainer(cfg)
-        while True:
-            try:
-                return trainer.run()
-            except faults.Rollback as rb:
-                trainer.rollback = rb
-                trainer.rollbacks += 1
+        try:
+            while True:
+                try:
+                    return trainer.run()
+                except faults.Rollback as rb:
+                    trainer.rollback = rb
+                    trainer.rollbacks += 1
+        finally:
+            if trainer.lock is not None:
+                trainer.lock.release()
