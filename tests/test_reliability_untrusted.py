@@ -220,7 +220,7 @@ def test_trainer_state_of_the_wrong_type_is_named(resumed, tmp_path, value, says
 # ------------------------------------------------------------------ two ranks agree on a refusal
 def _two_rank_refusals(rank, world_size, root):
     """A rank's own file refused on that rank alone: both ranks raise the same line (none waits in
-    a collective of the engine's load)."""
+    a collective of the engine's load). Then intact checkpoints of the other ZeRO stages load."""
     from megatron_effllm.parallel import comm
     from megatron_effllm.training import checkpoint as ckpt
     from test_reliability_checkpoints import _backward, _batches, _engine
@@ -251,10 +251,24 @@ def _two_rank_refusals(rank, world_size, root):
         if rank == 0:
             os.replace(path + ".good", path)
     engine.destroy()
+    # The allowlist covers what every ZeRO stage writes: a save and a load into a new engine.
+    for stage, bf16 in ((0, False), (1, False), (3, True)):
+        engine = _engine(stage, bf16)
+        _backward(engine, _batches(1, rank), rank)
+        engine.step()
+        before = [engine.full_fp32_param(p).clone() for p in engine.module.parameters()]
+        folder = ckpt.save(engine, os.path.join(root, f"zero{stage}"), 1, architecture_json="{}",
+                           trainer_state={"step": 1, "pruning": {}})
+        engine.destroy()
+        engine = _engine(stage, bf16)
+        ckpt.load_engine_state(engine, folder)
+        after = [engine.full_fp32_param(p) for p in engine.module.parameters()]
+        out[f"zero-{stage}"] = all(torch.equal(a, b) for a, b in zip(before, after))
+        engine.destroy()
     return out, os.path.exists(os.path.join(root, "MARKER"))
 
 
-def test_a_refusal_on_one_rank_stops_every_rank(tmp_path):
+def test_a_refusal_on_one_rank_stops_every_rank_and_every_zero_stage_loads(tmp_path):
     root = str(tmp_path / "ckpt")
     results = run_ranks(_two_rank_refusals, world_size=2, args=(root,), timeout=300)
     for rank, (out, marker_made) in enumerate(results):
@@ -263,6 +277,7 @@ def test_a_refusal_on_one_rank_stops_every_rank(tmp_path):
         for rel in ("rng/rank_00001.pt", "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", "ranks/rank_00001.pt"):
             assert _one_line_naming(out[rel], os.path.join(root, "step_000001", rel)), (rank, rel, out[rel])
             assert out[rel] == results[0][0][rel]  # the same line on both ranks
+        assert out["zero-0"] and out["zero-1"] and out["zero-3"], out
 
 
 # ------------------------------------------------------------------ megatron checkpoints

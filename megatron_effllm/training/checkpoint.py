@@ -15,8 +15,8 @@ Layout of ``RUN/checkpoints/``::
 
 Our own files hold only plain containers, numbers, strings and CPU tensors and are read with
 ``safe_pickle.load_plain`` (no code a file names is ever run; any file can be loaded on any
-device); DeepSpeed's are read through its engine's restricted loader. Every file is checked on
-every rank before any rank acts on it, so a refused file stops all ranks with the same line.
+device); DeepSpeed's are read through its engine's restricted loader. A file refused on one rank
+stops every rank with the same line: each rank's own files are checked before any collective.
 
 A checkpoint is written under ``step_000050.partial`` and renamed only when every rank has
 finished and the manifest is written; ``latest`` is then replaced with a rename. Loading
@@ -53,7 +53,7 @@ log = get_logger(__name__)
 LAYOUT = "layout.json"
 TRAINER_STATE = "trainer_state.pt"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
-# What every checkpoint has besides the engine's own files (and rng/ of the other ranks).
+# What every checkpoint has besides the engine's own files (rank 0's RNG state at least).
 REQUIRED = ("architecture.json", LAYOUT, TRAINER_STATE, "rng/rank_00000.pt")
 
 
