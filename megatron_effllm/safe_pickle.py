@@ -71,14 +71,17 @@ def _first_foreign(obj, where: str = "") -> Optional[str]:
     return f"a {type(obj).__name__} at {where or 'the top level'}"
 
 
-def _reason(err: BaseException) -> str:
-    """The one line of torch's restricted-unpickler message that says what was refused."""
-    text = str(err)
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found:
-        return f"it refers to {found.group(1)}"
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    detail = next((l for l in lines if not l.startswith(("Weights only load failed", "Check the documentation"))),
+def _global_named(err: BaseException) -> Optional[str]:
+    """The global a restricted unpickler refused (its message names it), if that was the refusal."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return found.group(1) if found else None
+
+
+def _detail(err: BaseException) -> str:
+    """The line of an error message that says what went wrong (torch's carry advice around it)."""
+    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    detail = next((l for l in lines if not l.startswith(advice)),
                   lines[0] if lines else type(err).__name__)
     return " ".join(detail.split())[:160]
 
@@ -89,10 +92,12 @@ def load_torch(path: str, allowed: Sequence = (), *, mmap: bool = False):
     try:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        raise UserError(f"{path} is refused: {_reason(err)}, which this file never holds; {_REFUSED}") from None
-    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
-        raise UserError(f"{path} is not a readable checkpoint file ({_reason(err)}); restore it or use "
+    except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError, KeyError, IndexError,
+            TypeError, AttributeError) as err:
+        name = _global_named(err)
+        if name:
+            raise UserError(f"{path} is refused: it refers to {name}, which this file never holds; {_REFUSED}") from None
+        raise UserError(f"{path} is not a readable checkpoint file ({_detail(err)}); restore it or use "
                         "another checkpoint") from None
 
 
@@ -144,10 +149,12 @@ def load_dcp_metadata(path: str):
     try:
         with open(path, "rb") as f:
             meta = _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as err:
-        raise UserError(f"{path} is refused: {_reason(err)}, which checkpoint metadata never holds; "
-                        f"{_REFUSED}") from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError) as err:
+    except (pickle.UnpicklingError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+            IndexError) as err:
+        name = _global_named(err)
+        if name:
+            raise UserError(f"{path} is refused: it refers to {name}, which checkpoint metadata never holds; "
+                            f"{_REFUSED}") from None
         raise UserError(f"{path} is unreadable ({type(err).__name__}); the checkpoint is damaged") from None
     if not isinstance(meta, Metadata):
         raise UserError(f"{path} holds a {type(meta).__name__}, not checkpoint metadata; the checkpoint is damaged")
