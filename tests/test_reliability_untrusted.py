@@ -313,7 +313,7 @@ def _flip_byte(path):
 
 
 def _shard(ck):
-    return os.path.join(ck, "model", sorted(f for f in os.listdir(os.path.join(ck, "model")) if f.endswith(".distcp"))[0])
+    return os.path.join(ck, "model", min(f for f in os.listdir(os.path.join(ck, "model")) if f.endswith(".distcp")))
 
 
 @pytest.mark.parametrize("case, target, says", [
