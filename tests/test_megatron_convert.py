@@ -191,6 +191,7 @@ def test_checkpoint_saved_at_tp2_loads_at_pp2_and_tp1(tmp_path):
 
 def test_checkpoint_verification_names_the_bad_file(tmp_path):
     from megatron_effllm.convert import megatron_checkpoint as C
+    from megatron_effllm.manifest import write_manifest
 
     _, arch, sd = tiny_hf("qwen2")
     ck = str(tmp_path / "ck")
@@ -207,6 +208,7 @@ def test_checkpoint_verification_names_the_bad_file(tmp_path):
         [arch.layers[0].__class__(4, 2, 32, 0)] + list(arch.layers[1:])
     )
     bad_arch.save(os.path.join(wrong, C.ARCH_FILE))
+    write_manifest(wrong)  # consistent checksums: the structural check must still catch it
     with pytest.raises(UserError, match=r"linear_fc1.weight has shape \(96, 32\)"):
         C.verify_checkpoint(wrong)
 

@@ -279,8 +279,10 @@ def _previous_run(run_dir) -> str:
 
     step = os.path.join(run_dir, "checkpoints", "step_000002")
     os.makedirs(os.path.join(step, "ds"))
+    os.makedirs(os.path.join(step, "rng"))
     for rel, content in (("ds/mp_rank_00_model_states.pt", b"model" * 100), ("architecture.json", b"{}"),
-                         ("trainer_state.pt", b"state" * 20)):
+                         ("trainer_state.pt", b"state" * 20), ("layout.json", b"{}"),
+                         ("rng/rank_00000.pt", b"rng" * 20)):
         with open(os.path.join(step, rel), "wb") as f:
             f.write(content)
     ckpt.write_manifest(step)
@@ -367,6 +369,18 @@ def _cli(tool, *args, inputs=()):
 
 def _corrupted_step(step):
     _corrupt_byte(os.path.join(step, "ds", "mp_rank_00_model_states.pt"))
+
+
+def _empty_manifest(step):
+    with open(os.path.join(step, "MANIFEST.json"), "w") as f:
+        f.write('{"files": {}}')
+
+
+def _trainer_state_list(step):
+    from megatron_effllm.training import checkpoint as ckpt
+
+    torch.save([1, 2, 3], os.path.join(step, "trainer_state.pt"))
+    ckpt.write_manifest(step)
 
 
 CLI_CASES = [
@@ -465,6 +479,14 @@ CLI_CASES = [
     ("resume none in a folder that holds a run", _train_case(resume="none"),
      ("holds an earlier run (checkpoints, metrics.jsonl, config.yaml); resume: none would mix the two: set "
       "resume: auto to continue it, resume: fresh to move it to")),
+    ("a manifest that lists no files",
+     lambda ctx, name: _train_case(_empty_manifest,
+                                   resume=str(ctx["tmp"] / name / "checkpoints" / "step_000002"))(ctx, name),
+     "does not list architecture.json, which every checkpoint has"),
+    ("a trainer_state.pt of the wrong type",
+     lambda ctx, name: _train_case(_trainer_state_list,
+                                   resume=str(ctx["tmp"] / name / "checkpoints" / "step_000002"))(ctx, name),
+     "trainer_state.pt holds a list, not a trainer state"),
 ]
 ENV = {"bad communication timeout in the environment": {"EFFLLM_COMM_TIMEOUT_S": "soon"}}
 

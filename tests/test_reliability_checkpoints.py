@@ -296,7 +296,7 @@ def _train(rank, world_size, run_dir, extra, inject):
 
 def _module_weights(folder):
     path = glob.glob(os.path.join(folder, "ds", "**", "mp_rank_00_model_states.pt"), recursive=True)[0]
-    module = torch.load(path, weights_only=False, map_location="cpu")["module"]
+    module = torch.load(path, weights_only=True, map_location="cpu")["module"]
     return {k: v for k, v in module.items() if torch.is_tensor(v)}  # not megatron's _extra_state
 
 
@@ -317,7 +317,7 @@ def test_trainer_skips_nonfinite_steps_on_two_ranks(tmp_path):
     for s in (2, 3):
         assert all(torch.equal(w[1][k], w[s][k]) for k in w[1]), s
     assert any(not torch.equal(w[3][k], w[4][k]) for k in w[3])
-    states = {s: torch.load(os.path.join(ck, f"step_{s:06d}", "trainer_state.pt"), weights_only=False)
+    states = {s: torch.load(os.path.join(ck, f"step_{s:06d}", "trainer_state.pt"), weights_only=True)
               for s in (1, 3, 4)}
     sal1, sal3 = states[1]["pruning"]["saliency"], states[3]["pruning"]["saliency"]
     assert all(torch.equal(sal1[k], sal3[k]) for k in sal1)

@@ -6,6 +6,7 @@ Folder layout::
     <ckpt>/architecture.json        the Architecture (per-layer widths)
     <ckpt>/model/                   megatron-core dist_checkpointing (torch_dist) weights
     <ckpt>/tokenizer/               tokenizer files copied from the source model (optional)
+    <ckpt>/MANIFEST.json            size and sha256 of every file above (written last)
 
 dist_checkpointing stores every tensor once, as a global tensor under a layout-free key, so a
 checkpoint written at one TP/PP layout loads at any other: each rank reads the slices its own
@@ -15,6 +16,11 @@ processes, so scripts calling these functions need an ``if __name__ == "__main__
 
 Writes are atomic: everything goes to a hidden sibling ``.<name>.partial-*`` folder that is
 renamed when complete.
+
+Reading verifies the manifest (a damaged or changed byte anywhere is named) and checks the
+pickled parts before megatron reads them: ``model/.metadata`` may name only torch's
+distributed-checkpoint metadata classes, and every ``.pt`` file only tensors and plain values
+(``megatron_effllm.safe_pickle``); a file naming anything else is refused in one line.
 """
 from __future__ import annotations
 
@@ -25,23 +31,27 @@ import uuid
 from typing import Optional, Union
 
 import torch
-import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.convert.hf_io import TOKENIZER_FILES
 from megatron_effllm.errors import UserError
 from megatron_effllm.layout import TE, check_state_dict, from_megatron, megatron_shapes, stage_layer_counts
+from megatron_effllm.manifest import MANIFEST as CHECKSUMS, verify_manifest, write_manifest
 from megatron_effllm.model.builder import build_gpt_model
 from megatron_effllm.model.weights import load_canonical, local_state_dict
 from megatron_effllm.parallel import comm
 from megatron_effllm.parallel.runtime import init_model_parallel
+from megatron_effllm.safe_pickle import check_torch_file, load_dcp_metadata
 
 FORMAT = "megatron_effllm.megatron_checkpoint/1"
 MANIFEST = "effllm_checkpoint.json"
 ARCH_FILE = "architecture.json"
 WEIGHTS_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
+META_FILE = f"{WEIGHTS_DIR}/.metadata"  # torch distributed checkpoint's index (a pickle)
+# What every checkpoint has (dist_checkpointing's own files next to the .distcp shards).
+REQUIRED = (MANIFEST, ARCH_FILE, META_FILE, f"{WEIGHTS_DIR}/metadata.json", f"{WEIGHTS_DIR}/common.pt")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,18 +95,20 @@ def read_checkpoint_info(ckpt_dir: str) -> tuple[Architecture, dict]:
 
 
 def verify_checkpoint(ckpt_dir: str, arch: Optional[Architecture] = None) -> None:
-    """Check that every weight file exists with its full length and that every tensor the
-    architecture needs is present with its shape. Reads metadata only (cheap)."""
+    """Check every file against the manifest, the pickled files for what they may hold (nothing
+    that runs code), and that every tensor the architecture needs is present with its shape."""
     if arch is None:
         arch, _ = read_checkpoint_info(ckpt_dir)
     weights = os.path.join(ckpt_dir, WEIGHTS_DIR)
     meta_file = os.path.join(weights, ".metadata")
-    if not os.path.isfile(meta_file):
-        raise UserError(f"{meta_file} is missing; the checkpoint is incomplete or damaged")
-    try:
-        meta = dcp.FileSystemReader(weights).read_metadata()
-    except Exception as err:  # any unpickling/IO failure means a damaged file
-        raise UserError(f"{meta_file} is unreadable ({type(err).__name__}); the checkpoint is damaged") from None
+    if not os.path.isfile(os.path.join(ckpt_dir, CHECKSUMS)):
+        raise UserError(f"checkpoint {ckpt_dir} has no {CHECKSUMS}: it was not completely written; "
+                        "write it again with effllm-convert-megatron")
+    listed = verify_manifest(ckpt_dir, REQUIRED)
+    meta = load_dcp_metadata(meta_file)
+    for rel in listed:
+        if rel.endswith(".pt"):
+            check_torch_file(os.path.join(ckpt_dir, rel))
     needed: dict[str, int] = {}
     for info in meta.storage_data.values():
         end = info.offset + info.length
@@ -272,6 +284,7 @@ def _finish(tmp, out_dir, arch, tokenizer_src, dtype, layout) -> None:
     }
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
+    write_manifest(tmp)
     verify_checkpoint(tmp, arch)
     os.replace(tmp, out_dir)
 

@@ -10,10 +10,16 @@ and written into the new engine's partitions; the step count is kept. The slicin
 function supplied by the caller (the pruning runtime): this module knows nothing of pruning.
 Under tensor parallelism "full" means full over the data-parallel group: each TP rank gathers
 and sets its own shards, and the caller's function re-shards between them.
+
+Checkpoints: DeepSpeed's own checkpoint engine would unpickle its files with no restriction and
+write tensors where they live. ``RestrictedCheckpointEngine`` writes CPU copies and reads
+through torch's restricted unpickler with the few DeepSpeed classes the files hold
+(``DEEPSPEED_GLOBALS``); ``load`` checks every file on some rank before any rank reads one.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import logging
 import os
@@ -21,17 +27,52 @@ from typing import Callable, Optional
 
 import deepspeed
 import torch
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.utils import has_inf_or_nan
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import safe_get_full_optimizer_state
+from deepspeed.utils.tensor_fragment import fragment_address
 from megatron.core import parallel_state
 
 from megatron_effllm.engine import _zero_params as zp
 from megatron_effllm.engine.base import EngineOptions
 from megatron_effllm.engine.deepspeed_mpu import MegatronMPU
+from megatron_effllm.errors import UserError
 from megatron_effllm.parallel import comm
+from megatron_effllm.safe_pickle import check_torch_file, load_torch
 
 OPTIMIZER_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 CHECKPOINT_TAG = "ds"  # the sub-folder of a checkpoint DeepSpeed writes into
+# What DeepSpeed 0.19's files name beyond tensors and containers (read from checkpoints saved at
+# ZeRO 0-3, fp32 and bf16): the loss scaler, the ZeRO stage, a parameter's place in a flat
+# partition. Rebuilding them runs no code of the file.
+DEEPSPEED_GLOBALS = (LossScaler, ZeroStageEnum, fragment_address)
+
+
+def _on_cpu(obj):
+    """``obj`` with every tensor in its nested dicts, lists and tuples on the CPU."""
+    if torch.is_tensor(obj):
+        return obj if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # the same kind of mapping (an OrderedDict stays one)
+        for key, value in obj.items():
+            out[key] = _on_cpu(value)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
+class RestrictedCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, writing CPU copies (a checkpoint loads on any device)
+    and reading only tensors, containers and ``DEEPSPEED_GLOBALS`` (UserError naming the file)."""
+
+    def save(self, state_dict, path: str):
+        super().save(_on_cpu(state_dict), path)
+
+    def load(self, path: str, map_location=None):
+        return load_torch(path, DEEPSPEED_GLOBALS)
 
 
 def _skip_cpu_shm_build() -> None:
@@ -93,6 +134,10 @@ def _initialize(model: torch.nn.Module, options: EngineOptions):
         model=model, optimizer=make_optimizer(model, options), config=deepspeed_config(options),
         mpu=mpu, model_parameters=None,
     )
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"DeepSpeed chose the {type(engine.checkpoint_engine).__name__}; only its torch "
+                           "checkpoint engine has a restricted replacement")
+    engine.checkpoint_engine = RestrictedCheckpointEngine(engine._config)
     return engine
 
 
@@ -308,7 +353,23 @@ class DeepSpeedEngine:
     def after_failed_save(self) -> None:
         comm.barrier()  # the closing barrier of DeepSpeed's save, which the failed call skipped
 
+    def _check_files(self, folder: str) -> None:
+        """Every file of DeepSpeed's sub-folder checked (split over the ranks, tensors unread)
+        before any rank reads one; the first refusal is raised on every rank."""
+        ds_dir = os.path.join(folder, CHECKPOINT_TAG)
+        files = sorted(os.path.join(root, n) for root, _, names in os.walk(ds_dir) for n in names)
+        error = None
+        try:
+            for path in files[comm.global_rank()::comm.world_size()]:
+                check_torch_file(path, DEEPSPEED_GLOBALS)
+        except UserError as err:
+            error = str(err)
+        error = next((e for e in comm.all_gather_object(error) if e), None)
+        if error is not None:
+            raise UserError(error)
+
     def load(self, folder: str) -> bool:
+        self._check_files(folder)
         path, _ = self._ds.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                            load_lr_scheduler_states=False)
         return path is not None

@@ -79,6 +79,10 @@ class HessianAccumulator:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.state = dict(state)
 
+    def to(self, device) -> None:
+        """Move the sums to ``device`` (where the inputs ``add`` receives live)."""
+        self.state = {k: v.to(device) for k, v in self.state.items()}
+
     def apply_plan(self, plan: PrunePlan) -> None:
         """Slice every Hessian by the kept input channels of its weight; rename kept layers."""
         axes = tensor_axes(plan.before)

@@ -13,6 +13,11 @@ Layout of ``RUN/checkpoints/``::
         MANIFEST.json       size and sha256 of every file above; written last
     latest                  the name of the newest complete checkpoint (replaced atomically)
 
+Our own files hold only plain containers, numbers, strings and CPU tensors and are read with
+``safe_pickle.load_plain`` (no code a file names is ever run; any file can be loaded on any
+device); DeepSpeed's are read through its engine's restricted loader. A file refused on one rank
+stops every rank with the same line: each rank's own files are checked before any collective.
+
 A checkpoint is written under ``step_000050.partial`` and renamed only when every rank has
 finished and the manifest is written; ``latest`` is then replaced with a rename. Loading
 verifies the manifest; ``resume: auto`` takes the checkpoint ``latest`` names and walks back
@@ -25,7 +30,6 @@ The run directory is assumed to be on a filesystem all nodes share (as on any cl
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -40,26 +44,22 @@ from megatron.core import tensor_parallel
 from megatron_effllm.engine.base import TrainEngine
 from megatron_effllm.errors import UserError
 from megatron_effllm.log import get_logger
+from megatron_effllm.manifest import MANIFEST, verify_manifest, write_manifest
 from megatron_effllm.parallel import comm
+from megatron_effllm.safe_pickle import load_plain, plain_copy
 from megatron_effllm.training.fault_injection import kill_point
 
 log = get_logger(__name__)
 
-MANIFEST = "MANIFEST.json"
 LAYOUT = "layout.json"
+TRAINER_STATE = "trainer_state.pt"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+# What every checkpoint has besides the engine's own files (rank 0's RNG state at least).
+REQUIRED = ("architecture.json", LAYOUT, TRAINER_STATE, "rng/rank_00000.pt")
 
 
 class CheckpointError(UserError):
     pass
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: str) -> None:
@@ -75,25 +75,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_manifest(folder: str) -> None:
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in sorted(names):
-            if name == MANIFEST:
-                continue
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder)
-            files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    tmp = os.path.join(folder, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"files": files}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, MANIFEST))
-
-
 def verify(folder: str) -> None:
-    """Raise CheckpointError naming the first missing, truncated or corrupted file."""
+    """Raise CheckpointError naming the first missing, truncated or corrupted file, or a file
+    every checkpoint has that the manifest does not list."""
     manifest = os.path.join(folder, MANIFEST)
     if not os.path.isdir(folder):
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
@@ -107,22 +91,10 @@ def verify(folder: str) -> None:
                 raise CheckpointError(f"{folder} is {what}, not a training checkpoint; resume takes a "
                                       f"RUN/checkpoints/step_N folder ({hint})")
         raise CheckpointError(f"checkpoint {folder} has no {MANIFEST}: it was not completely written")
-    try:
-        with open(manifest) as f:
-            files = json.load(f)["files"]
-        files = {rel: (int(meta["bytes"]), str(meta["sha256"])) for rel, meta in files.items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint manifest {manifest} is damaged") from None
-    for rel, (size, digest) in files.items():
-        path = os.path.join(folder, rel)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint file {path} is missing")
-        actual = os.path.getsize(path)
-        if actual != size:
-            how = "truncated" if actual < size else "changed"
-            raise CheckpointError(f"checkpoint file {path} is {how} ({actual} of {size} bytes)")
-        if _sha256(path) != digest:
-            raise CheckpointError(f"checkpoint file {path} is corrupted (checksum mismatch)")
+    listed = verify_manifest(folder, REQUIRED, error=CheckpointError)
+    if not any("/" in rel and not rel.startswith(("rng/", "ranks/")) for rel in listed):  # the engine's folder
+        raise CheckpointError(f"checkpoint manifest {manifest} lists no model or optimizer files; the "
+                              "manifest is damaged or the checkpoint incomplete")
 
 
 def step_dirs(ckpt_root: str) -> list[tuple[int, str]]:
@@ -190,9 +162,11 @@ def find_resumable(ckpt_root: str, before_step: Optional[int] = None, report=Non
 
 
 def rng_state() -> dict:
+    """Every generator's state as plain values and tensors (numpy's key array as a list)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, key.tolist(), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -205,7 +179,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -293,15 +268,16 @@ def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: s
         if error is None:
             kill_point("ckpt.after_engine_save", step)
             try:
-                torch.save(rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
+                torch.save(plain_copy(rng_state(), "rng"), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
                 if rank_state is not None:
-                    torch.save(rank_state, os.path.join(partial, "ranks", f"rank_{rank:05d}.pt"))
+                    torch.save(plain_copy(rank_state, "rank_state"),
+                               os.path.join(partial, "ranks", f"rank_{rank:05d}.pt"))
                 if rank == 0:
                     with open(os.path.join(partial, "architecture.json"), "w") as f:
                         f.write(architecture_json)
                     with open(os.path.join(partial, LAYOUT), "w") as f:
                         json.dump(layout_of(engine), f)
-                    torch.save(trainer_state, os.path.join(partial, "trainer_state.pt"))
+                    torch.save(plain_copy(trainer_state, "trainer_state"), os.path.join(partial, TRAINER_STATE))
             except (OSError, RuntimeError) as err:
                 if not isinstance(err, OSError) and not _is_write_failure(err):
                     raise
@@ -343,20 +319,71 @@ def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: s
     return final
 
 
+# The trainer state's keys and the types they must have where present (step and pruning always are).
+_TRAINER_STATE_TYPES = {"step": int, "pruning": dict, "consumed_tokens": int, "data": (dict, type(None)),
+                        "reference_losses": dict, "source_heldout": dict}
+
+
+def _trainer_state_problem(state) -> Optional[str]:
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}"
+    missing = [key for key in ("step", "pruning") if key not in state]
+    if missing:
+        return f"no {missing[0]}"
+    for key, kind in _TRAINER_STATE_TYPES.items():
+        if key in state and (type(state[key]) is bool or not isinstance(state[key], kind)):
+            return f"{key} of type {type(state[key]).__name__}"
+    return None
+
+
 def read_meta(folder: str) -> tuple[str, dict]:
-    """(architecture JSON, trainer state) of a verified checkpoint."""
+    """(architecture JSON, trainer state) of a verified checkpoint; CheckpointError if the state
+    holds anything but plain values and tensors or is not shaped like a trainer state."""
     with open(os.path.join(folder, "architecture.json")) as f:
         arch_json = f.read()
-    trainer_state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=False)
-    return arch_json, trainer_state
+    path = os.path.join(folder, TRAINER_STATE)
+    state = _load(path)
+    problem = _trainer_state_problem(state)
+    if problem is not None:
+        raise CheckpointError(f"{path} holds {problem}, not a trainer state (a mapping with step, pruning, "
+                              "data, ...); the checkpoint is damaged or was not written by effllm-train")
+    return arch_json, state
+
+
+def _load(path: str):
+    try:
+        return load_plain(path)
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _load_agreed(path: str, missing: Optional[str] = None):
+    """Collective: this rank's own file ``path`` loaded on every rank (None where it is absent,
+    or the error ``missing``); the first refusal on any rank is raised on all, so that none
+    waits for the others in a collective."""
+    state, error = None, None
+    if os.path.isfile(path):
+        try:
+            state = _load(path)
+        except CheckpointError as err:
+            error = str(err)
+    else:
+        error = missing
+    error = _agree(error)
+    if error is not None:
+        raise CheckpointError(error)
+    return state
 
 
 def read_rank_state(folder: str) -> Optional[dict]:
-    """This rank's own state saved with ``save(rank_state=...)``, or None if none was saved."""
+    """This rank's own state saved with ``save(rank_state=...)``, or None if none was saved
+    (collective: every rank calls it)."""
     path = os.path.join(folder, "ranks", f"rank_{comm.global_rank():05d}.pt")
-    if not os.path.isfile(path):
-        return None
-    return torch.load(path, weights_only=False)
+    state = _load_agreed(path)
+    if state is not None and not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a rank state; the checkpoint "
+                              "is damaged or was not written by effllm-train")
+    return state
 
 
 def check_layout(engine: TrainEngine, folder: str) -> None:
@@ -382,13 +409,20 @@ def load_engine_state(engine: TrainEngine, folder: str) -> None:
     """Restore model, optimizer partitions and this rank's RNG into an engine built for the
     checkpoint's architecture (collective)."""
     check_layout(engine, folder)
-    if not engine.load(folder):
-        raise CheckpointError(f"the {engine.name} engine found no state of its own in {folder}")
     rank = comm.global_rank()
     rng_file = os.path.join(folder, "rng", f"rank_{rank:05d}.pt")
-    if not os.path.isfile(rng_file):
-        raise CheckpointError(
-            f"checkpoint {folder} has no RNG state for rank {rank}: it was written with a "
-            "different number of processes; resume with the same world size"
-        )
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    # Read before the engine's collectives: a refused file stops every rank.
+    rng = _load_agreed(rng_file, missing=(
+        f"checkpoint {folder} has no RNG state for rank {rank}: it was written with a "
+        "different number of processes; resume with the same world size"))
+    try:
+        found = engine.load(folder)
+    except UserError as err:  # a refused engine file
+        raise CheckpointError(str(err)) from None
+    if not found:
+        raise CheckpointError(f"the {engine.name} engine found no state of its own in {folder}")
+    try:
+        set_rng_state(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{rng_file} is not an RNG state ({type(err).__name__}); the checkpoint "
+                              "is damaged or was not written by effllm-train") from None

@@ -55,9 +55,9 @@ from megatron_effllm.pruning.groups import PrunePlan
 from megatron_effllm.pruning.saliency import GroupScores
 from megatron_effllm.pruning.selection import plan_from_widths
 from megatron_effllm.pruning.surgery import masks_from_plan, norm_eps, rescale_to_kept
+from megatron_effllm.safe_pickle import plain_copy
 from megatron_effllm.training.runtime.base import RuntimeBase
 from megatron_effllm.training.runtime.live_model import NORM_MODULES
-from megatron_effllm.training.runtime.state import cpu_copy
 
 log = get_logger(__name__)
 
@@ -430,10 +430,10 @@ class L0Runtime(RuntimeBase):
             "strategy": "sheared",
             **self._common_state(),
             "phase": self.phase,
-            "log_alpha": None if self.log_alpha is None else cpu_copy(self.log_alpha),
-            "lambdas": None if self.lambdas is None else cpu_copy(self.lambdas),
-            "optimizer": cpu_copy(opt),
-            "fold": cpu_copy(self._fold),
+            "log_alpha": None if self.log_alpha is None else plain_copy(self.log_alpha),
+            "lambdas": None if self.lambdas is None else plain_copy(self.lambdas),
+            "optimizer": plain_copy(opt),
+            "fold": plain_copy(self._fold),
         }
 
     def load_state_dict(self, state: dict) -> None:

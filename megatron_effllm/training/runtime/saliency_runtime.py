@@ -101,6 +101,7 @@ class SaliencyRuntime(RuntimeBase):
         block cosines (adapt), and the gradient feed of the scores."""
         model = engine.module
         self._attach(model)
+        self.stats.to_device(next(model.parameters()).device)  # loaded from a checkpoint on the CPU
         self._masks = LiveMasks(model, self.dims, engine)
         for name, module in model.named_modules():
             if (self.selector is not None and self.selector.needs_layer_importance

@@ -4,7 +4,8 @@ Hessians (and the cached H^-1 of the current compaction cycle) and Adapt-Pruner'
 Every data-parallel rank accumulates its own sums; ``consolidate`` moves them to one rank
 without changing the totals (all any decision reads), so one copy of the shared state is saved.
 Under TP / PP the Hessians differ between model-parallel ranks (each its own columns / layers)
-and are saved by every rank (``local_obs_state``).
+and are saved by every rank (``local_obs_state``). Checkpoints hold CPU copies
+(``training.checkpoint``); ``to_device`` puts them back next to the model.
 """
 from __future__ import annotations
 
@@ -12,17 +13,6 @@ import torch
 
 from megatron_effllm.parallel import comm
 from megatron_effllm.pruning import obs as obs_mod
-
-
-def cpu_copy(obj):
-    """A deep copy with every tensor on the CPU (checkpoints load on any device)."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj
 
 
 class Statistics:
@@ -73,6 +63,12 @@ class Statistics:
             # the newer Hessian would change the OBS updates that follow.
             "obs_cache": {k: (list(a), h.clone()) for k, (a, h) in self.obs_cache.items()},
         }
+
+    def to_device(self, device) -> None:
+        """Put the Hessians and cached inverses where the model's inputs are (a checkpoint
+        loads them on the CPU); the other sums stay on the CPU."""
+        self.hessians.to(device)
+        self.obs_cache = {k: (a, h.to(device)) for k, (a, h) in self.obs_cache.items()}
 
     def load_local_obs_state(self, state: dict) -> None:
         self.hessians = obs_mod.HessianAccumulator()
