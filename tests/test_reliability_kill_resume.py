@@ -9,6 +9,7 @@ runs with EFFLLM_FULL_RELIABILITY=1 (about 15 minutes), or directly as
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ if dist.get_rank() == 1:
 time.sleep(1)
 t0 = time.time()
 try:
-    with peer_failures({timeout}):
+    with peer_failures({timeout}, {logs!r}):
         dist.all_reduce(x, group=ps.get_data_parallel_group())
 except PeerFailure as err:
     print(f"after {{time.time() - t0:.1f}} s: error: {{err}}", file=sys.stderr, flush=True)
@@ -49,15 +50,17 @@ except PeerFailure as err:
     ("SIGKILL", "a peer process closed its connection: it most likely crashed or was killed"),
     ("SIGSTOP", "no answer from another rank within 5 s (parallel.comm_timeout_s): a peer hung"),
 ])
-def test_survivor_of_a_lost_peer_exits_with_one_line(sig, words):
+def test_survivor_of_a_lost_peer_exits_with_one_line(sig, words, tmp_path):
     """A dead peer fails the survivor's collective at once, a hung one after the timeout (5 s
-    here); either way the survivor ends by itself with one line saying what to do."""
+    here); either way the survivor ends by itself with one line saying what to do, naming the
+    original error and the log holding its traceback."""
+    logs = str(tmp_path / "logs")
     port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", PEER.format(root=ROOT, timeout=5, sig=sig)],
+        procs.append(subprocess.Popen([sys.executable, "-c", PEER.format(root=ROOT, timeout=5, sig=sig, logs=logs)],
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     try:
         _, stderr = procs[0].communicate(timeout=120)
@@ -71,6 +74,10 @@ def test_survivor_of_a_lost_peer_exits_with_one_line(sig, words):
     message = last.split(" s: ", 1)[1]
     assert message.startswith("error: rank 0 of 2 lost contact with the other ranks: ") and words in message
     assert "resume: auto" in message
+    log_file = os.path.join(logs, "rank_0.log")
+    assert re.search(r" \(\w*(Error|Exception)\w*: ", message) and f"full traceback in {log_file})" in message
+    with open(log_file) as f:
+        assert "Traceback (most recent call last)" in f.read()
 
 
 def test_kill_and_resume_end_identical(tmp_path):

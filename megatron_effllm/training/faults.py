@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
+import traceback
 from typing import Optional
 
 import torch
@@ -166,7 +168,11 @@ def is_comm_failure(err: BaseException) -> bool:
     return False
 
 
-def describe_comm_failure(err: BaseException, timeout_s: Optional[float] = None) -> str:
+def describe_comm_failure(err: BaseException, timeout_s: Optional[float] = None,
+                          traceback_file: Optional[str] = None) -> str:
+    """One line: who lost whom, the likely cause, the original error's type and first line
+    (an InfiniBand, interface or NCCL out-of-memory error must stay recognisable), where its
+    full traceback is, and how to continue."""
     msg = str(err).lower()
     who = "this rank"
     if comm.is_distributed():
@@ -178,19 +184,38 @@ def describe_comm_failure(err: BaseException, timeout_s: Optional[float] = None)
     else:
         cause = ("a peer process closed its connection: it most likely crashed or was killed "
                  "(out of memory, a node failure or a signal)")
-    return (f"{who} lost contact with the other ranks: {cause}; see the other ranks' logs for the "
-            "first error, then restart the job with resume: auto to continue from the last complete "
-            "checkpoint")
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    original = f"{type(err).__name__}: {first[:200]}" + (f", full traceback in {traceback_file}"
+                                                         if traceback_file else "")
+    return (f"{who} lost contact with the other ranks: {cause} ({original}); see the other ranks' logs "
+            "for the first error, then restart the job with resume: auto to continue from the last "
+            "complete checkpoint")
+
+
+def _write_traceback(log_dir: Optional[str]) -> Optional[str]:
+    """The current exception's full traceback appended to ``log_dir/rank_N.log``; its path, or
+    None when it cannot be written (the one-line message must not fail for it)."""
+    if not log_dir:
+        return None
+    path = os.path.join(log_dir, f"rank_{comm.global_rank()}.log")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} lost peer\n{traceback.format_exc()}\n")
+    except OSError:
+        return None
+    return path
 
 
 @contextlib.contextmanager
-def peer_failures(timeout_s: Optional[float] = None):
-    """Turn a collective that failed because of another rank into a one-line PeerFailure."""
+def peer_failures(timeout_s: Optional[float] = None, log_dir: Optional[str] = None):
+    """Turn a collective that failed because of another rank into a one-line PeerFailure; the
+    original traceback goes to ``log_dir/rank_N.log`` (the run's ``logs/``)."""
     try:
         yield
     except (UserError, PeerFailure, Rollback):
         raise
     except Exception as err:
         if is_comm_failure(err):
-            raise PeerFailure(describe_comm_failure(err, timeout_s)) from None
+            raise PeerFailure(describe_comm_failure(err, timeout_s, _write_traceback(log_dir))) from None
         raise

@@ -414,7 +414,7 @@ class Trainer:
 def run(cfg: RunConfig) -> dict:
     """Train; a lost peer becomes a one-line PeerFailure, a rollback restarts the loop."""
     setup_logging()
-    with faults.peer_failures(comm_timeout_s(cfg.parallel.comm_timeout_s)):
+    with faults.peer_failures(comm_timeout_s(cfg.parallel.comm_timeout_s), os.path.join(cfg.run_dir, "logs")):
         trainer = Trainer(cfg)
         try:
             while True:
