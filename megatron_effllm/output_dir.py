@@ -129,6 +129,8 @@ def _os_error(err: BaseException) -> tuple[int | None, str | None]:
         match = re.search(r"\[Errno (\d+)\]|os error (\d+)\)|Os \{ code: (\d+)", text)
         if match:
             return int(next(g for g in match.groups() if g)), None
+        if "No space left on device" in text:  # a writer that kept the words but not the errno
+            return errno.ENOSPC, None
         failed = failed or any(m in text for m in _TORCH_WRITE_FAILURE)
         todo += [e.__cause__, e.__context__]
         failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
