@@ -2,6 +2,7 @@
 when a tool wrote them and only once the new one is complete, one line when the disk fails."""
 import errno
 import os
+from pathlib import Path
 
 import pytest
 from torch.distributed.checkpoint.api import CheckpointException
@@ -11,7 +12,7 @@ from megatron_effllm.errors import UserError
 
 
 def _tree(folder) -> dict:
-    return {os.path.relpath(os.path.join(r, f), folder): open(os.path.join(r, f), "rb").read()
+    return {os.path.relpath(os.path.join(r, f), folder): Path(r, f).read_bytes()
             for r, _, fs in os.walk(folder) for f in fs}
 
 
@@ -63,9 +64,9 @@ def test_overwrite_replaces_only_marked_folders(tmp_path, models):
     # a folder no tool wrote: refused up front and again at the rename
     with pytest.raises(UserError, match="was not written by megatron_effllm"):
         output_dir.check_output(str(models / "other"), overwrite=True)
-    with pytest.raises(UserError, match="was not written by megatron_effllm"):
-        with output_dir.write_folder(str(models / "other"), kind="test", overwrite=True) as stage:
-            _write_model(stage)
+    with (pytest.raises(UserError, match="was not written by megatron_effllm"),
+          output_dir.write_folder(str(models / "other"), kind="test", overwrite=True) as stage):
+        _write_model(stage)
     assert (models / "other" / "config.json").read_text() == "{}"
     assert sorted(os.listdir(models)) == ["model", "notes.txt", "other"]
 
@@ -75,18 +76,17 @@ def test_failed_write_keeps_the_previous_output(tmp_path):
     with output_dir.write_folder(str(out), kind="test") as stage:
         _write_model(stage, "first")
     before = _tree(out)
-    with pytest.raises(UserError) as err:
-        with output_dir.write_folder(str(out), kind="test", overwrite=True) as stage:
-            _write_model(stage, "half")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(stage, "weights.bin"))
+    with pytest.raises(UserError) as err, output_dir.write_folder(str(out), kind="test", overwrite=True) as stage:
+        _write_model(stage, "half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(stage, "weights.bin"))
     msg = str(err.value)
     assert "\n" not in msg and f"({os.strerror(errno.ENOSPC)}, " in msg and "MiB free" in msg
     assert msg.endswith(f"the previous {out} is unchanged")
     assert _tree(out) == before and os.listdir(tmp_path) == ["pruned"]
-    with pytest.raises(KeyboardInterrupt):  # an interrupt passes as it is, and cleans up too
-        with output_dir.write_folder(str(tmp_path / "new"), kind="test") as stage:
-            _write_model(stage)
-            raise KeyboardInterrupt
+    # an interrupt passes as it is, and cleans up too
+    with pytest.raises(KeyboardInterrupt), output_dir.write_folder(str(tmp_path / "new"), kind="test") as stage:
+        _write_model(stage)
+        raise KeyboardInterrupt
     assert os.listdir(tmp_path) == ["pruned"]
 
 
@@ -104,32 +104,29 @@ def test_failed_write_keeps_the_previous_output(tmp_path):
 ])
 def test_disk_failures_become_one_line(tmp_path, err, reason):
     out = str(tmp_path / "out.gguf")
-    with pytest.raises(UserError) as raised:
-        with output_dir.disk_errors(out):
-            raise err
+    with pytest.raises(UserError) as raised, output_dir.disk_errors(out):
+        raise err
     msg = str(raised.value)
     assert "\n" not in msg and msg.startswith(f"could not write {out} ({reason}")
     assert msg.endswith(f"nothing was left at {out}")
 
 
 def test_other_failures_pass_unchanged(tmp_path):
-    with pytest.raises(ValueError):
-        with output_dir.disk_errors(str(tmp_path / "out")):
-            raise ValueError("a bug, not the disk")
+    with pytest.raises(ValueError), output_dir.disk_errors(str(tmp_path / "out")):
+        raise ValueError("a bug, not the disk")
     # an input that vanished is not a failed write of the output
-    with pytest.raises(FileNotFoundError):
-        with output_dir.disk_errors(str(tmp_path / "out")):
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/elsewhere/tokenizer.json")
+    with pytest.raises(FileNotFoundError), output_dir.disk_errors(str(tmp_path / "out")):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/elsewhere/tokenizer.json")
 
 
 def test_file_outputs(tmp_path):
     ours = tmp_path / "model.gguf"
     with output_dir.write_file(str(ours), owned=lambda p: True) as stage:
-        open(stage, "w").write("first")
+        Path(stage).write_text("first")
     with pytest.raises(UserError, match="already exists; choose a new file or pass --overwrite"):
         output_dir.check_output(str(ours), file_owned=lambda p: True)
     with output_dir.write_file(str(ours), owned=lambda p: True, overwrite=True) as stage:
-        open(stage, "w").write("second")
+        Path(stage).write_text("second")
     assert ours.read_text() == "second" and os.listdir(tmp_path) == ["model.gguf"]
     notes = tmp_path / "notes.txt"
     notes.write_text("keep")

@@ -407,6 +407,12 @@ def _list_config_hf(ctx, name) -> str:
     return str(out)
 
 
+def _meta_named_input(ctx, name) -> str:
+    """Text whose file name is what preprocessing writes next to PREFIX.bin (PREFIX.meta.json)."""
+    (ctx["tmp"] / name).mkdir()
+    return str(shutil.copyfile(ctx["assets"]["data"] / "web.jsonl", ctx["tmp"] / name / "web.meta.json"))
+
+
 def _full_disk_save_file(tensors, filename, metadata=None):
     """safetensors.torch.save_file on a disk that fills up: part of the file, then the error that
     safetensors raises for ENOSPC."""
@@ -560,6 +566,14 @@ CLI_CASES = [
     ("GGUF export --overwrite of a file no tool wrote",
      _cli("export_gguf", "--hf", lambda c, n: c["assets"]["hf"], "--out", _notes_file, "--overwrite"),
      "notes.txt was not written by megatron_effllm"),
+    ("evaluation: --out is the model",
+     _cli("evaluate", "--model", lambda c, n: str(shutil.copytree(c["assets"]["hf"], c["tmp"] / n)), "--ppl", "builtin",
+          "--out", lambda c, n: str(c["tmp"] / n)),
+     "is the input"),
+    ("preprocess: an output file is an input",
+     _cli("preprocess", "--input", _meta_named_input, "--tokenizer", lambda c, n: c["assets"]["tok"],
+          "--out-prefix", lambda c, n: str(c["tmp"] / n / "web")),
+     "web.meta.json is the input"),
 ]
 ENV = {"bad communication timeout in the environment": {"EFFLLM_COMM_TIMEOUT_S": "soon"}}
 # (module, attribute, replacement) patched in the tools' process for one case: a disk that fills up
