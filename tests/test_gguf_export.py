@@ -250,8 +250,15 @@ def test_bad_requests(tmp_path, tokenizer_dir):
     with pytest.raises(UserError, match="needs a tokenizer"):
         gguf_export.write_gguf(arch, sd, str(tmp_path / "a.gguf"))
     (tmp_path / "a.gguf").write_bytes(b"x")
-    with pytest.raises(UserError, match="already exists.*--overwrite"):
+    with pytest.raises(UserError, match="already exists; choose a new file or remove it"):
         gguf_export.write_gguf(arch, sd, str(tmp_path / "a.gguf"), tokenizer_dir=tokenizer_dir)
+    with pytest.raises(UserError, match="was not written by megatron_effllm"):  # not a GGUF exported here
+        gguf_export.write_gguf(arch, sd, str(tmp_path / "a.gguf"), tokenizer_dir=tokenizer_dir, overwrite=True)
+    assert (tmp_path / "a.gguf").read_bytes() == b"x"
+    gguf_export.write_gguf(arch, sd, str(tmp_path / "b.gguf"), tokenizer_dir=tokenizer_dir)
+    with pytest.raises(UserError, match="already exists; choose a new file or pass --overwrite"):
+        gguf_export.write_gguf(arch, sd, str(tmp_path / "b.gguf"), tokenizer_dir=tokenizer_dir)
+    gguf_export.write_gguf(arch, sd, str(tmp_path / "b.gguf"), tokenizer_dir=tokenizer_dir, overwrite=True)
     qwen = Architecture(family="qwen2", hidden_size=64, head_dim=16, vocab_size=VOCAB, qkv_bias=True,
                         layers=[LayerShape(4, 2, 96, 0), LayerShape(2, 2, 96, 1)], num_source_layers=2)
     with pytest.raises(UserError, match="Qwen2 model with per-layer widths"):
@@ -262,7 +269,7 @@ def test_bad_requests(tmp_path, tokenizer_dir):
     small = uniform().replace(vocab_size=100)
     with pytest.raises(UserError, match="tokenizer has 298 tokens but the model only 100"):
         gguf_export.write_gguf(small, random_state_dict(small), str(tmp_path / "s.gguf"), tokenizer_dir=tokenizer_dir)
-    assert sorted(os.listdir(tmp_path)) == ["a.gguf"]  # nothing half-written left behind
+    assert sorted(os.listdir(tmp_path)) == ["a.gguf", "b.gguf"]  # nothing half-written left behind
 
 
 def test_cli(tmp_path, tokenizer_dir, capsys):

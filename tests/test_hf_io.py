@@ -1,4 +1,5 @@
 """Hugging Face folders and GGUF files <-> Architecture + canonical state dict."""
+import errno
 import json
 import os
 import time
@@ -149,7 +150,7 @@ def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
     sd = random_state_dict(arch)
     out = tmp_path / "m"
     hf_io.save_hf_model(arch, sd, str(out), dtype=torch.float32)
-    with pytest.raises(UserError, match="exists and is not empty.*overwrite"):
+    with pytest.raises(UserError, match="already exists; choose a new folder or pass --overwrite"):
         hf_io.save_hf_model(arch, sd, str(out))
     sd2 = random_state_dict(arch, seed=5)
     hf_io.save_hf_model(arch, sd2, str(out), dtype=torch.float32, overwrite=True)
@@ -158,12 +159,16 @@ def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
     import safetensors.torch
 
     def disk_full(*args, **kwargs):
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(UserError, match=f"could not write .*new \\({os.strerror(errno.ENOSPC)}.*nothing was left"):
         hf_io.save_hf_model(arch, sd, str(tmp_path / "new"))
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no partial folder left behind
+    with pytest.raises(UserError, match="the previous .*m is unchanged"):
+        hf_io.save_hf_model(arch, sd, str(out), overwrite=True)
+    assert_same_tensors(hf_io.load_hf_model(str(out)).state_dict, check_state_dict(arch, sd2, "t"))
+    assert sorted(os.listdir(tmp_path)) == ["m"]
 
     bad = dict(sd)
     bad["model.layers.1.mlp.up_proj.weight"] = torch.zeros(47, 32)

@@ -9,6 +9,7 @@ training job's run-time checks (targets, tokenizer against model, source models,
 and the other tools. Each case hashes the files it could touch before and after. The README's
 troubleshooting section lists the same cases.
 """
+import errno
 import gzip
 import hashlib
 import json
@@ -163,6 +164,20 @@ def _gz(lines) -> bytes:
     return gzip.compress("".join(lines).encode())
 
 
+def _truncated_prefix(d) -> str:
+    """An indexed dataset (megatron-core .bin/.idx) whose .bin a copy cut short."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(d / "web")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
+    for i in range(20):
+        builder.add_document(numpy.arange(i, i + 40, dtype=numpy.uint16), [40])
+    builder.finalize(prefix + ".idx")
+    os.truncate(prefix + ".bin", 300)
+    return prefix
+
+
 DATA_CASES = [
     ("empty file", lambda d: {"web": [_write(d / "empty.jsonl", b"")]}, "holds no documents"),
     ("not UTF-8", lambda d: {"web": [_write(d / "latin1.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"))]},
@@ -181,6 +196,8 @@ DATA_CASES = [
      "has an unknown extension; use .jsonl"),
     ("missing file", lambda d: {"web": [str(d / "nowhere.jsonl")]}, "nowhere.jsonl not found; check the path"),
     ("domain without files", lambda d: {"web": []}, "data.train.web: no files given"),
+    ("truncated pre-tokenized .bin", lambda d: {"web": [_truncated_prefix(d)]},
+     "web.bin is truncated: 300 bytes, but"),
 ]
 
 
@@ -381,6 +398,77 @@ def _trainer_state_list(step):
 
     torch.save([1, 2, 3], os.path.join(step, "trainer_state.pt"))
     ckpt.write_manifest(step)
+def _models_folder(ctx, name) -> str:
+    """A folder of models as a user keeps it: the model to prune, a sibling model and notes."""
+    top = ctx["tmp"] / name / "models"
+    shutil.copytree(ctx["assets"]["hf"], top / "model")
+    shutil.copytree(ctx["assets"]["hf"], top / "other_model")
+    (top / "notes.txt").write_text("which model is which\n")
+    return str(top)
+
+
+def _project_output(ctx, name) -> str:
+    """A folder an earlier run of a tool wrote (it holds the output marker)."""
+    from megatron_effllm.output_dir import MARKER
+
+    out = ctx["tmp"] / name / "previous"
+    shutil.copytree(ctx["assets"]["hf"], out)
+    (out / MARKER).write_text('{"format": "megatron_effllm.output/1", "kind": "hf_model"}')
+    return str(out)
+
+
+def _folder_with_notes(ctx, name) -> str:
+    out = ctx["tmp"] / name / "folder"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me\n")
+    return str(out)
+
+
+def _notes_file(ctx, name) -> str:
+    return os.path.join(_folder_with_notes(ctx, name), "notes.txt")
+
+
+def _link_to_model(ctx, name) -> str:
+    link = ctx["tmp"] / name / "link"
+    os.symlink(ctx["tmp"] / name / "models" / "model", link)
+    return str(link)
+
+
+def _list_config_hf(ctx, name) -> str:
+    out = ctx["tmp"] / name
+    shutil.copytree(ctx["assets"]["hf"], out)
+    (out / "config.json").write_text(json.dumps([{"model_type": "llama"}]))
+    return str(out)
+
+
+def _meta_named_input(ctx, name) -> str:
+    """Text whose file name is what preprocessing writes next to PREFIX.bin (PREFIX.meta.json)."""
+    (ctx["tmp"] / name).mkdir()
+    return str(shutil.copyfile(ctx["assets"]["data"] / "web.jsonl", ctx["tmp"] / name / "web.meta.json"))
+
+
+def _full_disk_save_file(tensors, filename, metadata=None):
+    """safetensors.torch.save_file on a disk that fills up: part of the file, then the error that
+    safetensors raises for ENOSPC."""
+    from safetensors import SafetensorError
+
+    with open(filename, "wb") as f:
+        f.write(b"\0" * 1024)
+    raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(errno.ENOSPC)} "
+                          f"(os error {errno.ENOSPC})")
+
+
+def _prune(*args):
+    """effllm-prune-oneshot of the models folder's model, calibrated on a little clean text; the
+    whole models folder (sibling model, notes) is watched."""
+    cli = _cli("prune_oneshot", "--model", lambda c, n: _models_folder(c, n) + "/model",
+               "--calib", lambda c, n: str(c["assets"]["data"] / "web.jsonl"), "--calib-tokens", "256",
+               "--seq-len", "32", "--target-params", "0.6", *args)
+
+    def setup(ctx, name):
+        argv, watched = cli(ctx, name)
+        return argv, [*watched, str(ctx["tmp"] / name / "models")]
+    return setup
 
 
 CLI_CASES = [
@@ -487,8 +575,62 @@ CLI_CASES = [
      lambda ctx, name: _train_case(_trainer_state_list,
                                    resume=str(ctx["tmp"] / name / "checkpoints" / "step_000002"))(ctx, name),
      "trainer_state.pt holds a list, not a trainer state"),
+    # --- outputs: never an input, replaced only when a tool wrote them, one line when the disk fails
+    ("one-shot pruning: --out contains the model (--overwrite)",
+     _prune("--out", lambda c, n: str(c["tmp"] / n / "models"), "--overwrite"),
+     "/models contains the input"),
+    ("one-shot pruning: --out is the model (--overwrite)",
+     _prune("--out", lambda c, n: str(c["tmp"] / n / "models" / "model"), "--overwrite"),
+     "/models/model is the input"),
+    ("one-shot pruning: --out inside the model",
+     _prune("--out", lambda c, n: str(c["tmp"] / n / "models" / "model" / "pruned")),
+     "/models/model/pruned lies inside the input"),
+    ("one-shot pruning: --out links to the model",
+     _prune("--out", _link_to_model, "--overwrite"),
+     "/link is the input"),
+    ("one-shot pruning: --overwrite a folder no tool wrote",
+     _prune("--out", lambda c, n: str(c["tmp"] / n / "models" / "other_model"), "--overwrite"),
+     "was not written by megatron_effllm (holds no .effllm_output.json); --overwrite replaces only"),
+    ("one-shot pruning: non-finite target", _prune("--target-params", "nan", "--out", lambda c, n: str(c["tmp"] / n / "o")),
+     "--target-params must be a finite positive number, got nan"),
+    ("one-shot pruning: infinite target", _prune("--target-params", "inf", "--out", lambda c, n: str(c["tmp"] / n / "o")),
+     "--target-params must be a finite positive number, got inf"),
+    ("one-shot pruning: zero sequence length", _prune("--seq-len", "0", "--out", lambda c, n: str(c["tmp"] / n / "o")),
+     "--seq-len must be at least 2 (got 0)"),
+    ("one-shot pruning: full disk while saving", _prune("--out", _project_output, "--overwrite"),
+     f"({os.strerror(errno.ENOSPC)}"),
+    ("conversion: full disk while saving",
+     _cli("convert_hf", "--ckpt", lambda c, n: c["megatron"], "--out", lambda c, n: str(c["tmp"] / n / "hf")),
+     f"({os.strerror(errno.ENOSPC)}"),
+    ("conversion: --out inside the model",
+     _cli("convert_megatron", "--hf", lambda c, n: str(shutil.copytree(c["assets"]["hf"], c["tmp"] / n)),
+          "--out", lambda c, n: str(c["tmp"] / n / "ckpt")),
+     "/ckpt lies inside the input"),
+    ("model config.json that is a JSON list",
+     _cli("convert_megatron", "--hf", _list_config_hf, "--out", lambda c, n: str(c["tmp"] / (n + "_out"))),
+     "config.json holds a JSON list, not an object of model settings"),
+    ("GGUF export onto a read-only file system",
+     _cli("export_gguf", "--hf", lambda c, n: c["assets"]["hf"], "--out", lambda c, n: f"/sys/kernel/{n}/m.gguf"),
+     "choose a writable location"),
+    ("GGUF export --overwrite onto an existing folder",
+     _cli("export_gguf", "--hf", lambda c, n: c["assets"]["hf"], "--out", _folder_with_notes, "--overwrite"),
+     "/folder is a folder; give the path of the file to write"),
+    ("GGUF export --overwrite of a file no tool wrote",
+     _cli("export_gguf", "--hf", lambda c, n: c["assets"]["hf"], "--out", _notes_file, "--overwrite"),
+     "notes.txt was not written by megatron_effllm"),
+    ("evaluation: --out is the model",
+     _cli("evaluate", "--model", lambda c, n: str(shutil.copytree(c["assets"]["hf"], c["tmp"] / n)), "--ppl", "builtin",
+          "--out", lambda c, n: str(c["tmp"] / n)),
+     "is the input"),
+    ("preprocess: an output file is an input",
+     _cli("preprocess", "--input", _meta_named_input, "--tokenizer", lambda c, n: c["assets"]["tok"],
+          "--out-prefix", lambda c, n: str(c["tmp"] / n / "web")),
+     "web.meta.json is the input"),
 ]
 ENV = {"bad communication timeout in the environment": {"EFFLLM_COMM_TIMEOUT_S": "soon"}}
+# (module, attribute, replacement) patched in the tools' process for one case: a disk that fills up
+FAULTS = {"one-shot pruning: full disk while saving": ("safetensors.torch", "save_file", _full_disk_save_file),
+          "conversion: full disk while saving": ("safetensors.torch", "save_file", _full_disk_save_file)}
 
 
 def _clean_env(extra: dict) -> dict:
@@ -527,6 +669,7 @@ def _run_in_process(rank, world_size, jobs):
     """Each tool's main(argv) as its command line runs it, in one process (imports paid once):
     {name: (exit code, what it wrote to stderr)}."""
     import contextlib
+    import importlib
     import io
     import traceback
 
@@ -534,6 +677,11 @@ def _run_in_process(rank, world_size, jobs):
     for name, argv, env in jobs:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
+        fault = FAULTS.get(name)
+        if fault:
+            module = importlib.import_module(fault[0])
+            real = getattr(module, fault[1])
+            setattr(module, fault[1], fault[2])
         err = io.StringIO()
         code = 0
         try:
@@ -545,6 +693,8 @@ def _run_in_process(rank, world_size, jobs):
             err.write(traceback.format_exc())
             code = 1
         finally:
+            if fault:
+                setattr(module, fault[1], real)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

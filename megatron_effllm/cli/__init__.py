@@ -14,7 +14,6 @@ runs the same); a bad input ends with one ``error:`` line and exit code 2 (``err
 Results a user reads or pipes (tables, summaries) are printed to stdout; progress and status go
 through the package logger (``log.setup_logging``).
 """
-import os
 import warnings
 
 # megatron-core warns at import about optional fused kernels (TransformerEngine, Apex) that the
@@ -25,18 +24,8 @@ warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron_effllm.errors import UserError  # noqa: E402
-
 # --dtype choices of the converters
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def new_folder(path: str) -> str:
-    """The absolute path of an --out folder the command is to create; refused when it exists."""
-    out = os.path.abspath(path)
-    if os.path.exists(out):
-        raise UserError(f"--out {out} already exists; choose a new folder or remove it")
-    return out
 
 
 def shutdown_process_group() -> None:

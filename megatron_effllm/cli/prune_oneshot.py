@@ -13,12 +13,13 @@ optionally OBS-compensated, sliced, and written as a folder that transformers lo
 and checked against the in-memory pruned model.
 """
 import argparse
-import os
+import math
 import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from megatron_effllm import output_dir
 from megatron_effllm.assets import corpus_files
 from megatron_effllm.convert import hf_io
 from megatron_effllm.errors import UserError, cli_entry
@@ -31,20 +32,40 @@ from megatron_effllm.pruning.selection import Constraints
 logger = get_logger(__name__)
 
 
-def parse_count(text: str, total: int) -> int:
-    """'0.5' (fraction of the source), '67M', '1.2B', '67000000' -> a parameter count."""
+def parse_target(text: str) -> float:
+    """'0.5' (fraction of the source), '67M', '1.2B', '67000000' -> a finite positive number."""
     t = text.strip().upper().replace("_", "").replace(",", "")
     scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(t[-1:], None)
     try:
         value = float(t[:-1]) * scale if scale else float(t)
     except ValueError:
         raise UserError(f"--target-params {text!r} is not a number; use e.g. 0.5, 67M or 67000000") from None
-    if value <= 0:
-        raise UserError(f"--target-params must be positive, got {text}")
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"--target-params must be a finite positive number, got {text}; use e.g. 0.5 or 67M")
+    return value
+
+
+def parse_count(text: str, total: int) -> int:
+    """--target-params as a parameter count of a model with ``total`` parameters."""
+    value = parse_target(text)
     n = int(round(value * total)) if value <= 1.0 else int(value)
     if n >= total:
         raise UserError(f"--target-params {text} ({n:,}) is not below the model's {total:,} parameters")
     return n
+
+
+def check_args(args) -> None:
+    """Every numeric argument in range, before the model loads."""
+    parse_target(args.target_params)
+    for flag, value, least in (("--seq-len", args.seq_len, 2), ("--calib-tokens", args.calib_tokens, 1),
+                               ("--batch-size", args.batch_size, 1), ("--eval-windows", args.eval_windows, 1),
+                               ("--tp", args.tp, 1), ("--min-heads", args.min_heads, 1),
+                               ("--min-ffn", args.min_ffn, 1), ("--ffn-multiple", args.ffn_multiple, 1),
+                               ("--hidden-multiple", args.hidden_multiple, 1), ("--threads", args.threads, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least} (got {value})")
+    if not (math.isfinite(args.obs_damp) and args.obs_damp >= 0):
+        raise UserError(f"--obs-damp must be a finite number >= 0 (got {args.obs_damp})")
 
 
 def parse_args(argv=None):
@@ -82,7 +103,9 @@ def parse_args(argv=None):
                     help="held-out perplexity per domain (shipped corpus sample) before and after, fp32")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out if an earlier run of a megatron_effllm tool wrote it "
+                         "(the new folder is complete before the old one is removed)")
     return ap.parse_args(argv)
 
 
@@ -90,10 +113,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     setup_logging()
+    check_args(args)
+    output_dir.check_output(args.out, inputs=[args.model, *(args.calib or [])], overwrite=args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise UserError(f"{args.out} exists and is not empty; choose a new folder or pass --overwrite")
     t0 = time.time()
     src = hf_io.load_hf_model(args.model)
     arch, sd = src.arch, src.state_dict

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -35,12 +34,15 @@ import numpy as np
 import torch
 from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
+from megatron_effllm import output_dir
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.convert.hf_io import load_hf_model, open_gguf
 from megatron_effllm.errors import UserError
 from megatron_effllm.layout import check_state_dict
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
+# Metadata key that marks a GGUF written here: --overwrite replaces no other file.
+EXPORT_KEY = "megatron_effllm.output"
 
 
 def gguf_arch_name(arch: Architecture) -> str:
@@ -104,7 +106,7 @@ def write_gguf(
 
     The tokenizer is copied from ``tokenizer_gguf`` when given, else built from ``tokenizer_dir``
     (a Hugging Face tokenizer folder); one of them is required. Written to a temporary sibling and
-    renamed when complete.
+    renamed when complete; ``overwrite`` replaces only a GGUF this project exported.
     """
     if dtype not in GGUF_DTYPES:
         raise UserError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
@@ -113,50 +115,50 @@ def write_gguf(
             "a GGUF needs a tokenizer and none was given; pass a Hugging Face tokenizer folder "
             "or a GGUF to copy the tokenizer from (--tokenizer-gguf)"
         )
-    out_file = os.path.abspath(out_file)
-    if os.path.exists(out_file) and not overwrite:
-        raise UserError(f"{out_file} already exists; choose another path or pass --overwrite")
     sd = check_state_dict(arch, state_dict, "state dict to export")
     arch_name = gguf_arch_name(arch)
     model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "deci": gguf.MODEL_ARCH.DECI}[
         arch_name
     ]
-
-    os.makedirs(os.path.dirname(out_file), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(out_file), f".{os.path.basename(out_file)}.partial-{uuid.uuid4().hex[:8]}")
-    writer = gguf.GGUFWriter(tmp, arch_name)
-    try:
-        _add_model_metadata(writer, arch, dtype, name or os.path.splitext(os.path.basename(out_file))[0])
-        if tokenizer_gguf is not None:
-            _copy_tokenizer(writer, tokenizer_gguf, arch.vocab_size)
-        else:
-            _add_hf_tokenizer(writer, tokenizer_dir, arch.vocab_size)
-        names = gguf.get_tensor_name_map(model_arch, arch.num_layers)
-        rope_permute = arch_name in ("llama", "deci")
-        if arch.rope_scaling and arch.rope_scaling.get("rope_type") == "llama3":
-            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(arch))
-        for key, tensor in sd.items():
-            tensor = tensor.detach().to("cpu", torch.float32)
-            if rope_permute and (".self_attn.q_proj." in key or ".self_attn.k_proj." in key):
-                layer = arch.layers[int(key.split(".")[2])]
-                heads = layer.num_heads if ".q_proj." in key else layer.num_kv_groups
-                tensor = rope_pairs_permute(tensor, heads)
-            gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:  # check_state_dict admits only canonical names
-                raise RuntimeError(f"no GGUF name for {key}")
-            data, raw_dtype = _encode(tensor.numpy(), dtype)
-            writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out_file)
-    except BaseException:
-        writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with output_dir.write_file(out_file, owned=is_exported_gguf, overwrite=overwrite) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch_name)
+        try:
+            _add_model_metadata(writer, arch, dtype, name or os.path.splitext(os.path.basename(out_file))[0])
+            writer.add_string(EXPORT_KEY, output_dir.MARKER_FORMAT)
+            if tokenizer_gguf is not None:
+                _copy_tokenizer(writer, tokenizer_gguf, arch.vocab_size)
+            else:
+                _add_hf_tokenizer(writer, tokenizer_dir, arch.vocab_size)
+            names = gguf.get_tensor_name_map(model_arch, arch.num_layers)
+            rope_permute = arch_name in ("llama", "deci")
+            if arch.rope_scaling and arch.rope_scaling.get("rope_type") == "llama3":
+                writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                                  llama3_rope_factors(arch))
+            for key, tensor in sd.items():
+                tensor = tensor.detach().to("cpu", torch.float32)
+                if rope_permute and (".self_attn.q_proj." in key or ".self_attn.k_proj." in key):
+                    layer = arch.layers[int(key.split(".")[2])]
+                    heads = layer.num_heads if ".q_proj." in key else layer.num_kv_groups
+                    tensor = rope_pairs_permute(tensor, heads)
+                gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                if gguf_name is None:  # check_state_dict admits only canonical names
+                    raise RuntimeError(f"no GGUF name for {key}")
+                data, raw_dtype = _encode(tensor.numpy(), dtype)
+                writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return arch_name
+
+
+def is_exported_gguf(path: str) -> bool:
+    """Whether ``path`` is a GGUF this project exported (it carries ``EXPORT_KEY``)."""
+    try:
+        return EXPORT_KEY in gguf.GGUFReader(path).fields
+    except Exception:  # not a GGUF at all, or a damaged one: not ours to replace
+        return False
 
 
 def export_gguf(

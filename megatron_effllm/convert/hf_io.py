@@ -30,6 +30,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.initialization import no_init_weights
 
+from megatron_effllm import output_dir
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.cache import cache_dir
 from megatron_effllm.convert.hf_remote.configuration_effllm import CONFIG_CLASSES
@@ -229,6 +230,9 @@ def _arch_from_config_file(config_path: str) -> Architecture:
             cfg = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{config_path} is not readable JSON ({err}); repair or re-export the model") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{config_path} holds a JSON {type(cfg).__name__}, not an object of model settings; "
+                        "repair or re-export the model")
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method", "unknown")
         raise UserError(
@@ -397,19 +401,12 @@ def save_hf_model(
     """Write a folder that ``AutoModelForCausalLM.from_pretrained`` loads (with
     ``trust_remote_code=True`` when ``needs_remote_code(arch)``).
 
-    Written into a sibling temporary folder and renamed when complete: on failure nothing
-    appears at ``out_dir``.
+    Written into a sibling temporary folder and renamed when complete (``output_dir.write_folder``):
+    on failure nothing appears at ``out_dir``; ``overwrite`` replaces an existing folder only when
+    this project wrote it, and only once the new one is complete.
     """
     arch.validate()
     sd = check_state_dict(arch, state_dict, "state dict to save")
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise UserError(f"{out_dir} exists and is a file; choose a folder path for the model")
-        if os.listdir(out_dir) and not overwrite:
-            raise UserError(
-                f"{out_dir} exists and is not empty; choose a new folder or pass overwrite=True (--overwrite)"
-            )
     if tokenizer_dir is not None:
         tokenizer_files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, f))]
         if not tokenizer_files:
@@ -417,11 +414,8 @@ def save_hf_model(
                 f"{tokenizer_dir} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...); "
                 "pass the folder of the source model's tokenizer"
             )
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
+    with output_dir.write_folder(out_dir, kind="hf_model", overwrite=overwrite) as tmp:
+        os.makedirs(tmp)
         config = hf_config(arch, dtype=dtype)
         config.save_pretrained(tmp)
         source_generation = os.path.join(tokenizer_dir or "", "generation_config.json")
@@ -456,17 +450,3 @@ def save_hf_model(
         if tokenizer_dir is not None:
             for name in tokenizer_files:
                 shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _move_into_place(tmp: str, out_dir: str) -> None:
-    if not os.path.exists(out_dir):
-        os.rename(tmp, out_dir)
-        return
-    old = f"{tmp}.old"
-    os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)

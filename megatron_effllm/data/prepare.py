@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from typing import Mapping, Optional
 
 from megatron_effllm.assets import corpus_files
@@ -30,6 +31,34 @@ def _read_manifest(path: str) -> dict:
 
 def _is_prefix(entry: str) -> bool:
     return os.path.isfile(entry + ".bin") and os.path.isfile(entry + ".idx")
+
+
+def check_indexed(prefix: str) -> None:
+    """Refuse an indexed dataset whose .idx does not read or whose .bin is shorter than the
+    index says (a copy cut short): megatron-core would fail mid-training on the missing tokens."""
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    try:
+        index = _IndexReader(prefix + ".idx", False)
+        need = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+                if len(index.sequence_lengths) else 0)
+        del index
+    except (AssertionError, ValueError, OSError, KeyError, struct.error) as err:
+        raise UserError(f"{prefix}.idx is not a readable megatron index ({type(err).__name__}); copy it again "
+                        "or rebuild the data with effllm-preprocess") from None
+    size = os.path.getsize(prefix + ".bin")
+    if size < need:
+        raise UserError(f"{prefix}.bin is truncated: {size:,} bytes, but {prefix}.idx describes {need:,}; "
+                        "copy it again or rebuild the data with effllm-preprocess")
+
+
+def _is_whole(prefix: str) -> bool:
+    """Whether a cached tokenization is intact (a damaged one is tokenized again)."""
+    try:
+        check_indexed(prefix)
+    except UserError:
+        return False
+    return True
 
 
 def _normalize_spec(spec, split: str) -> dict:
@@ -81,13 +110,15 @@ def _resolve_domain(domain: str, entries: list, tokenizer: _TokenizerOnce, out_p
                     progress: bool) -> str:
     prefixes = [e for e in entries if _is_prefix(e)]
     if prefixes and len(prefixes) == len(entries):
+        for p in prefixes:
+            check_indexed(p)
         return prefixes[0] if len(prefixes) == 1 else _merge_prefixes(prefixes, out_prefix)
     if prefixes:
         raise UserError(f"domain {domain} mixes indexed prefixes and raw files; give one kind")
     meta = read_meta(out_prefix) if _is_prefix(out_prefix) else None
     if meta is not None and meta.get("inputs") == inputs_fingerprint(entries):
         made_by = meta["tokenizer"]
-        if (made_by.get("path"), made_by.get("eos_token")) == tokenizer.source():
+        if (made_by.get("path"), made_by.get("eos_token")) == tokenizer.source() and _is_whole(out_prefix):
             return out_prefix  # already tokenized from the same files by the same tokenizer
     preprocess(entries, tokenizer.get(), out_prefix, progress=progress)
     return out_prefix

@@ -29,6 +29,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy
 
+from megatron_effllm import output_dir
 from megatron_effllm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_effllm.errors import UserError
 
@@ -354,6 +355,8 @@ def preprocess(inputs: Sequence[str], tokenizer: Union[str, Tokenizer], out_pref
     if out_prefix.endswith((".bin", ".idx")):
         out_prefix = out_prefix[:-4]
     expand_inputs(inputs)  # fail on bad paths before loading the tokenizer
+    for ext in ("", ".bin", ".idx", ".meta.json", ".domains.json"):
+        output_dir.check_not_input(out_prefix + ext, inputs, "--out-prefix")
     tok = load_tokenizer(tokenizer, eos_token) if isinstance(tokenizer, str) else tokenizer
     if prepend_bos and tok.bos_id is None:
         raise UserError(f"tokenizer {tok.name} has no BOS token; drop --prepend-bos")
@@ -429,9 +432,12 @@ def preprocess(inputs: Sequence[str], tokenizer: Union[str, Tokenizer], out_pref
             w.finish(dict(meta_base, domain=domain or None))
         for w in writers.values():
             w.commit()
-    except BaseException:
+    except BaseException as err:
         for w in writers.values():
             w.abort()
+        failed = output_dir.write_error(err, out_prefix + ".bin", os.path.exists(out_prefix + ".bin"))
+        if failed is not None:  # a full disk or a read-only location: one line
+            raise failed from None
         raise
     finally:
         _WORKER_TOKENIZER = None
