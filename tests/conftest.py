@@ -31,6 +31,7 @@ MARKS = {
         ),
         "test_engine_reshard.py": ALL,
         "test_gpu_check.py": ALL,
+        "test_te_layout.py": ALL,
     },
     "multirank": {
         "test_data_dynamic.py": ("test_two_gloo_ranks_partition_the_global_batch",),
