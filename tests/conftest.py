@@ -35,10 +35,13 @@ MARKS = {
             "test_checkpoint_saved_at_tp2_loads_at_pp2_and_tp1",
         ),
         "test_engine_reshard.py": ALL,
+        "test_gpu_check.py": ALL,
+        "test_te_layout.py": ALL,
     },
     "multirank": {
         "test_data_dynamic.py": ("test_two_gloo_ranks_partition_the_global_batch",),
         "test_engine_reshard.py": ALL,
+        "test_launch_env.py": ("test_two_srun_tasks_form_one_world",),
         "test_megatron_convert.py": ("test_checkpoint_saved_at_tp2_loads_at_pp2_and_tp1",),
         "test_megatron_model.py": ("test_tp2_and_pp2_logits_match_hf",),
         "test_pruning_distributed.py": (

@@ -107,3 +107,42 @@ def test_config_errors_are_user_errors():
         make_transformer_config(arch, pp=4)
     with pytest.raises(UserError, match="RoPE scaling type 'yarn'"):
         make_transformer_config(arch.replace(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+
+
+@pytest.mark.parametrize("window", [None, (5, 0)], ids=["causal", "sliding window"])
+def test_sdpa_core_attention_equals_megatron_dot_product_attention(window):
+    """The local spec's SDPA attention computes what megatron's unfused DotProductAttention does
+    (grouped-query heads, causal, sliding window), forward and backward."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_effllm.model import make_transformer_config
+    from megatron_effllm.model.attention import SDPAttention
+    from megatron_effllm.parallel.runtime import init_model_parallel
+
+    init_model_parallel(tp=1, pp=1)
+    _, arch, _ = tiny_hf("llama")
+    config = make_transformer_config(arch)
+    config.window_size = window
+    heads, groups, dim, s, b = config.num_attention_heads, config.num_query_groups, config.kv_channels, 12, 3
+    assert heads > groups  # grouped-query attention is exercised
+    torch.manual_seed(0)
+    q = torch.randn(s, b, heads, dim, requires_grad=True)
+    k = torch.randn(s, b, groups, dim, requires_grad=True)
+    v = torch.randn(s, b, groups, dim, requires_grad=True)
+    outs = []
+    for cls in (DotProductAttention, SDPAttention):
+        attn = cls(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+        out = attn(q, k, v, attention_mask=None)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), (q, k, v))
+        outs.append((out.detach(), grads))
+    (want, want_g), (got, got_g) = outs
+    assert got.shape == want.shape == (s, b, heads * dim)
+    assert (got - want).abs().max().item() < 1e-5
+    for g, w in zip(got_g, want_g, strict=True):
+        assert (g - w).abs().max().item() < 1e-5
+    # The comparison can fail: without the window the sliding-window output differs.
+    if window is not None:
+        config.window_size = None
+        plain = SDPAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+        assert (plain(q, k, v, attention_mask=None) - want).abs().max().item() > 1e-3

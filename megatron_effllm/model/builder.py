@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.layout import stage_layer_counts
 from megatron_effllm.errors import UserError
+from megatron_effllm.model.attention import SDPAttention
 from megatron_effllm.parallel.runtime import cpu_device_mode, ensure_cpu_support
 
 _BASE_FIELDS = tuple(f.name for f in dataclasses.fields(TransformerConfig) if f.init)
@@ -205,7 +206,7 @@ def build_gpt_model(
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = _with_sdpa(get_gpt_layer_local_spec(normalization="RMSNorm"))
     with cpu_device_mode():
         model = GPTModel(
             config=config,
@@ -228,6 +229,15 @@ def build_gpt_model(
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _with_sdpa(spec):
+    """The local layer spec with its core attention on SDPA; a copy, so
+    megatron's own spec objects stay as they were."""
+    attention = spec.submodules.self_attention
+    core = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
+    layer = dataclasses.replace(spec.submodules, self_attention=dataclasses.replace(attention, submodules=core))
+    return dataclasses.replace(spec, submodules=layer)
 
 
 def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:

@@ -27,6 +27,7 @@ from megatron.core.transformer import utils as tutils
 from torch.overrides import TorchFunctionMode
 
 from megatron_effllm.errors import UserError
+from megatron_effllm.parallel import launch_env
 
 _CPU = torch.device("cpu")
 _applied = False
@@ -179,8 +180,11 @@ def _ensure_process_group(timeout_s: Optional[float] = None) -> None:
     # gloo honours the timeout in every collective; NCCL needs its async error handling (on by
     # default since torch 2.2) to abort a collective that waits on a dead rank.
     timeout = datetime.timedelta(seconds=comm_timeout_s(timeout_s))
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        # Started by a launcher (torchrun, deepspeed, mpirun with the env set).
+    identity = launch_env.resolve(os.environ)
+    if identity is not None:
+        # Started by a launcher (torchrun, deepspeed) or a scheduler (srun, mpirun): the env://
+        # rendezvous reads the launcher's variables, derived from the scheduler's when absent.
+        os.environ.update(identity)
         dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group(

@@ -156,9 +156,15 @@ def rescale_to_kept(x: torch.Tensor, output: torch.Tensor, eps: float, kept) -> 
     rescaled so that its statistics run over the ``kept`` channels only (as after their
     removal): sqrt((ss/D + eps) / (ss/D_kept + eps)), one sum of squares serving both means.
     ``kept`` is a number or a 0-d tensor (the count of open L0 gates)."""
+    return (output.float() * kept_norm_scale(x, eps, kept)).to(output.dtype)
+
+
+def kept_norm_scale(x: torch.Tensor, eps: float, kept) -> torch.Tensor:
+    """Per token, the factor ``rescale_to_kept`` applies: sqrt((ss/D + eps) / (ss/D_kept + eps)).
+    A norm fused into the linear after it (TransformerEngine's LayerNormLinear) takes it on the
+    linear's output less its bias (the factor commutes with the matmul)."""
     ss = x.float().pow(2).sum(-1, keepdim=True)
-    scale = torch.sqrt((ss / x.shape[-1] + eps) / (ss / kept + eps))
-    return (output.float() * scale).to(output.dtype)
+    return torch.sqrt((ss / x.shape[-1] + eps) / (ss / kept + eps))
 
 
 # ---------------------------------------------------------------------- physical removal

@@ -14,9 +14,11 @@ from megatron_effllm.model.weights import model_style
 from megatron_effllm.parallel import comm
 from megatron_effllm.parallel.distributed_pruning import feed_parameter, local_weight_masks
 from megatron_effllm.pruning.saliency import GradSaliency, elementwise
-from megatron_effllm.pruning.surgery import norm_eps, plan_from_masks, rescale_to_kept
+from megatron_effllm.pruning.surgery import kept_norm_scale, norm_eps, plan_from_masks, rescale_to_kept
 
 NORM_MODULES = ("input_layernorm", "pre_mlp_layernorm", "final_layernorm")
+# TransformerEngine's spec fuses input_layernorm / pre_mlp_layernorm into the next linear.
+FUSED_NORM_WEIGHT = "layer_norm_weight"
 # A tied embedding's two megatron copies under PP: the first stage's, the last stage's.
 TIED_COPIES = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -39,8 +41,12 @@ class LiveMasks:
         self._zero3_hooks: list = []
         self._hidden_kept: Optional[float] = None
         self._hooks = [model.register_forward_pre_hook(self._apply)]
-        self._hooks += [module.register_forward_hook(self._norm_hook)
-                        for name, module in model.named_modules() if name.endswith(NORM_MODULES)]
+        for name, module in model.named_modules():
+            if isinstance(getattr(module, FUSED_NORM_WEIGHT, None), torch.nn.Parameter):
+                self._hooks.append(module.register_forward_hook(self._fused_norm_hook))
+            elif name.endswith(NORM_MODULES) and getattr(module, "weight", None) is not None:
+                # (TransformerEngine's spec leaves IdentityOps under these names: nothing to correct)
+                self._hooks.append(module.register_forward_hook(self._norm_hook))
         self._default_eps = 0.0
 
     def set(self, arch: Architecture, masks: Mapping[str, torch.Tensor]) -> None:
@@ -110,6 +116,21 @@ class LiveMasks:
         if self._hidden_kept is None:
             return output
         return rescale_to_kept(args[0], output, norm_eps(module, self._default_eps), self._hidden_kept)
+
+    def _fused_norm_hook(self, module, args, output):
+        """A norm fused into its linear (TE's LayerNormColumnParallelLinear: ``linear_qkv``,
+        ``linear_fc1``): the kept-channel factor of the norm applies to the linear's output
+        without the bias the module added inside it. megatron's linears return (output, bias)."""
+        if self._hidden_kept is None:
+            return output
+        out, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
+        scale = kept_norm_scale(args[0], norm_eps(module, self._default_eps), self._hidden_kept)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor) and bias.numel() and not getattr(module, "skip_bias_add", False):
+            out = ((out.float() - bias.float()) * scale + bias.float()).to(out.dtype)
+        else:
+            out = (out.float() * scale).to(out.dtype)
+        return out if rest is None else (out, *rest)
 
 
 class GradientFeed:
