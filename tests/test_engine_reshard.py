@@ -1,6 +1,9 @@
 """The DeepSpeed TrainEngine, ZeRO 1/2/3 at DP=2: after a structured prune the rebuilt engine
 carries every surviving parameter's fp32 master and Adam moments exactly (sliced), keeps the
 step, and trains on."""
+import gc
+import weakref
+
 import torch
 
 from dist_utils import run_ranks
@@ -17,9 +20,9 @@ class Toy(torch.nn.Module):
         return torch.nn.functional.mse_loss(self.down(torch.relu(self.up(x))), y)
 
 
-def _slice(full, keep):
-    out = {}
-    for name, entry in full.items():
+def _slice(pairs, keep):
+    """What a pruning runtime's slicer does, for the toy: (name, state) pairs -> sliced pairs."""
+    for name, entry in pairs:
         sl = {}
         for key, t in entry.items():
             if name.startswith("up."):
@@ -28,8 +31,7 @@ def _slice(full, keep):
                 sl[key] = t[:, keep].clone()
             else:
                 sl[key] = t.clone()
-        out[name] = sl
-    return out
+        yield name, sl
 
 
 def _body(rank, world_size):
@@ -49,14 +51,18 @@ def _body(rank, world_size):
             loss = engine(x, y)
             engine.backward(loss, last_micro_batch=True)
             engine.step()
+        del loss  # its graph's leaves are the old parameters (as a trainer's last loss would be)
         before = engine.gather_full_state()
-        expected = _slice(before, keep)
-        engine = engine.rebuild(Toy(4), lambda f: _slice(f, keep))
+        expected = dict(_slice(before.items(), keep))
+        old_module = weakref.ref(engine.module)
+        engine = engine.rebuild(lambda: Toy(4), lambda pairs: _slice(pairs, keep))
         after = engine.gather_full_state()
         for name in expected:
             for key in ("param", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(after[name][key], expected[name][key]), (stage, name, key)
         assert engine.optimizer_step_count() == 2
+        gc.collect()
+        assert old_module() is None, stage  # the old engine let go of its model: its memory is free
         for x, y in data[2:]:
             loss = engine(x, y)
             engine.backward(loss, last_micro_batch=True)
@@ -65,7 +71,7 @@ def _body(rank, world_size):
         assert torch.isfinite(loss).item()
         # A fresh-optimizer rebuild keeps the weights but restarts Adam.
         full = engine.gather_full_state()
-        engine = engine.rebuild(Toy(4), lambda f: f, carry_optimizer_state=False)
+        engine = engine.rebuild(lambda: Toy(4), lambda pairs: pairs, carry_optimizer_state=False)
         assert engine.optimizer_step_count() == 0
         assert torch.equal(engine.gather_full_state()["down.weight"]["param"], full["down.weight"]["param"])
         engine.destroy()

@@ -419,8 +419,8 @@ def test_reshard_at_tp1_is_the_single_process_slicing():
                  "ffn": [torch.rand(l.ffn_hidden_size, generator=g, dtype=torch.float64) for l in arch.layers]}
         for fold in (None, gates):
             full = {n: {k: meg[k][n].clone() for k in keys} for n in meg["param"]}
-            got = reshard_state(arch, plan, full,
-                                   fold=None if fold is None else (lambda c: l0.fold_gates(c, arch, **fold)))
+            got = dict(reshard_state(arch, plan, ((n, full.pop(n)) for n in list(full)),
+                                     fold=None if fold is None else (lambda c: l0.fold_gates(c, arch, **fold))))
             assert not full  # consumed tensor by tensor
             for k in keys:
                 src = canon[k] if (fold is None or k != "param") else l0.fold_gates(canon[k], arch, **fold)

@@ -93,15 +93,20 @@ class TrainEngine(Protocol):
         """Context manager: the listed (default: all) parameters whole inside it."""
 
     # --- state --------------------------------------------------------------------------
-    def gather_full_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{param name: {"param": fp32 master, "exp_avg", "exp_avg_sq"}}, full over data
-        parallelism (collective)."""
+    def iter_full_state(self, with_moments: bool = True) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """(param name, {"param": fp32 master, "exp_avg", "exp_avg_sq"}) full over data
+        parallelism, one parameter at a time (collective: every rank consumes all of it)."""
 
-    def rebuild(self, new_model: torch.nn.Module, slice_state: Callable[[dict], dict], *,
+    def gather_full_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``iter_full_state`` as one dict."""
+
+    def rebuild(self, build_model: Callable[[], torch.nn.Module], slice_state: Callable[[Iterator], Iterator], *,
                 carry_optimizer_state: bool = True,
                 after_destroy: Callable[[], None] = lambda: None) -> "TrainEngine":
-        """An engine over ``new_model`` (new shapes) whose state is ``slice_state`` of this one's;
-        this engine is destroyed (collective; ``after_destroy`` runs between the two)."""
+        """An engine over ``build_model()`` (new shapes) whose state is ``slice_state`` of this
+        one's ``iter_full_state``; this engine is destroyed and its memory released first, the
+        sliced state held one parameter per data-parallel rank in between (collective;
+        ``after_destroy`` runs after the destruction)."""
 
     def save(self, folder: str) -> None:
         """Write model and optimizer state under ``folder`` (collective; each rank its own

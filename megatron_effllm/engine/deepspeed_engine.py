@@ -4,8 +4,11 @@ The only module of the package that imports ``deepspeed`` (with its helpers ``_z
 and ``deepspeed_mpu``).
 
 A prune changes parameter shapes, which ZeRO's flat partitions cannot follow in place. So the
-engine is rebuilt: every surviving parameter's fp32 master and Adam moments are gathered in full
-(collectively, on every data-parallel rank), sliced with the same kept indices as the weight,
+engine is rebuilt, one parameter at a time so that no rank ever holds the whole model's state:
+each parameter's fp32 master and Adam moments are gathered in full (collectively, on every
+data-parallel rank), sliced with the same kept indices as the weight, and kept on the host by one
+data-parallel rank only (parameter i by rank i mod DP); then the old engine is destroyed and its
+memory released, the new model is built, and each kept parameter is broadcast from its holder
 and written into the new engine's partitions; the step count is kept. The slicing itself is a
 function supplied by the caller (the pruning runtime): this module knows nothing of pruning.
 Under tensor parallelism "full" means full over the data-parallel group: each TP rank gathers
@@ -20,10 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import gc
 import importlib
 import logging
 import os
-from typing import Callable, Optional
+from collections.abc import Mapping
+from typing import Callable, Iterator, Optional
 
 import deepspeed
 import torch
@@ -31,6 +37,8 @@ from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.utils import has_inf_or_nan
 from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.runtime.zero import parameter_offload
+from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 from deepspeed.utils import safe_get_full_optimizer_state
 from deepspeed.utils.tensor_fragment import fragment_address
 from megatron.core import parallel_state
@@ -141,6 +149,43 @@ def _initialize(model: torch.nn.Module, options: EngineOptions):
     return engine
 
 
+class _GatheredOnRead(Mapping):
+    """One parameter's full state whose values are gathered (collectively) each time they are
+    read; ``pop`` reads and forgets a key."""
+
+    def __init__(self, keys, gather):
+        self._keys, self._gather = list(keys), gather
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._gather(key)
+
+    def __iter__(self):
+        return iter(list(self._keys))
+
+    def __len__(self):
+        return len(self._keys)
+
+    def pop(self, key):
+        value = self[key]
+        self._keys.remove(key)
+        return value
+
+
+def _forget_zero3_module(module: torch.nn.Module) -> None:
+    """DeepSpeed's ZeRO-3 keeps two references that its destroy() leaves behind (0.19), each of
+    which keeps the whole old engine alive through the module's hooks: the root module on a
+    module-level stack, and the parameter coordinator's class-level lru_cache of sub-modules."""
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [m for m in stack if m is not module]
+    for attr in vars(PartitionedParameterCoordinator).values():
+        # the cache sits under DeepSpeed's nvtx wrapper, in its closure
+        for inner in (attr, *(c.cell_contents for c in getattr(attr, "__closure__", None) or ())):
+            if hasattr(inner, "cache_clear"):
+                inner.cache_clear()
+
+
 class DeepSpeedEngine:
     """``TrainEngine`` over a ``deepspeed.DeepSpeedEngine`` with a client AdamW."""
 
@@ -247,30 +292,38 @@ class DeepSpeedEngine:
         """Whether the optimizer has taken a step, agreed by all ranks (the gathers are collective)."""
         return comm.all_true(any("exp_avg" in st for st in self._inner_optimizer().state.values()))
 
-    def gather_full_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{param name: {"param": fp32 master, "exp_avg": .., "exp_avg_sq": ..}} in full.
+    def iter_full_state(self, with_moments: bool = True) -> Iterator[tuple[str, Mapping[str, torch.Tensor]]]:
+        """(param name, {"param": fp32 master, "exp_avg": .., "exp_avg_sq": ..}) in full, one
+        parameter at a time, in the module's order. Each value is gathered when it is read (a
+        compaction holds one full tensor at a time, not three).
 
-        Collective under ZeRO: every data-parallel rank must call it. Moments are absent before
-        the first optimizer step.
+        Collective under ZeRO: every data-parallel rank must consume it to the end, reading the
+        values in the same order. Moments are absent before the first optimizer step (or with
+        ``with_moments=False``).
         """
-        with_moments = self._has_adam_state()
+        with_moments = self._has_adam_state() and with_moments
         opt = self._ds.optimizer
         if with_moments and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
             # ZeRO-1/2 link each parameter to its Adam state once, right after the first group's
             # step, when later groups have no state yet; relink now that every group has it.
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()
-        out = {}
+
+        def full_value(p, key):
+            if key == "param":
+                return zp.full_fp32_param(p).clone()
+            value = safe_get_full_optimizer_state(p, key)
+            if value is None:  # no ZeRO: plain torch optimizer state
+                value = opt.state[p][key]
+            return value.float().clone()
+
+        keys = ("param", *OPTIMIZER_STATE_KEYS) if with_moments else ("param",)
         for name, p in self.module.named_parameters():
-            entry = {"param": zp.full_fp32_param(p).clone()}
-            if with_moments:
-                for key in OPTIMIZER_STATE_KEYS:
-                    value = safe_get_full_optimizer_state(p, key)
-                    if value is None:  # no ZeRO: plain torch optimizer state
-                        value = opt.state[p][key]
-                    entry[key] = value.float().clone()
-            out[name] = entry
-        return out
+            yield name, _GatheredOnRead(keys, functools.partial(full_value, p))
+
+    def gather_full_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``iter_full_state`` as one dict (the whole model's state: for checks, not for rebuilds)."""
+        return {name: dict(entry.items()) for name, entry in self.iter_full_state()}
 
     def _create_empty_adam_state(self, step: int) -> None:
         """Give a fresh engine zeroed Adam state so that it can be overwritten.
@@ -296,54 +349,66 @@ class DeepSpeedEngine:
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()
 
-    def load_full_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
-        """Write full fp32 masters and Adam moments into this freshly built engine (collective)."""
-        has_moments = any("exp_avg" in e for e in state.values())
+    def _load_held(self, held: list, has_moments: bool, step: int) -> None:
+        """Write the state ``rebuild`` kept into this freshly built engine: for each parameter
+        (same order on every rank), its holder broadcasts it over the data-parallel group and
+        every rank writes its copies (collective)."""
         if has_moments:
             self._create_empty_adam_state(step)
-        for name, p in self.module.named_parameters():
-            entry = state.get(name)
-            if entry is None:
-                raise KeyError(f"no carried state for parameter {name}")
-            if tuple(entry["param"].shape) != tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape):
-                raise ValueError(f"carried state for {name} has shape {tuple(entry['param'].shape)}")
-            if zp.has_master(p):
-                zp.set_full_master(p, entry["param"])
-            else:
-                with torch.no_grad():
-                    p.copy_(entry["param"].to(p.dtype))
-            if has_moments:
-                for key in OPTIMIZER_STATE_KEYS:
-                    if zp.has_master(p):
-                        zp.set_full_master(p, entry[key], key)
-                    else:
-                        self._ds.optimizer.state[p][key].copy_(entry[key])
+        params = dict(self.module.named_parameters())
+        if set(params) != {name for name, _, _ in held}:
+            missing = sorted(set(params) - {name for name, _, _ in held})
+            raise KeyError(f"no carried state for parameters {missing[:3]}")
+        for name, holder, entry in held:
+            p = params[name]
+            shape = tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+            for key in ("param", *(OPTIMIZER_STATE_KEYS if has_moments else ())):
+                if entry is not None:
+                    buf = entry.pop(key)
+                    if tuple(buf.shape) != shape:
+                        raise ValueError(f"carried state for {name} has shape {tuple(buf.shape)}, not {shape}")
+                else:
+                    buf = torch.empty(shape, dtype=torch.float32)
+                comm.broadcast_(buf, comm.global_rank_in("dp", holder), "dp")
+                buf = buf.to(self.local_device(p))
+                if key == "param":
+                    zp.set_full_param(p, buf)
+                elif zp.has_master(p):
+                    zp.set_full_master(p, buf, key)
+                else:
+                    self._ds.optimizer.state[p][key].copy_(buf)
+                del buf
 
-    def rebuild(self, new_model: torch.nn.Module, slice_state: Callable[[dict], dict], *,
+    def local_device(self, p: torch.nn.Parameter) -> torch.device:
+        return self.local_partition(p).device if self.is_partitioned(p) else p.device
+
+    def rebuild(self, build_model: Callable[[], torch.nn.Module],
+                slice_state: Callable[[Iterator], Iterator], *,
                 carry_optimizer_state: bool = True,
                 after_destroy: Callable[[], None] = lambda: None) -> "DeepSpeedEngine":
-        """An engine over ``new_model`` (the pruned shapes), carrying state; this one is destroyed.
+        """An engine over ``build_model()`` (the pruned shapes), carrying state; this one is
+        destroyed (and its memory released) before the new model is built.
 
-        ``slice_state`` maps the full state of this engine ({name: {"param", "exp_avg",
-        "exp_avg_sq"}}) to the same for the new model's parameter names and shapes. With
+        ``slice_state`` maps this engine's ``iter_full_state`` pairs to the same pairs for the new
+        model's parameter names and shapes, lazily (one parameter's state in flight at a time).
+        Each sliced parameter is kept, on the host, by one data-parallel rank. With
         ``carry_optimizer_state=False`` the new engine starts with a fresh optimizer (the choice of
         Adapt-Pruner and Minitron, kept for comparison), but the weights still carry over.
         """
-        step = self.optimizer_step_count()
-        full = self.gather_full_state()
-        new_state = slice_state(full)
-        del full
+        step = self.optimizer_step_count() if carry_optimizer_state else 0
+        has_moments = carry_optimizer_state and self._has_adam_state()
         lr = self.learning_rate()
+        dp_rank, dp = comm.rank("dp"), comm.size("dp")
+        held = []  # (new name, holder's dp rank, {key: host tensor} on the holder, else None)
+        for i, (name, entry) in enumerate(slice_state(self.iter_full_state(with_moments=has_moments))):
+            holder = i % dp
+            values = {k: v.cpu() for k, v in entry.items()}  # every rank reads: a read may be collective
+            held.append((name, holder, values if holder == dp_rank else None))
+            del entry, values
         self.destroy()
         after_destroy()
-        if not carry_optimizer_state:
-            new_state = {k: {"param": v["param"]} for k, v in new_state.items()}
-            step = 0
-        with torch.no_grad():
-            for name, p in new_model.named_parameters():
-                p.copy_(new_state[name]["param"].to(p.dtype))
-        new_engine = DeepSpeedEngine(new_model, self.options)
-        new_engine.load_full_state(new_state, step)
+        new_engine = DeepSpeedEngine(build_model(), self.options)
+        new_engine._load_held(held, has_moments, step)
         new_engine.set_learning_rate(lr)
         return new_engine
 
@@ -375,4 +440,12 @@ class DeepSpeedEngine:
         return path is not None
 
     def destroy(self) -> None:
+        """Drop the DeepSpeed engine (model, optimizer, buffers) and return its memory; this
+        object is unusable afterwards."""
+        module = self._ds.module
         self._ds.destroy()
+        _forget_zero3_module(module)
+        self._ds = module = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -82,6 +82,12 @@ def dims() -> ParallelDims:
     return ParallelDims(rank("tp"), size("tp"), rank("pp"), size("pp"), rank("dp"), size("dp"))
 
 
+def global_rank_in(name: GroupName, group_rank: int) -> int:
+    """The global rank of the process at ``group_rank`` in this rank's group ``name``."""
+    g = group(name)
+    return group_rank if g is None else dist.get_global_rank(g, group_rank)
+
+
 def in_embedding_group() -> bool:
     return group("embedding") is not None
 

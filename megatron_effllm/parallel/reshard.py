@@ -2,7 +2,7 @@
 by a prune plan through their canonical form, one tensor at a time (collective over TP)."""
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -29,24 +29,25 @@ def _renamed(name: str, new_pos: Mapping[int, int], prefix: str) -> Optional[str
 def reshard_state(
     arch: Architecture,
     plan: PrunePlan,
-    full: dict,
+    pairs: Iterable[tuple[str, dict]],
     *,
     fold=None,
-) -> dict:
-    """Slice an engine's state for a compaction at any TP/PP size, one tensor at a time.
+) -> Iterator[tuple[str, dict]]:
+    """Slice an engine's state for a compaction at any TP/PP size, one tensor at a time, lazily.
 
-    ``full``: ``{megatron parameter name: {"param" | "exp_avg" | "exp_avg_sq": this TP rank's
-    shard}}`` (full over data parallelism, as the engine's ``gather_full_state`` gives it);
-    entries are consumed (popped) as they are done. For each tensor, the TP shards are
-    all-gathered, mapped to canonical tensors, sliced by ``plan``, mapped to the new
-    architecture's TP layout, and this rank's shard is kept: kept heads and FFN channels need
-    not be balanced over the old shards (the global ranking may empty one rank's range more than
-    another's), so the new shards take channels from any old one. The transient is one full
+    ``pairs``: ``(megatron parameter name, {"param" | "exp_avg" | "exp_avg_sq": this TP rank's
+    shard})`` in the module's order (full over data parallelism, as the engine's
+    ``iter_full_state`` gives them); yields the same for the new architecture. For each tensor,
+    the TP shards are all-gathered, mapped to canonical tensors, sliced by ``plan``, mapped to
+    the new architecture's TP layout, and this rank's shard is kept: kept heads and FFN channels
+    need not be balanced over the old shards (the global ranking may empty one rank's range more
+    than another's), so the new shards take channels from any old one. The transient is one full
     tensor, not the model. ``fold(canonical dict) -> canonical dict`` transforms the gathered
     fp32 masters ("param") before slicing (L0 gate values). Pure data movement otherwise: at
     TP=1 the result is exactly the single-process slicing. Collective over the TP group: every
-    rank calls it with the same names. Under PP each stage slices its own layers (layer numbers
-    local to the stage); removing layers would move layers between stages and is refused.
+    rank consumes it with the same names in the same order. Under PP each stage slices its own
+    layers (layer numbers local to the stage); removing layers would move layers between stages
+    and is refused.
     """
     dims = comm.dims()
     if dims.pp != 1 and len(plan.kept_layers) != arch.num_layers:
@@ -55,9 +56,7 @@ def reshard_state(
     new_arch = plan.after
     axes = tensor_axes(arch)
     new_pos = {old: new for new, old in enumerate(plan.kept_layers)}
-    out: dict = {}
-    for name in sorted(full):
-        entry = full.pop(name)
+    for name, entry in pairs:
         new_name = _renamed(name, new_pos, "decoder.layers.")
         if new_name is None:  # a removed layer (the same on every rank: nothing to gather)
             continue
@@ -75,8 +74,7 @@ def reshard_state(
                 sliced[new_c] = slice_tensor(t, axes[c], plan).contiguous()
             del canon
             new_entry[key] = layout.megatron_tensor(new_arch, new_name, sliced, dims)
-        out[new_name] = new_entry
-    return out
+        yield new_name, new_entry
 
 
 def reshard_block_hessians(state: Mapping[str, torch.Tensor], plan: PrunePlan) -> dict[str, torch.Tensor]:

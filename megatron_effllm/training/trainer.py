@@ -259,6 +259,9 @@ class Trainer:
                     engine.backward(loss, last_micro_batch=k == self.grad_accum - 1)
                     pruning.end_micro_batch(float(batch["tokens"].shape[0]))
                     losses.append(loss.detach().float())
+                # The graph's leaves are the parameters: a loss kept past the step would keep the
+                # engine alive through a compaction (and its memory with it).
+                del loss
                 loss_t = torch.stack(losses).mean()
             comm.all_reduce_(loss_t, "world")
             loss_t /= comm.world_size()
@@ -324,15 +327,15 @@ class Trainer:
 
     def _compact(self, engine: TrainEngine, pruning, step: Optional[int] = None) -> TrainEngine:
         plan = pruning.compaction_plan()
-        new_model = self._build_model(plan.after, None)
         slice_state = pruning.slice_engine_state(plan)
 
-        def sliced(full):  # fault-injection points around the old engine's destruction
-            out = slice_state(full)
+        def sliced(pairs):  # fault-injection points around the old engine's destruction
+            yield from slice_state(pairs)
             kill_point("compact.after_gather", step)
-            return out
 
-        engine = engine.rebuild(new_model, sliced,
+        pruning.detach()  # no reference to the old model may outlive its engine
+        # The old engine is gone (its memory returned) before the new model is built.
+        engine = engine.rebuild(lambda: self._build_model(plan.after, None), sliced,
                                 carry_optimizer_state=self.cfg.prune.optimizer_state == "carry",
                                 after_destroy=lambda: kill_point("compact.after_destroy", step))
         pruning.after_compaction(plan)

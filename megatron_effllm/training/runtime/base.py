@@ -77,6 +77,11 @@ class RuntimeBase:
         self.dims = comm.dims()
         self._model = model
 
+    def detach(self) -> None:
+        """Let go of the live model (hooks and references), so that a compaction can free it."""
+        self.remove_hooks()
+        self._model = None
+
     def local_layers(self) -> range:
         """The model's layer numbers this pipeline stage holds."""
         return layout.stage_layers(self.arch.num_layers, self.dims.pp, self.dims.pp_rank)
@@ -97,8 +102,8 @@ class RuntimeBase:
         transforms the canonical fp32 masters first."""
         arch = self.arch
 
-        def fn(full: dict) -> dict:
-            return reshard_state(arch, plan, full, fold=fold)
+        def fn(pairs):
+            return reshard_state(arch, plan, pairs, fold=fold)
 
         return fn
 

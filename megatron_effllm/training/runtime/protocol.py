@@ -25,6 +25,9 @@ class PruningRuntime(Protocol):
 
     def remove_hooks(self) -> None: ...
 
+    def detach(self) -> None:
+        """Drop the hooks and every reference to the live model (before a compaction frees it)."""
+
     # --- one optimizer step ------------------------------------------------------------
     def start_step(self, collecting: bool, samples_per_rank: float, grad_scale: float,
                    step: Optional[int] = None) -> None:
