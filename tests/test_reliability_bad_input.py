@@ -104,6 +104,8 @@ CONFIG_CASES = [
      "data.reference_losses.web must be a finite number >= 0, got -1.0"),
     ("weight of a domain not a number", BASE, ["data.weights={web: two}"],
      "data.weights.web must be a finite number >= 0, got 'two'"),
+    ("unknown layer implementation", BASE, ["model.layers=fused"],
+     "model.layers: 'fused' is not one of auto, te, local"),
 ]
 
 

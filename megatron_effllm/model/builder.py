@@ -197,7 +197,7 @@ def build_gpt_model(
     if use_te is None:
         use_te = te_available()
     elif use_te and not te_available():
-        raise UserError("TransformerEngine is not installed; build with use_te=False")
+        raise UserError("TransformerEngine is not installed; set model.layers: local (or auto), or install transformer-engine")
 
     config = make_transformer_config(
         arch, params_dtype=params_dtype, tp=tp, pp=pp, init_weights=init_weights

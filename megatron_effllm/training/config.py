@@ -41,6 +41,9 @@ class ModelConfig:
     # with a source model, its own tokenizer is used.
     tokenizer: str = ""
     dtype: str = "bf16"  # bf16 | fp32: training precision (DeepSpeed bf16 keeps fp32 masters)
+    # Layer implementation: te (TransformerEngine's fused layers; norms fused into the linears),
+    # local (megatron-core's own modules, attention on torch SDPA), auto (te when it imports).
+    layers: str = "auto"
 
 
 @dataclass
@@ -167,6 +170,7 @@ class RunConfig:
 
 CHOICES = {
     "model.dtype": ("bf16", "fp32"),
+    "model.layers": ("auto", "te", "local"),
     "parallel.engine": tuple(ENGINES),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "prune.strategy": STRATEGIES.names(),

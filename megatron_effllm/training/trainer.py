@@ -97,7 +97,8 @@ class Trainer:
 
     def _build_model(self, arch: Architecture, canonical: Optional[dict]):
         torch.manual_seed(self.cfg.seed)
-        model = build_gpt_model(arch, params_dtype=torch.float32, init_weights=canonical is None)
+        model = build_gpt_model(arch, params_dtype=torch.float32, init_weights=canonical is None,
+                                use_te={"auto": None, "te": True, "local": False}[self.cfg.model.layers])
         if canonical is not None:
             load_canonical(model, arch, canonical)
         if self.pipeline is not None:
