@@ -226,9 +226,11 @@ def _fake_checkpoints(root, steps, latest):
 
     for s in steps:
         folder = os.path.join(root, f"step_{s:06d}")
-        os.makedirs(folder)
-        with open(os.path.join(folder, "trainer_state.pt"), "wb") as f:
-            f.write(b"state %d" % s)
+        # every file a checkpoint must have (the contents are not read here)
+        for rel in (*ckpt.REQUIRED, "ds/model_states.pt"):
+            os.makedirs(os.path.dirname(os.path.join(folder, rel)), exist_ok=True)
+            with open(os.path.join(folder, rel), "wb") as f:
+                f.write(b"%s %d" % (rel.encode(), s))
         ckpt.write_manifest(folder)
     if latest is not None:
         with open(os.path.join(root, "latest"), "w") as f:
