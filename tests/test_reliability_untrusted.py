@@ -118,7 +118,7 @@ def test_resume_refuses_a_file_that_would_run_code(resumed, name):
 
 def test_deepspeed_checkpoint_engine_refuses_a_file_that_would_run_code(tmp_path):
     """DeepSpeed's own reads (behind the check of every file that ``load`` makes first)."""
-    from megatron_effllm.engine.deepspeed_engine import RestrictedCheckpointEngine
+    from megatron_effllm.engine._deepspeed_checkpoint import RestrictedCheckpointEngine
 
     marker, path = str(tmp_path / "MARKER"), str(tmp_path / "mp_rank_00_model_states.pt")
     _poison(path, marker)

@@ -1,7 +1,7 @@
 """The ``TrainEngine`` over DeepSpeed ZeRO (stages 0-3), and its rebuild after a structured prune.
 
-The only module of the package that imports ``deepspeed`` (with its helpers ``_zero_params``
-and ``deepspeed_mpu``).
+The only module of the package that imports ``deepspeed`` (with its helpers ``_zero_params``,
+``_deepspeed_checkpoint`` and ``deepspeed_mpu``).
 
 A prune changes parameter shapes, which ZeRO's flat partitions cannot follow in place. So the
 engine is rebuilt, one parameter at a time so that no rank ever holds the whole model's state:
@@ -14,15 +14,12 @@ function supplied by the caller (the pruning runtime): this module knows nothing
 Under tensor parallelism "full" means full over the data-parallel group: each TP rank gathers
 and sets its own shards, and the caller's function re-shards between them.
 
-Checkpoints: DeepSpeed's own checkpoint engine would unpickle its files with no restriction and
-write tensors where they live. ``RestrictedCheckpointEngine`` writes CPU copies and reads
-through torch's restricted unpickler with the few DeepSpeed classes the files hold
-(``DEEPSPEED_GLOBALS``); ``load`` checks every file on some rank before any rank reads one.
+Checkpoints go through ``_deepspeed_checkpoint`` (CPU copies written, restricted unpickling,
+every file checked before any rank reads one).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import gc
 import importlib
@@ -34,55 +31,20 @@ from typing import Callable, Iterator, Optional
 import deepspeed
 import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.utils import has_inf_or_nan
-from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.runtime.zero import parameter_offload
 from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 from deepspeed.utils import safe_get_full_optimizer_state
-from deepspeed.utils.tensor_fragment import fragment_address
 from megatron.core import parallel_state
 
 from megatron_effllm.engine import _zero_params as zp
+from megatron_effllm.engine._deepspeed_checkpoint import RestrictedCheckpointEngine, check_engine_files
 from megatron_effllm.engine.base import EngineOptions
 from megatron_effllm.engine.deepspeed_mpu import MegatronMPU
-from megatron_effllm.errors import UserError
 from megatron_effllm.parallel import comm
-from megatron_effllm.safe_pickle import check_torch_file, load_torch
 
 OPTIMIZER_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 CHECKPOINT_TAG = "ds"  # the sub-folder of a checkpoint DeepSpeed writes into
-# What DeepSpeed 0.19's files name beyond tensors and containers (read from checkpoints saved at
-# ZeRO 0-3, fp32 and bf16): the loss scaler, the ZeRO stage, a parameter's place in a flat
-# partition. Rebuilding them runs no code of the file.
-DEEPSPEED_GLOBALS = (LossScaler, ZeroStageEnum, fragment_address)
-
-
-def _on_cpu(obj):
-    """``obj`` with every tensor in its nested dicts, lists and tuples on the CPU."""
-    if torch.is_tensor(obj):
-        return obj if obj.device.type == "cpu" else obj.detach().cpu()
-    if isinstance(obj, dict):
-        out = copy.copy(obj)  # the same kind of mapping (an OrderedDict stays one)
-        for key, value in obj.items():
-            out[key] = _on_cpu(value)
-        return out
-    if type(obj) in (list, tuple):
-        return type(obj)(_on_cpu(v) for v in obj)
-    return obj
-
-
-class RestrictedCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine, writing CPU copies (a checkpoint loads on any device)
-    and reading only tensors, containers and ``DEEPSPEED_GLOBALS`` (UserError naming the file)."""
-
-    def save(self, state_dict, path: str):
-        super().save(_on_cpu(state_dict), path)
-
-    def load(self, path: str, map_location=None):
-        return load_torch(path, DEEPSPEED_GLOBALS)
-
-
 def _skip_cpu_shm_build() -> None:
     """On CPU, DeepSpeed compiles a shared-memory all-reduce op at init (about a minute).
 
@@ -418,23 +380,8 @@ class DeepSpeedEngine:
     def after_failed_save(self) -> None:
         comm.barrier()  # the closing barrier of DeepSpeed's save, which the failed call skipped
 
-    def _check_files(self, folder: str) -> None:
-        """Every file of DeepSpeed's sub-folder checked (split over the ranks, tensors unread)
-        before any rank reads one; the first refusal is raised on every rank."""
-        ds_dir = os.path.join(folder, CHECKPOINT_TAG)
-        files = sorted(os.path.join(root, n) for root, _, names in os.walk(ds_dir) for n in names)
-        error = None
-        try:
-            for path in files[comm.global_rank()::comm.world_size()]:
-                check_torch_file(path, DEEPSPEED_GLOBALS)
-        except UserError as err:
-            error = str(err)
-        error = next((e for e in comm.all_gather_object(error) if e), None)
-        if error is not None:
-            raise UserError(error)
-
     def load(self, folder: str) -> bool:
-        self._check_files(folder)
+        check_engine_files(os.path.join(folder, CHECKPOINT_TAG))
         path, _ = self._ds.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                            load_lr_scheduler_states=False)
         return path is not None

@@ -208,7 +208,7 @@ class SaliencyRuntime(RuntimeBase):
     def _layer_importance(self, eff_plan: PrunePlan) -> torch.Tensor:
         """I_l = -mean cos(x_in, x_out) over data-parallel ranks (and the pipeline stages, each of
         which holds its own layers' sums), for the layers still there."""
-        cos = comm.all_reduce_(comm.all_reduce_(self.stats.layer_cos.clone(), "dp"), "pp")
+        cos = comm.all_reduce_(comm.all_reduce_(self.stats.layer_cos.clone(), "dp"), "pp").cpu()
         mean = cos[:, 0] / cos[:, 1].clamp(min=1.0)
         return -mean[torch.as_tensor(eff_plan.kept_layers)]
 
@@ -234,6 +234,8 @@ class SaliencyRuntime(RuntimeBase):
         if eff_plan.after.num_params() > target:  # as next_plan: only then are scores needed
             # The sums over TP, PP and DP (tiny vectors); the count is the same on every rank.
             scorer = reduce_saliency(self.stats.saliency)
+            # The selection runs on the host (tiny vectors; one copy per event, none per step).
+            scorer.state = {k: v.cpu() for k, v in scorer.state.items()}
             if not float(scorer.state["count"]) > 0:
                 if not self.waiting:
                     log.warning(f"[prune] step {step}: no saliency statistics yet (every step since the "

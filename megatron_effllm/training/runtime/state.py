@@ -65,9 +65,12 @@ class Statistics:
         }
 
     def to_device(self, device) -> None:
-        """Put the Hessians and cached inverses where the model's inputs are (a checkpoint
-        loads them on the CPU); the other sums stay on the CPU."""
+        """Put every running sum where the model is (a checkpoint loads them on the CPU): the
+        gradient hooks, Hessian inputs and block cosines then add into them without a copy to
+        the host (on a GPU, each would be a synchronisation inside the backward pass)."""
+        self.saliency.state = {k: v.to(device) for k, v in self.saliency.state.items()}
         self.hessians.to(device)
+        self.layer_cos = self.layer_cos.to(device)
         self.obs_cache = {k: (a, h.to(device)) for k, (a, h) in self.obs_cache.items()}
 
     def load_local_obs_state(self, state: dict) -> None:
