@@ -37,6 +37,8 @@ MARKS = {
         "test_engine_reshard.py": ALL,
         "test_gpu_check.py": ALL,
         "test_te_layout.py": ALL,
+        "test_reliability_untrusted.py": ALL,
+        "test_reliability_runs.py": ALL,
     },
     "multirank": {
         "test_data_dynamic.py": ("test_two_gloo_ranks_partition_the_global_batch",),
@@ -50,6 +52,7 @@ MARKS = {
         ),
         "test_reliability_checkpoints.py": ALL,
         "test_reliability_kill_resume.py": ALL,
+        "test_reliability_untrusted.py": ("test_a_refusal_on_one_rank_stops_every_rank_and_every_zero_stage_loads",),
         "test_training.py": ALL,
         "test_training_pp.py": ALL,
         "test_training_tp.py": ALL,
