@@ -473,6 +473,12 @@ def _prune(*args):
     return setup
 
 
+def _resume_damaged(damage):
+    """A training case resuming explicitly from the previous run's step 2, damaged by ``damage``."""
+    return lambda ctx, name: _train_case(damage, resume=str(ctx["tmp"] / name / "checkpoints" / "step_000002"))(
+        ctx, name)
+
+
 CLI_CASES = [
     # --- the training job: run-time checks of the inputs against each other
     ("target above the source size", _train_case(prune__target_params=5.0e9),
@@ -494,8 +500,7 @@ CLI_CASES = [
      lambda ctx, name: _train_case(model__source=_missing_shard_hf(ctx, name + "_src"), model__init=None)(ctx, name),
      "model-00002-of-00002.safetensors is missing"),
     ("resume from a corrupted checkpoint",
-     lambda ctx, name: _train_case(_corrupted_step,
-                                   resume=str(ctx["tmp"] / name / "checkpoints" / "step_000002"))(ctx, name),
+     _resume_damaged(_corrupted_step),
      "mp_rank_00_model_states.pt is corrupted (checksum mismatch)"),
     ("resume auto with no checkpoint that verifies",
      _train_case(_corrupted_step, resume="auto"),
@@ -570,12 +575,10 @@ CLI_CASES = [
      ("holds an earlier run (checkpoints, metrics.jsonl, config.yaml); resume: none would mix the two: set "
       "resume: auto to continue it, resume: fresh to move it to")),
     ("a manifest that lists no files",
-     lambda ctx, name: _train_case(_empty_manifest,
-                                   resume=str(ctx["tmp"] / name / "checkpoints" / "step_000002"))(ctx, name),
+     _resume_damaged(_empty_manifest),
      "does not list architecture.json, which every checkpoint has"),
     ("a trainer_state.pt of the wrong type",
-     lambda ctx, name: _train_case(_trainer_state_list,
-                                   resume=str(ctx["tmp"] / name / "checkpoints" / "step_000002"))(ctx, name),
+     _resume_damaged(_trainer_state_list),
      "trainer_state.pt holds a list, not a trainer state"),
     # --- outputs: never an input, replaced only when a tool wrote them, one line when the disk fails
     ("one-shot pruning: --out contains the model (--overwrite)",

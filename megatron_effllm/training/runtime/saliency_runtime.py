@@ -58,7 +58,6 @@ class SaliencyRuntime(RuntimeBase):
         self._collecting = False
         self._collect_hessians = False
         self._grad_scale = 1.0
-        self.waiting = False  # a prune event found no statistics and runs at the next step
 
     def _check_options(self, p) -> None:
         strategy = self.schedule.strategy
