@@ -149,9 +149,10 @@ def _free_mib(path: str) -> float | None:
         return None
 
 
-def write_error(err: BaseException, path: str, existed: bool) -> UserError | None:
-    """One line for a write that failed on the disk's side; None for any other failure (and for
-    an interrupt or a UserError, which pass as they are)."""
+def failed_write(err: BaseException, path: str) -> tuple[str, str] | None:
+    """(reason, fix) for a write of ``path`` that failed on the disk's side (a full disk, a quota,
+    a file size limit, a read-only or missing location); None for any other failure (and for an
+    interrupt or a UserError, which pass as they are)."""
     if isinstance(err, (UserError, KeyboardInterrupt, SystemExit, GeneratorExit)):
         return None
     code, filename = _os_error(err)
@@ -164,13 +165,20 @@ def write_error(err: BaseException, path: str, existed: bool) -> UserError | Non
     if code in _NO_SPACE or (code == WRITE_FAILED and low):
         code = errno.ENOSPC if code == WRITE_FAILED else code
         reason = os.strerror(code) + (f", {free:.1f} MiB free" if code == errno.ENOSPC and free is not None else "")
-        fix = _NO_SPACE[code]
-    elif code == WRITE_FAILED:
-        reason, fix = "the write failed", "check the free space, quota and file size limits"
-    elif code in _NOT_WRITABLE:
-        reason, fix = os.strerror(code), "choose a writable location"
-    else:
+        return reason, _NO_SPACE[code]
+    if code == WRITE_FAILED:
+        return "the write failed", "check the free space, quota and file size limits"
+    if code in _NOT_WRITABLE:
+        return os.strerror(code), "choose a writable location"
+    return None
+
+
+def write_error(err: BaseException, path: str, existed: bool) -> UserError | None:
+    """One line for a write of ``path`` that failed on the disk's side (``failed_write``)."""
+    failed = failed_write(err, path)
+    if failed is None:
         return None
+    reason, fix = failed
     kept = f"the previous {path} is unchanged" if existed else f"nothing was left at {path}"
     return UserError(f"could not write {path} ({reason}); {fix} and run again; {kept}")
 

@@ -29,7 +29,6 @@ The run directory is assumed to be on a filesystem all nodes share (as on any cl
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -45,6 +44,7 @@ from megatron_effllm.engine.base import TrainEngine
 from megatron_effllm.errors import UserError
 from megatron_effllm.log import get_logger
 from megatron_effllm.manifest import MANIFEST, verify_manifest, write_manifest
+from megatron_effllm.output_dir import failed_write
 from megatron_effllm.parallel import comm
 from megatron_effllm.safe_pickle import load_plain, plain_copy
 from megatron_effllm.training.fault_injection import kill_point
@@ -196,28 +196,15 @@ def _agree(error: Optional[str]) -> Optional[str]:
     return next((e for e in comm.all_gather_object(error) if e), None)
 
 
-def _write_error(err: BaseException, rank: int, folder: str) -> str:
-    """One line for a failed write: the reason (a full disk, a quota, permissions) and where."""
-    if isinstance(err, OSError):
-        what = err.strerror or type(err).__name__
-        where = err.filename or folder
-    else:  # torch.save reports a failed write as a RuntimeError of its zip writer
-        what = "write failed (" + " ".join(str(err).split())[:120] + ")"
-        where = folder
-    try:
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free
-    except OSError:
-        free = None
-    if free is not None and (free < (64 << 20) or getattr(err, "errno", None) == errno.ENOSPC):
-        if getattr(err, "errno", None) != errno.ENOSPC:
-            what = f"{os.strerror(errno.ENOSPC)}: {what}"
-        what += f", {free / 2**20:.1f} MiB free"
-    return f"rank {rank}: {what} at {where}"
-
-
-def _is_write_failure(err: BaseException) -> bool:
-    msg = str(err).lower()
-    return any(m in msg for m in ("write", "unexpected pos", "no space", "inline_container", "quota"))
+def _write_error(err: BaseException, rank: int, folder: str) -> Optional[str]:
+    """One line for a failed write (the reason and where); None when ``err`` is no failed write
+    (a lost peer, a bug), which the caller lets surface as it is."""
+    failed = failed_write(err, folder)
+    if failed is None and not isinstance(err, OSError):
+        return None
+    reason = failed[0] if failed else (err.strerror or type(err).__name__)
+    where = err.filename if isinstance(err, OSError) and isinstance(err.filename, str) else folder
+    return f"rank {rank}: {reason} at {where}"
 
 
 def layout_of(engine: TrainEngine) -> dict:
@@ -261,9 +248,9 @@ def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: s
         try:
             engine.save(partial)
         except (OSError, RuntimeError) as err:
-            if not isinstance(err, OSError) and not _is_write_failure(err):
-                raise  # not a failed write (a lost peer, a bug): let it surface as it is
             error = _write_error(err, rank, partial)
+            if error is None:
+                raise
             engine.after_failed_save()
         if error is None:
             kill_point("ckpt.after_engine_save", step)
@@ -279,9 +266,9 @@ def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: s
                         json.dump(layout_of(engine), f)
                     torch.save(plain_copy(trainer_state, "trainer_state"), os.path.join(partial, TRAINER_STATE))
             except (OSError, RuntimeError) as err:
-                if not isinstance(err, OSError) and not _is_write_failure(err):
-                    raise
                 error = _write_error(err, rank, partial)
+                if error is None:
+                    raise
         error = _agree(error)
     if error is None and rank == 0:
         try:
