@@ -41,6 +41,7 @@ MARKS = {
         "test_reliability_runs.py": ALL,
     },
     "multirank": {
+        "test_distill_kl.py": ("test_tensor_parallel_kl_equals_the_single_process_kl",),
         "test_data_dynamic.py": ("test_two_gloo_ranks_partition_the_global_batch",),
         "test_engine_reshard.py": ALL,
         "test_launch_env.py": ("test_two_srun_tasks_form_one_world",),

@@ -9,8 +9,8 @@ import torch
 from eval_fixtures import model, tiny_llama, tok  # noqa: F401 (model, tok: pytest fixtures)
 from megatron_effllm.errors import UserError
 from megatron_effllm.eval import tasks as T
-from megatron_effllm.eval.zero_shot import (Score, encode_pair, evaluate_task, loglikelihoods, paper7_average,
-                                            predictions, task_metrics)
+from megatron_effllm.eval.zero_shot import (Score, encode_pair, evaluate_task, loglikelihoods, mean_stderr,
+                                            paper7_average, paper7_stderr, predictions, task_metrics)
 
 torch.set_num_threads(1)
 
@@ -128,14 +128,27 @@ def test_acc_norm_divides_by_choice_characters():
     scores = [Score(-10.0, False, 2), Score(-12.0, False, 5)]
     # acc: -10 > -12 picks choice 0; acc_norm: -10/5 = -2 < -12/20 = -0.6 picks choice 1
     assert predictions(ex, scores) == {"acc": 0, "acc_norm": 1}
-    assert task_metrics("arc_easy", [ex], [scores]) == {"acc": 0.0, "acc_norm": 1.0}
+    assert task_metrics("arc_easy", [ex], [scores]) == {"acc": 0.0, "acc_norm": 1.0, "acc_stderr": None,
+                                                        "acc_norm_stderr": None}
     # ties go to the first choice, like numpy.argmax
     tie = [Score(-4.0, False, 1), Score(-4.0, False, 1)]
     assert predictions(T.Example((("q", " ab"), ("q", " cd")), 1, (2, 2)), tie) == {"acc": 0, "acc_norm": 0}
     # tasks report only lm-eval's metrics for them
-    assert task_metrics("boolq", [ex], [scores]) == {"acc": 0.0}
+    assert task_metrics("boolq", [ex], [scores]) == {"acc": 0.0, "acc_stderr": None}
     assert task_metrics("lambada", [T.Example((("a", " b"),), 0, (1,))], [[Score(-2.0, True, 1)]]) == \
-        pytest.approx({"acc": 1.0, "perplexity": 7.38905609893065})
+        pytest.approx({"acc": 1.0, "acc_stderr": None, "perplexity": 7.38905609893065})
+
+
+def test_accuracies_carry_lm_evals_standard_error():
+    ex = T.Example((("q", " a"), ("q", " b")), gold=0, choice_lengths=(1, 1))
+    right, wrong = [Score(-1.0, False, 1), Score(-2.0, False, 1)], [Score(-2.0, False, 1), Score(-1.0, False, 1)]
+    m = task_metrics("boolq", [ex] * 4, [right, wrong, right, right])
+    # hits 1, 0, 1, 1: mean 0.75, sample variance 0.25, standard error sqrt(0.25 / 4)
+    assert m["acc"] == 0.75 and m["acc_stderr"] == pytest.approx(0.25)
+    assert mean_stderr([1.0, 1.0, 1.0]) == 0.0 and mean_stderr([1.0]) is None
+    res = {t: {"value": 0.5, "stderr": 0.03} for t in T.PAPER7}
+    assert paper7_stderr(res) == pytest.approx(100 * 0.03 * 7 ** 0.5 / 7)
+    assert paper7_stderr({**res, "piqa": {"value": 0.5, "stderr": None}}) is None
 
 
 def test_paper7_average_uses_each_tasks_paper_metric():

@@ -57,20 +57,27 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def _plus_minus(stderr) -> str:
+    return f" ± {100 * stderr:.2f}" if stderr is not None else ""
+
+
 def format_report(report: dict) -> str:
     lines = [f"model: {report['model']} ({report['dtype']}, {report['parameters']:,} parameters, "
              f"backend {report['backend']}{', limit ' + str(report['limit']) if report['limit'] else ''})"]
     tasks = report.get("tasks") or {}
     if tasks:
-        lines.append(f"{'task':<15}{'n':>7}{'acc':>9}{'acc_norm':>10}   {'reported':<20}{'chance':>7}")
+        lines.append(f"{'task':<15}{'n':>7}{'acc':>9}{'acc_norm':>10}   {'reported':<28}{'chance':>7}")
         for name, r in tasks.items():
             acc_norm = f"{100 * r['acc_norm']:.2f}" if "acc_norm" in r else "-"
             extra = f" ppl {r['perplexity']:.2f}" if "perplexity" in r else ""
+            reported = f"{r['metric']} {100 * r['value']:.2f}" + _plus_minus(r.get("stderr"))
             lines.append(f"{name:<15}{r['n']:>7}{100 * r['acc']:>9.2f}{acc_norm:>10}   "
-                         f"{r['metric'] + ' ' + format(100 * r['value'], '.2f'):<20}{100 * r['chance']:>7.1f}{extra}")
+                         f"{reported:<28}{100 * r['chance']:>7.1f}{extra}")
         if report.get("paper7_average") is not None:
             used = ", ".join(f"{t} {tasks[t]['metric']}" for t in PAPER7)
-            lines.append(f"paper-7 average ({used}): {report['paper7_average']:.2f}")
+            stderr = report.get("paper7_stderr")
+            lines.append(f"paper-7 average ({used}): {report['paper7_average']:.2f}"
+                         + (f" ± {stderr:.2f}" if stderr is not None else ""))
     ppl = report.get("perplexity")
     if ppl:
         lines.append(f"held-out perplexity ({ppl['windows']} windows x {ppl['seq_len']} tokens per domain)")
@@ -128,6 +135,7 @@ def main(argv=None):
         else:
             res = evaluate_tasks(model, tokenizer, names, args.limit, args.batch_size, args.eval_root)
         report["tasks"], report["paper7_average"] = res["tasks"], res["paper7_average"]
+        report["paper7_stderr"] = res["paper7_stderr"]
         report["tasks_seconds"] = round(time.time() - t, 1)
     if files:
         t = time.time()

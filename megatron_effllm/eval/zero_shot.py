@@ -186,19 +186,40 @@ def predictions(example: Example, scores: Sequence[Score]) -> dict[str, int]:
     }
 
 
+def mean_stderr(values: Sequence[float]) -> Optional[float]:
+    """Standard error of a mean over examples (sample standard deviation / sqrt(n), as lm-eval
+    reports it); None for fewer than two examples."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
 def task_metrics(name: str, examples: Sequence[Example], scores: Sequence[Sequence[Score]]) -> dict[str, float]:
-    """The metrics lm-eval reports for the task, averaged over examples."""
+    """The metrics lm-eval reports for the task, averaged over examples, each accuracy with its
+    standard error (``<metric>_stderr``)."""
     spec = TASKS[name]
     n = len(examples)
     if spec.kind == "last_word":
         lls = [s[0].loglikelihood for s in scores]
-        return {"acc": sum(s[0].is_greedy for s in scores) / n, "perplexity": math.exp(-sum(lls) / n)}
-    hits = {m: 0 for m in spec.metrics}
+        hits = [float(s[0].is_greedy) for s in scores]
+        return {"acc": sum(hits) / n, "acc_stderr": mean_stderr(hits), "perplexity": math.exp(-sum(lls) / n)}
+    hits = {m: [] for m in spec.metrics}
     for ex, sc in zip(examples, scores):
         pred = predictions(ex, sc)
         for m in spec.metrics:
-            hits[m] += int(pred[m] == ex.gold)
-    return {m: hits[m] / n for m in spec.metrics}
+            hits[m].append(float(pred[m] == ex.gold))
+    return with_stderr(hits)
+
+
+def with_stderr(per_example: dict[str, Sequence[float]]) -> dict[str, Optional[float]]:
+    """{metric: mean, metric_stderr: its standard error} from each metric's per-example values."""
+    out: dict[str, Optional[float]] = {}
+    for m, values in per_example.items():
+        out[m] = sum(values) / len(values)
+        out[f"{m}_stderr"] = mean_stderr(values)
+    return out
 
 
 def evaluate_task(
@@ -228,8 +249,8 @@ def evaluate_task(
     metrics = task_metrics(name, examples, scores)
     spec = TASKS[name]
     return {"task": name, "n": len(examples), **metrics, "metric": spec.paper_metric,
-            "value": metrics[spec.paper_metric], "chance": spec.chance,
-            "seconds": round(time.time() - start, 2)}
+            "value": metrics[spec.paper_metric], "stderr": metrics[f"{spec.paper_metric}_stderr"],
+            "chance": spec.chance, "seconds": round(time.time() - start, 2)}
 
 
 def paper7_average(results: dict[str, dict]) -> Optional[float]:
@@ -237,6 +258,15 @@ def paper7_average(results: dict[str, dict]) -> Optional[float]:
     if not all(t in results for t in PAPER7):
         return None
     return 100.0 * sum(results[t]["value"] for t in PAPER7) / len(PAPER7)
+
+
+def paper7_stderr(results: dict[str, dict]) -> Optional[float]:
+    """Standard error (in percent) of the 7-task average (the tasks are independent samples);
+    None unless all 7 were run with a standard error each."""
+    errors = [results.get(t, {}).get("stderr") for t in PAPER7]
+    if any(e is None for e in errors):
+        return None
+    return 100.0 * math.sqrt(sum(e * e for e in errors)) / len(PAPER7)
 
 
 def evaluate_tasks(
@@ -247,6 +277,6 @@ def evaluate_tasks(
     batch_size: int = 8,
     root: Optional[str] = None,
 ) -> dict:
-    """{"tasks": {name: result}, "paper7_average": float | None}."""
+    """{"tasks": {name: result}, "paper7_average": float | None, "paper7_stderr": float | None}."""
     results = {n: evaluate_task(model, tokenizer, n, limit, batch_size, root) for n in names}
-    return {"tasks": results, "paper7_average": paper7_average(results)}
+    return {"tasks": results, "paper7_average": paper7_average(results), "paper7_stderr": paper7_stderr(results)}

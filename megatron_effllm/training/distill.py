@@ -1,0 +1,68 @@
+"""Logit distillation that never gathers the vocabulary.
+
+Under tensor parallelism the output layer leaves each rank with a slice of the vocabulary
+(``[..., V / TP]``). The distillation term KL(teacher || student) at temperature T needs both
+full-vocabulary softmaxes, but only through three scalars per token, each a max or a sum over the
+vocabulary: these are reduced over the tensor-parallel group, as megatron-core's
+``vocab_parallel_cross_entropy`` does for the LM loss, and everything else stays on the slice.
+
+The gradient is closed-form: d KL / d s_v = (softmax(s / T)_v - softmax(t / T)_v) / T, computed on
+each rank's slice from the saved probabilities, so the backward needs no communication at all.
+A teacher equal to the student gives exactly zero (the same log-probabilities subtract).
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_effllm.parallel import comm
+
+
+def vocab_parallel_log_softmax(logits: torch.Tensor, group_name: str = "tp") -> torch.Tensor:
+    """log softmax over the full vocabulary of a vocabulary slice ``[..., V / TP]`` (fp32)."""
+    x = logits.float()
+    peak = x.max(dim=-1, keepdim=True).values
+    comm.all_reduce_(peak, group_name, "max")
+    shifted = x - peak
+    total = shifted.exp().sum(dim=-1, keepdim=True)
+    comm.all_reduce_(total, group_name, "sum")
+    return shifted - total.log()
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float, group_name: str):
+        log_p_student = vocab_parallel_log_softmax(student / temperature, group_name)
+        log_p_teacher = vocab_parallel_log_softmax(teacher.detach() / temperature, group_name)
+        p_teacher = log_p_teacher.exp()
+        kl = (p_teacher * (log_p_teacher - log_p_student)).sum(dim=-1)
+        comm.all_reduce_(kl, group_name, "sum")
+        # the gradient's two terms, kept in place of the logits
+        ctx.save_for_backward(log_p_student.exp_().sub_(p_teacher))
+        ctx.temperature = temperature
+        ctx.student_dtype = student.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl: torch.Tensor):
+        (p_diff,) = ctx.saved_tensors
+        grad = p_diff * (grad_kl.unsqueeze(-1) / ctx.temperature)
+        return grad.to(ctx.student_dtype), None, None, None
+
+
+def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                      group_name: str = "tp") -> torch.Tensor:
+    """Per-token KL(softmax(teacher / T) || softmax(student / T)) over the full vocabulary, from
+    each rank's vocabulary slice (the same slice of both models); fp32, shape ``logits.shape[:-1]``,
+    identical on every rank of the group. Differentiable in the student's logits only."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ; the teacher must share the vocabulary")
+    if not temperature > 0:
+        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+    return _VocabParallelKL.apply(student_logits, teacher_logits, float(temperature), group_name)
+
+
+def distillation_loss(lm_loss: torch.Tensor, kl: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
+    """Per-token ``alpha * T^2 * KL + (1 - alpha) * LM loss`` (T^2 keeps the KL's gradient scale
+    independent of the temperature, as in Hinton et al.)."""
+    return alpha * temperature ** 2 * kl + (1.0 - alpha) * lm_loss.float()
