@@ -69,10 +69,12 @@ def deepspeed_config(options: EngineOptions) -> dict:
         "wall_clock_breakdown": False,
     }
     if options.bf16 and options.fp32_grad_accum:
-        # As megatron's main_grad: bf16 micro-batch gradients summed in fp32. DeepSpeed 0.19 runs
-        # this through its BF16 optimizer at ZeRO-1 and through ZeRO's own buffers at 2 and 3;
-        # without ZeRO it has no such mode (refused by the config check).
+        # As megatron does with bf16: micro-batch gradients summed and reduced over data
+        # parallelism in fp32 (a bf16 reduction would round the fp32 sums again). DeepSpeed 0.19
+        # sums in its BF16 optimizer at ZeRO-1 and in ZeRO's own buffers at 2 and 3; without ZeRO
+        # it has no such mode (refused by the config check).
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["communication_data_type"] = "fp32"
     if options.overlap_comm is not None and options.zero_stage > 0 and torch.cuda.is_available():
         # Only CUDA has streams to overlap on; on the CPU DeepSpeed's default stays (and with it
         # the CPU runs' numbers).
