@@ -26,6 +26,10 @@ class EngineOptions:
     """0: replicated; 1: optimizer state partitioned; 2: and gradients; 3: and parameters."""
     bf16: bool = False
     """bf16 weights and activations over fp32 masters (fp32 throughout when False)."""
+    fp32_grad_accum: bool = False
+    """With bf16: gradients summed over micro-batches in fp32 (ZeRO stages 1-3)."""
+    overlap_comm: Optional[bool] = None
+    """ZeRO on CUDA: reduce gradients while the backward runs (None: the engine's own default)."""
     clip_grad: float = 0.0
     """Global gradient-norm clipping threshold (0: none)."""
     lr: float = 1e-3

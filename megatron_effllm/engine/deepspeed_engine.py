@@ -68,6 +68,17 @@ def deepspeed_config(options: EngineOptions) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if options.bf16 and options.fp32_grad_accum:
+        # As megatron does with bf16: micro-batch gradients summed and reduced over data
+        # parallelism in fp32 (a bf16 reduction would round the fp32 sums again). DeepSpeed 0.19
+        # sums in its BF16 optimizer at ZeRO-1 and in ZeRO's own buffers at 2 and 3; without ZeRO
+        # it has no such mode (refused by the config check).
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["communication_data_type"] = "fp32"
+    if options.overlap_comm is not None and options.zero_stage > 0 and torch.cuda.is_available():
+        # Only CUDA has streams to overlap on; on the CPU DeepSpeed's default stays (and with it
+        # the CPU runs' numbers).
+        cfg["zero_optimization"]["overlap_comm"] = bool(options.overlap_comm)
     if options.zero_stage == 3:
         # Keep whole parameters resident: the models this runs are pruned to fit anyway, and
         # prefetch thresholds tuned for GPUs only add latency here.
@@ -194,16 +205,20 @@ class DeepSpeedEngine:
 
     def grads_finite(self) -> bool:
         """Under ZeRO the optimizer checks its own reduced partitions and agrees over the data-
-        and model-parallel groups (DeepSpeed's fp16 overflow check); otherwise the module's
-        ``.grad`` tensors are checked and the flag is reduced over every rank."""
+        and model-parallel groups (DeepSpeed's fp16 overflow check); otherwise the gradients are
+        checked and the flag is reduced over every rank: the BF16 optimizer's fp32 sums (bf16 with
+        fp32 accumulation at ZeRO-1: the module's ``.grad`` holds the last micro-batch's only),
+        else the module's ``.grad`` tensors."""
         opt = self._ds.optimizer
         if self.zero_stage() > 0 and hasattr(opt, "has_overflow"):
             return not opt.has_overflow(partition_gradients=getattr(opt, "partition_gradients", True))
         device = next(self.module.parameters()).device
+        grads = getattr(opt, "fp32_groups_gradients_flat", None)
+        if grads is None:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         flag = torch.zeros(1, device=device)
-        for p in self.module.parameters():
-            if p.grad is not None:  # no host sync per tensor: the flag stays on the device
-                flag = torch.maximum(flag, has_inf_or_nan(p.grad).float().reshape(1).to(device))
+        for g in grads:  # no host sync per tensor: the flag stays on the device
+            flag = torch.maximum(flag, has_inf_or_nan(g).float().reshape(1).to(device))
         comm.all_reduce_(flag, "world", "max")
         return not bool(flag.item())
 

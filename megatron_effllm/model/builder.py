@@ -96,6 +96,30 @@ def _rope_settings(arch: Architecture) -> dict:
     )
 
 
+@dataclass(frozen=True)
+class Recompute:
+    """Activation recompute: ``none``, ``selective`` (megatron's core attention) or ``full``
+    (whole layers; ``method`` uniform: every layer, ``num_layers`` per recomputed chunk; block:
+    only the first ``num_layers`` layers of each pipeline stage)."""
+
+    granularity: str = "none"
+    method: str = "uniform"
+    num_layers: int = 1
+
+    def megatron_fields(self, stage_layers: list[int]) -> dict:
+        """TransformerConfig fields for pipeline stages of ``stage_layers`` layers. A uniform
+        chunk must divide every stage's layer count (megatron would index past the stage), so
+        ``num_layers`` is lowered to the largest size that does: a prune may remove layers."""
+        if self.granularity == "none":
+            return {}
+        if self.granularity == "selective":
+            return {"recompute_granularity": "selective"}
+        n = max(1, min(self.num_layers, *stage_layers))
+        if self.method == "uniform":
+            n = next(k for k in range(n, 0, -1) if all(c % k == 0 for c in stage_layers))
+        return {"recompute_granularity": "full", "recompute_method": self.method, "recompute_num_layers": n}
+
+
 def make_transformer_config(
     arch: Architecture,
     *,
@@ -103,6 +127,7 @@ def make_transformer_config(
     tp: int = 1,
     pp: int = 1,
     init_weights: bool = True,
+    recompute: Recompute = Recompute(),
 ) -> PerLayerTransformerConfig:
     """The megatron-core config for ``arch`` under tensor/pipeline sizes ``tp``/``pp``."""
     arch.validate(tensor_parallel=tp)
@@ -113,9 +138,9 @@ def make_transformer_config(
             "choose a TP size that divides the vocabulary"
         )
     first = arch.layers[0]
-    kwargs = {}
+    counts = stage_layer_counts(arch.num_layers, pp)
+    kwargs = recompute.megatron_fields(counts)
     if pp > 1:
-        counts = stage_layer_counts(arch.num_layers, pp)
         layout = [["decoder"] * n for n in counts]
         layout[0].insert(0, "embedding")
         layout[-1].append("loss")
@@ -169,6 +194,7 @@ def build_gpt_model(
     post_process: Optional[bool] = None,
     use_te: Optional[bool] = None,
     init_weights: bool = True,
+    recompute: Recompute = Recompute(),
 ) -> GPTModel:
     """Build this process's part of the megatron-core GPTModel for ``arch``.
 
@@ -181,6 +207,7 @@ def build_gpt_model(
     ``layout.stage_layer_counts`` layers each (uneven splits allowed).
     Weights are randomly initialised (left uninitialised with ``init_weights=False``, when
     real ones are loaded next: ``model.weights.load_canonical`` or a checkpoint).
+    ``recompute``: activation recompute in training forwards (``Recompute``).
     """
     ensure_cpu_support()
     if not parallel_state.model_parallel_is_initialized():
@@ -200,7 +227,7 @@ def build_gpt_model(
         raise UserError("TransformerEngine is not installed; set model.layers: local (or auto), or install transformer-engine")
 
     config = make_transformer_config(
-        arch, params_dtype=params_dtype, tp=tp, pp=pp, init_weights=init_weights
+        arch, params_dtype=params_dtype, tp=tp, pp=pp, init_weights=init_weights, recompute=recompute
     )
     rope = _rope_settings(arch)
     if use_te:

@@ -27,7 +27,10 @@ from megatron.core.transformer import utils as tutils
 from torch.overrides import TorchFunctionMode
 
 from megatron_effllm.errors import UserError
+from megatron_effllm.log import get_logger
 from megatron_effllm.parallel import launch_env
+
+log = get_logger(__name__)
 
 _CPU = torch.device("cpu")
 _applied = False
@@ -173,6 +176,22 @@ def comm_timeout_s(default: Optional[float] = None) -> float:
     return float(default) if default else DEFAULT_TIMEOUT_S
 
 
+def limit_cuda_connections(tp: int, sequence_parallel: bool = False) -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 under tensor (or sequence) parallelism, as megatron wants: one
+    hardware queue, so each layer's communication kernel is scheduled before the compute that
+    follows it. CUDA reads it when its context is created, so this runs before the process group
+    (and any CUDA call) starts. A value the user set is kept; nothing happens without CUDA."""
+    if not (tp > 1 or sequence_parallel) or not torch.cuda.is_available():
+        return
+    if torch.cuda.is_initialized():
+        log.warning("CUDA started before tensor parallelism was set up: CUDA_DEVICE_MAX_CONNECTIONS=1 "
+                    "cannot apply any more; export it before starting")
+        return
+    if os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1") != "1":
+        log.warning(f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ['CUDA_DEVICE_MAX_CONNECTIONS']} is kept; megatron's "
+                    "tensor parallelism expects 1 (its communication may then wait behind compute)")
+
+
 def _ensure_process_group(timeout_s: Optional[float] = None) -> None:
     if dist.is_initialized():
         return
@@ -199,15 +218,17 @@ def _ensure_process_group(timeout_s: Optional[float] = None) -> None:
 
 
 def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234,
-                        timeout_s: Optional[float] = None) -> None:
+                        timeout_s: Optional[float] = None, sequence_parallel: bool = False) -> None:
     """Initialise megatron-core's tensor/pipeline groups on the current torch.distributed world.
 
     Starts a one-process group first when none exists. Re-initialises when called again with
     different sizes. Seeds megatron's model-parallel RNG tracker (needed by attention).
-    ``timeout_s``: how long collectives wait for a peer (see ``comm_timeout_s``).
+    ``timeout_s``: how long collectives wait for a peer (see ``comm_timeout_s``). On CUDA with
+    tp > 1 or ``sequence_parallel``, sets CUDA_DEVICE_MAX_CONNECTIONS first (``limit_cuda_connections``).
     """
     if tp < 1 or pp < 1:
         raise UserError(f"tensor/pipeline parallel sizes must be >= 1, got tp={tp} pp={pp}")
+    limit_cuda_connections(tp, sequence_parallel)
     _ensure_process_group(timeout_s)
     world = dist.get_world_size()
     if world % (tp * pp):

@@ -44,6 +44,15 @@ class ModelConfig:
     # Layer implementation: te (TransformerEngine's fused layers; norms fused into the linears),
     # local (megatron-core's own modules, attention on torch SDPA), auto (te when it imports).
     layers: str = "auto"
+    # With dtype bf16: sum the micro-batches' gradients in fp32, as megatron does (needs
+    # parallel.zero_stage >= 1: DeepSpeed has no such mode without ZeRO).
+    fp32_grad_accum: bool = True
+    # Activation recompute in the backward: none | selective (the core attention) | full (whole
+    # layers, recompute_num_layers at a time: uniform = every layer in such chunks, block = only
+    # the first recompute_num_layers layers of each pipeline stage).
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = number(1, ge=1)
 
 
 @dataclass
@@ -55,6 +64,10 @@ class ParallelConfig:
     # Seconds a collective waits for the other ranks before the run stops with an error naming a
     # lost peer (a rank that died fails them at once; one that hangs only by this timeout).
     comm_timeout_s: float = number(1800.0, gt=0, le=30 * 86400)  # at most 30 days
+    # ZeRO: reduce gradients while the backward still runs (CUDA streams; nothing to overlap on CPU).
+    overlap_comm: bool = True
+    # tp > 1: norms, residuals and dropout on sequence shards (megatron sequence parallelism).
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -171,6 +184,8 @@ class RunConfig:
 CHOICES = {
     "model.dtype": ("bf16", "fp32"),
     "model.layers": ("auto", "te", "local"),
+    "model.recompute": ("none", "selective", "full"),
+    "model.recompute_method": ("uniform", "block"),
     "parallel.engine": tuple(ENGINES),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "prune.strategy": STRATEGIES.names(),

@@ -183,9 +183,27 @@ def _check_sample_index(cfg) -> None:
     )
 
 
+def _check_cluster_knobs(cfg) -> None:
+    """Precision and speed settings that the engine or the model cannot honour together."""
+    m, par = cfg.model, cfg.parallel
+    if par.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel: true is not supported yet (megatron-core's own norms refuse "
+                          "sequence shards and the pruning statistics assume whole sequences); set it to false")
+    if m.dtype == "bf16" and m.fp32_grad_accum and par.zero_stage == 0:
+        raise ConfigError("model.fp32_grad_accum: true with model.dtype bf16 needs parallel.zero_stage 1, 2 or 3 "
+                          "(DeepSpeed has no fp32 accumulation without ZeRO); raise the stage or set it to false")
+    if m.recompute == "full" and par.pp > 1:
+        raise ConfigError(f"model.recompute: full with parallel.pp={par.pp}: the pipeline schedule takes each "
+                          "stage's gradients from autograd, which recomputed layers bypass; use selective or none")
+    if m.recompute == "full" and STRATEGIES.get(cfg.prune.strategy).runtime == "l0":
+        raise ConfigError(f"model.recompute: full with prune.strategy {cfg.prune.strategy}: the L0 gates' "
+                          "gradients would be taken inside the recomputed layers; use selective or none")
+
+
 def validate(cfg) -> None:
     """Checks that involve several keys, or values no field type can express."""
     p, d, t, o = cfg.prune, cfg.data, cfg.train, cfg.optim
+    _check_cluster_knobs(cfg)
     if not cfg.run_dir.strip() or "\0" in cfg.run_dir:
         raise ConfigError(f"run_dir {cfg.run_dir!r} is not a folder name; set run_dir (e.g. runs/my_run)")
     if o.min_lr > o.lr:

@@ -44,7 +44,8 @@ PRODUCTS = ("checkpoints", "metrics.jsonl", "config.yaml", "final", "plots", "te
 # fault policy and the export. Every other key is part of the fingerprint; weight decay, the Adam
 # betas and eps are too, because the optimizer state restored from the checkpoint carries them.
 SAFE_ON_RESUME = (
-    "run_dir", "parallel.comm_timeout_s",
+    "run_dir", "parallel.comm_timeout_s", "parallel.overlap_comm",
+    "model.recompute", "model.recompute_method", "model.recompute_num_layers",  # the same numbers
     "optim.lr", "optim.min_lr", "optim.schedule", "optim.warmup_steps", "optim.decay_fraction",
     "optim.clip_grad",
     "train.steps", "train.log_interval", "train.eval_interval", "train.checkpoint_interval",

@@ -35,7 +35,7 @@ from megatron_effllm.engine import build_engine
 from megatron_effllm.engine.base import EngineOptions, TrainEngine
 from megatron_effllm.errors import UserError
 from megatron_effllm.log import get_logger, setup_logging
-from megatron_effllm.model.builder import build_gpt_model
+from megatron_effllm.model.builder import Recompute, build_gpt_model
 from megatron_effllm.model.weights import gather_canonical, load_canonical
 from megatron_effllm.parallel import comm
 from megatron_effllm.parallel.runtime import comm_timeout_s, init_model_parallel
@@ -92,13 +92,15 @@ class Trainer:
                 f"prune.allow_depth=true with parallel.pp={par.pp}: removing layers would move layers "
                 "between pipeline stages; set prune.allow_depth=false or parallel.pp=1"
             )
-        init_model_parallel(self.cfg.parallel.tp, self.cfg.parallel.pp, seed=self.cfg.seed,
-                            timeout_s=self.cfg.parallel.comm_timeout_s)
+        init_model_parallel(par.tp, par.pp, seed=self.cfg.seed, timeout_s=par.comm_timeout_s,
+                            sequence_parallel=par.sequence_parallel)
 
     def _build_model(self, arch: Architecture, canonical: Optional[dict]):
         torch.manual_seed(self.cfg.seed)
+        m = self.cfg.model
         model = build_gpt_model(arch, params_dtype=torch.float32, init_weights=canonical is None,
-                                use_te={"auto": None, "te": True, "local": False}[self.cfg.model.layers])
+                                use_te={"auto": None, "te": True, "local": False}[m.layers],
+                                recompute=Recompute(m.recompute, m.recompute_method, m.recompute_num_layers))
         if canonical is not None:
             load_canonical(model, arch, canonical)
         if self.pipeline is not None:
@@ -110,6 +112,7 @@ class Trainer:
         return EngineOptions(
             micro_batch=self.cfg.data.micro_batch, grad_accum=self.grad_accum,
             zero_stage=self.cfg.parallel.zero_stage, bf16=self.cfg.model.dtype == "bf16",
+            fp32_grad_accum=self.cfg.model.fp32_grad_accum, overlap_comm=self.cfg.parallel.overlap_comm,
             clip_grad=self.cfg.optim.clip_grad, lr=o.lr, weight_decay=o.weight_decay,
             betas=(o.beta1, o.beta2), eps=o.eps,
         )

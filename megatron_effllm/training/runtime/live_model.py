@@ -23,6 +23,13 @@ FUSED_NORM_WEIGHT = "layer_norm_weight"
 TIED_COPIES = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward: activation recompute repeats a forward there
+    (megatron's checkpointed layers or core attention), so hooks that add statistics count the
+    first forward only. Hooks that change outputs (the masks) must run in both."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class LiveMasks:
     """Masks on a live model shard: masked weights are zeroed before every forward (the
     optimizer step writes them again), and with masked hidden channels every RMSNorm takes its

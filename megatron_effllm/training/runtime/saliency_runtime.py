@@ -38,7 +38,7 @@ from megatron_effllm.pruning.registry import ESTIMATORS, SELECTORS
 from megatron_effllm.pruning.saliency import GradSaliency, GroupScores
 from megatron_effllm.pruning.surgery import masks_from_plan
 from megatron_effllm.training.runtime.base import RuntimeBase
-from megatron_effllm.training.runtime.live_model import GradientFeed, LiveMasks
+from megatron_effllm.training.runtime.live_model import GradientFeed, LiveMasks, recomputing
 from megatron_effllm.training.runtime.state import Statistics
 
 log = get_logger(__name__)
@@ -132,7 +132,7 @@ class SaliencyRuntime(RuntimeBase):
 
     def _hessian_hook(self, canon_name: str):
         def hook(module, args):
-            if module.training and self._collect_hessians:
+            if module.training and self._collect_hessians and not recomputing():
                 x = args[0].detach().reshape(-1, args[0].shape[-1])
                 # A strided subset of the tokens: X^T X over every token costs as much as a
                 # large matmul per layer, and the EMA over steps supplies the rest.
@@ -144,7 +144,7 @@ class SaliencyRuntime(RuntimeBase):
         """Adapt-Pruner's layer importance: sums of cos(x_in, x_out) per token of a block."""
 
         def hook(module, args, kwargs, output):
-            if not (module.training and self._collecting):
+            if not (module.training and self._collecting) or recomputing():
                 return
             x_in = (args[0] if args else kwargs["hidden_states"]).detach().float()
             x_out = (output[0] if isinstance(output, tuple) else output).detach().float()
