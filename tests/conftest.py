@@ -39,6 +39,7 @@ MARKS = {
         "test_te_layout.py": ALL,
         "test_reliability_untrusted.py": ALL,
         "test_reliability_runs.py": ALL,
+        "test_host_syncs.py": ALL,
     },
     "multirank": {
         "test_data_dynamic.py": ("test_two_gloo_ranks_partition_the_global_batch",),
@@ -56,6 +57,7 @@ MARKS = {
         "test_training.py": ALL,
         "test_training_pp.py": ALL,
         "test_training_tp.py": ALL,
+        "test_host_syncs.py": ALL,
     },
 }
 
