@@ -60,14 +60,14 @@ def _masters(engine):
 
 
 def _skip_rank(rank, world_size):
-    """For each ZeRO stage: clean steps 1, 2 versus 1, (NaN loss on rank 1), (inf grad on rank 0), 2."""
+    """For each ZeRO stage: clean steps 1, 2 versus 1, (NaN loss on rank 1), (inf grad on rank 0),
+    (finite, but flagged bad on rank 1), 2."""
     out = {}
-    for stage, bf16 in ((0, False), (1, False), (2, False), (2, True)):
+    for stage, bf16 in ((0, False), (1, False), (2, False), (2, True), (3, False)):
         clean = _engine(stage, bf16)
         for s in (1, 2):
             _backward(clean, _batches(s, rank), rank)
-            assert clean.grads_finite()
-            clean.step()
+            assert float(clean.step_unless(torch.zeros(()))) == 0.0
         ref = _masters(clean)
         clean.destroy()
         e = _engine(stage, bf16)
@@ -75,14 +75,14 @@ def _skip_rank(rank, world_size):
         e.step()
         before = _masters(e)
         detected = []
-        for seed, kind, who in ((98, "loss", 1), (99, "grad", 0)):
+        # a NaN loss (NaN gradients), infinite gradients, and the caller's flag with finite gradients
+        for seed, kind, who in ((98, "loss", 1), (99, "grad", 0), (97, "flag", 1)):
             _backward(e, _batches(seed, rank), rank, poison=kind if rank == who else None)
-            detected.append(not e.grads_finite())
-            e.skip_step()
+            flag = torch.ones(()) if kind == "flag" and rank == who else torch.zeros(())
+            detected.append(float(e.step_unless(flag)) == 1.0)
         unchanged = all(torch.equal(a, b) for a, b in zip(before, _masters(e)))
         _backward(e, _batches(2, rank), rank)
-        assert e.grads_finite()
-        e.step()
+        assert float(e.step_unless(torch.zeros(()))) == 0.0
         same = all(torch.equal(a, b) for a, b in zip(ref, _masters(e)))
         out[(stage, bf16)] = (detected, unchanged, same, e.optimizer_step_count())
         e.destroy()
@@ -94,7 +94,7 @@ def test_nonfinite_step_is_skipped_exactly_on_every_rank(saved):
     for rank, res in enumerate(saved[5]):
         for (stage, bf16), (detected, unchanged, same, adam_steps) in res.items():
             where = f"rank {rank} ZeRO-{stage} bf16={bf16}"
-            assert detected == [True, True], where
+            assert detected == [True, True, True], where
             assert unchanged, where   # the skipped updates left masters untouched
             assert same, where        # and no gradient of them leaked into the next step
             assert adam_steps == 2, where

@@ -58,11 +58,11 @@ class TrainEngine(Protocol):
     def step(self) -> None:
         """Clip, reduce and apply the accumulated gradients, then clear them."""
 
-    def skip_step(self) -> None:
-        """End the accumulation window without applying it (gradients cleared, state kept)."""
-
-    def grads_finite(self) -> bool:
-        """Whether every gradient the coming step applies is finite, agreed over all ranks."""
+    def step_unless(self, bad: torch.Tensor) -> torch.Tensor:
+        """``step()``, or, when ``bad`` (a device flag) is set on any rank or a gradient the step
+        applies is not finite, end the accumulation window without applying it (gradients
+        cleared; weights, optimizer state and its step count kept). Decided on the device, with
+        no host read; returns the agreed flag (1.0: skipped) on the device."""
 
     def set_learning_rate(self, lr: float) -> None: ...
 

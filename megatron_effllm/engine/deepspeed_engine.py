@@ -98,9 +98,10 @@ def make_optimizer(model: torch.nn.Module, options: EngineOptions) -> torch.opti
         {"params": no_decay, "weight_decay": 0.0},
     ]
     # A client torch AdamW: DeepSpeed's own "AdamW" would JIT-compile a CPU kernel on CPU.
-    # foreach: one fused pass over all tensors (the default on CUDA, not on CPU).
+    # fused: one kernel over all tensors, and the only torch AdamW that takes ``found_inf``, with
+    # which a non-finite step is skipped on the device (``DeepSpeedEngine.step_unless``).
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=options.lr, betas=options.betas,
-                             eps=options.eps, foreach=True)
+                             eps=options.eps, fused=True)
 
 
 def _initialize(model: torch.nn.Module, options: EngineOptions):
@@ -188,39 +189,46 @@ class DeepSpeedEngine:
         opt = self._ds.optimizer
         return getattr(opt, "optimizer", opt)
 
-    def skip_step(self) -> None:
-        """DeepSpeed's step at the accumulation boundary with the client optimizer's update turned
-        off: gradients are cleared (and partitions handled) as after any step, parameters,
-        Adam moments and the Adam step count stay."""
+    def step_unless(self, bad: torch.Tensor) -> torch.Tensor:
+        """Apply the step, or skip it when ``bad`` (this rank's flag on the device, e.g. a
+        non-finite loss) is set on any rank or any gradient the step applies is not finite.
+
+        A skipped step clears the gradients as any step does; weights, Adam moments and the Adam
+        step count stay as they were. The decision never leaves the device: the agreed flag is
+        the optimizer's ``found_inf`` (as torch's GradScaler passes it), with which the fused
+        AdamW kernel changes nothing and takes its step count back. Returns that flag (1.0:
+        skipped) for whoever reads it later."""
+        flag = torch.maximum(self._local_nonfinite_grads(), bad.detach().reshape(1).to(torch.float32))
+        comm.all_reduce_(flag, "world", "max")
         inner = self._inner_optimizer()
-        own = inner.__dict__.get("step")  # e.g. a scheduler's wrapper; put back afterwards
-        inner.step = lambda *args, **kwargs: None
+        for group in inner.param_groups:  # a checkpoint of a foreach AdamW loads its flags back
+            group["fused"], group["foreach"] = True, False
+        inner.found_inf = flag.reshape(())
         try:
             self._ds.step()
         finally:
-            if own is not None:
-                inner.step = own
-            else:
-                del inner.step
+            del inner.found_inf
+        return flag
 
-    def grads_finite(self) -> bool:
-        """Under ZeRO the optimizer checks its own reduced partitions and agrees over the data-
-        and model-parallel groups (DeepSpeed's fp16 overflow check); otherwise the gradients are
-        checked and the flag is reduced over every rank: the BF16 optimizer's fp32 sums (bf16 with
-        fp32 accumulation at ZeRO-1: the module's ``.grad`` holds the last micro-batch's only),
-        else the module's ``.grad`` tensors."""
-        opt = self._ds.optimizer
-        if self.zero_stage() > 0 and hasattr(opt, "has_overflow"):
-            return not opt.has_overflow(partition_gradients=getattr(opt, "partition_gradients", True))
+    def _local_nonfinite_grads(self) -> torch.Tensor:
+        """1.0 on the device when a gradient this rank holds for the coming step is not finite.
+        The BF16 optimizer's fp32 sums (bf16 with fp32 accumulation at ZeRO-1: the module's
+        ``.grad`` holds the last micro-batch's only); under ZeRO the optimizer's reduced
+        partitions (DeepSpeed's own check, less its host read); otherwise the module's ``.grad``."""
         device = next(self.module.parameters()).device
+        opt = self._ds.optimizer
+        stage = self.zero_stage()
         grads = getattr(opt, "fp32_groups_gradients_flat", None)
+        if grads is None and stage in (1, 2):
+            return opt.has_overflow_partitioned_grads_serial().reshape(1).float().to(device)
+        if grads is None and stage == 3:
+            return (~torch.isfinite(opt.grad_partitions_flat_buffer).all()).reshape(1).float().to(device)
         if grads is None:
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         flag = torch.zeros(1, device=device)
         for g in grads:  # no host sync per tensor: the flag stays on the device
             flag = torch.maximum(flag, has_inf_or_nan(g).float().reshape(1).to(device))
-        comm.all_reduce_(flag, "world", "max")
-        return not bool(flag.item())
+        return flag
 
     def set_learning_rate(self, lr: float) -> None:
         for group in self._ds.optimizer.param_groups:

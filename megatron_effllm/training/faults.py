@@ -2,9 +2,10 @@
 
 Non-finite steps. ``StepGuard.finish_step`` replaces a bare ``engine.step()``: when the step's
 loss or any gradient is not finite (agreed by every rank), the update is skipped
-(``TrainEngine.skip_step``: gradients cleared as after any step; weights, Adam moments and the
+(``TrainEngine.step_unless``: gradients cleared as after any step; weights, Adam moments and the
 Adam step count stay as they were). The pruning statistics the step added are put back too
-(``snapshot_statistics`` / ``restore_statistics``), and learned L0 gates skip their update.
+(``end_step``), and learned L0 gates skip their update. All of this is decided on the device;
+the host reads the outcome at the next step that logs, prunes or saves (``StepGuard.resolve``).
 ``train.nonfinite_policy`` then decides: ``skip`` goes on and stops after
 ``train.max_nonfinite`` faulty steps in a row; ``rollback`` goes back to the newest checkpoint
 from before the faults instead, keeping the data stream where it is so that the batches that
@@ -63,7 +64,14 @@ class Rollback(Exception):
 
 # ---------------------------------------------------------------------------------- steps
 class StepGuard:
-    """Applies or skips each step's update and enforces ``train.nonfinite_policy``."""
+    """Applies or skips each step's update and enforces ``train.nonfinite_policy``.
+
+    The decision is taken on the device (``finish_step``: no host read, so the host can queue the
+    next step's work at once); the host learns of it at the next step that reads anything anyway
+    (``resolve``: a log line, a prune event, an evaluation, a checkpoint), in one read for all the
+    steps since, and then counts, logs and raises as if it had looked after every step. A run that
+    stops or rolls back does so at that step, naming the steps that failed; nothing of the steps in
+    between is saved (a checkpoint resolves first)."""
 
     def __init__(self, train_cfg, ckpt_root: str, *, rollbacks_done: int = 0, metrics=None):
         self.policy = train_cfg.nonfinite_policy
@@ -74,28 +82,40 @@ class StepGuard:
         self.metrics = metrics
         self.in_row = 0
         self.first_bad: Optional[int] = None
-        self._saved: Optional[dict] = None
+        self.last_loss = float("nan")
+        # (step, skipped flag, loss; both on the device, data state after the step or None)
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor, Optional[dict]]] = []
 
-    def begin_step(self, pruning, collecting: bool) -> None:
-        """Before the step's pruning bookkeeping: keep what a skipped step must put back."""
-        # Only while pruning collects statistics does a step change them.
-        self._saved = None
-        if collecting and pruning.enabled:
-            self._saved = pruning.snapshot_statistics()
+    def finish_step(self, engine: TrainEngine, pruning, step: int, loss: torch.Tensor, data_iter) -> None:
+        """Apply step ``step``'s update, or skip it when its loss (``loss``: the mean over every
+        rank, on the device) or any gradient is not finite, keeping or putting back the pruning
+        statistics it added; all of it on the device."""
+        loss = loss.detach().reshape(())
+        skipped = engine.step_unless(~torch.isfinite(loss))
+        pruning.end_step(skipped)
+        # the data stream a rollback at this step goes on from (host bookkeeping only)
+        data_state = data_iter.state_dict() if self.policy == "rollback" else None
+        self._pending.append((step, skipped, loss, data_state))
 
-    def finish_step(self, engine: TrainEngine, pruning, step: int, loss: float, data_iter) -> bool:
-        """Apply the step's update (True) or skip it (False); raise per the policy."""
+    def resolve(self, engine: TrainEngine, pruning) -> float:
+        """Read the outcome of every step since the last call (one host read) and act on it:
+        count, log, raise per the policy. Returns the last step's loss."""
+        if not self._pending:
+            return self.last_loss
+        pending, self._pending = self._pending, []
+        read = torch.stack([torch.stack([s.reshape(()).double(), l.double()]) for _, s, l, _ in pending])
+        for n, ((step, _, _, data_state), (skipped, loss)) in enumerate(zip(pending, read.tolist())):
+            self.last_loss = loss
+            if not skipped:
+                self.in_row, self.first_bad = 0, None
+                continue
+            if n == len(pending) - 1:  # what a skipped step leaves for the prune event that follows
+                pruning.discard_step()
+            self._skipped(engine, pruning, step, loss, data_state)
+        return self.last_loss
+
+    def _skipped(self, engine: TrainEngine, pruning, step: int, loss: float, data_state: Optional[dict]) -> None:
         loss_ok = math.isfinite(loss)
-        grads_ok = engine.grads_finite()  # collective: always called, on every rank
-        if loss_ok and grads_ok:
-            engine.step()
-            self.in_row, self.first_bad, self._saved = 0, None, None
-            return True
-        engine.skip_step()
-        pruning.discard_step()  # learned gates (L0Runtime) drop the step's gradients too
-        if self._saved is not None:
-            pruning.restore_statistics(self._saved)
-            self._saved = None
         self.in_row += 1
         self.first_bad = self.first_bad or step
         what = f"loss ({loss})" if not loss_ok else "gradient"
@@ -107,7 +127,7 @@ class StepGuard:
         if self.policy == "stop":
             raise NonFiniteError(f"non-finite {what} at step {step} (train.nonfinite_policy=stop); {advice}")
         if self.in_row < self.max_in_row:
-            return False
+            return
         streak = (f"non-finite loss or gradients in {self.in_row} steps in a row ({self.first_bad}-{step})"
                   if self.in_row > 1 else f"non-finite {what} at step {step}")
         if self.policy == "skip":
@@ -123,10 +143,9 @@ class StepGuard:
         if self.metrics is not None:
             self.metrics.log({"kind": "rollback", "step": step, "to": os.path.basename(folder)})
         log.warning(f"[fault] {streak}: rolling back to {folder}; the data stream skips the failed batches")
-        state = data_iter.state_dict()
         pruning.remove_hooks()
         engine.destroy()
-        raise Rollback(folder, state, self.first_bad, step)
+        raise Rollback(folder, data_state, self.first_bad, step)
 
 
 def check_final_model(canonical: dict, heldout: dict, final_dir: str, ckpt_root: str) -> None:

@@ -242,7 +242,6 @@ class Trainer:
                                schedule=cfg.optim.schedule, decay_fraction=cfg.optim.decay_fraction)
             engine.set_learning_rate(lr)
             in_window = pruning.collects(step)
-            guard.begin_step(pruning, in_window)
             # The engine divides the loss by the accumulation steps before backward.
             pruning.start_step(in_window, samples_per_rank=cfg.data.global_batch / self.dp_size,
                                grad_scale=float(self.grad_accum), step=step)
@@ -269,14 +268,20 @@ class Trainer:
                 loss_t = torch.stack(losses).mean()
             comm.all_reduce_(loss_t, "world")
             loss_t /= comm.world_size()
-            loss_val = float(loss_t)
-            # The update, or (non-finite loss or gradients on any rank) a skipped one.
-            guard.finish_step(engine, pruning, step + 1, loss_val, data_iter)
+            # The update, or (non-finite loss or gradients on any rank) a skipped one: decided on
+            # the device, so that a step that logs, prunes and saves nothing reads nothing back.
+            guard.finish_step(engine, pruning, step + 1, loss_t, data_iter)
+            del loss_t
             inject_nonfinite_weights(engine, step + 1)
             consumed += tokens_per_step
             timing["train"] += time.time() - t0
             done = step + 1
             record = None
+            if (pruning.event_due(done) or done % cfg.train.log_interval == 0 or done == cfg.train.steps
+                    or done % cfg.train.eval_interval == 0 or done % cfg.train.checkpoint_interval == 0
+                    or (data_iter.sampler is not None and data_iter.sampler.update_due)):
+                # the steps since the last such step, in one read: counted, logged, raised on
+                loss_val = guard.resolve(engine, pruning)
             if pruning.event_due(done):
                 t1 = time.time()
                 record = pruning.prune_event(engine, done)
@@ -295,7 +300,6 @@ class Trainer:
                 held = self.heldout_losses(engine)
                 weights = data_iter.update_domain_weights(held)
                 self.metrics.log({"kind": "domains", "step": done, "heldout_loss": held, "weights": weights})
-            eff = pruning.effective_arch()
             if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
                 dt = time.time() - t0
                 params = pruning.current_params()  # the expected size while L0 gates are soft
@@ -312,6 +316,7 @@ class Trainer:
                 else:
                     log.info(msg)
                 if record is not None:
+                    eff = pruning.effective_arch()
                     log.info(f"[prune] step {done}: {eff.widths_summary()} hidden {eff.hidden_size}")
             if bar is not None:
                 bar.update(1)

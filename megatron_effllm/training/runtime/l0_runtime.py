@@ -264,12 +264,8 @@ class L0Runtime(RuntimeBase):
     def end_pipeline_schedule(self) -> None:
         """As ``before_micro_batch_backward``."""
 
-    def snapshot_statistics(self) -> None:
+    def end_step(self, skipped) -> None:
         """No running statistics: a skipped step's gate gradients go with ``discard_step``."""
-        return None
-
-    def restore_statistics(self, snapshot) -> None:
-        """Nothing to put back (``snapshot_statistics``)."""
 
     def discard_step(self) -> None:
         self._skip = True

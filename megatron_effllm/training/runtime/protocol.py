@@ -45,14 +45,13 @@ class PruningRuntime(Protocol):
 
     def end_pipeline_schedule(self) -> None: ...
 
-    def snapshot_statistics(self) -> Optional[object]:
-        """What the coming step adds to the running statistics (None: nothing to keep)."""
-
-    def restore_statistics(self, snapshot: Optional[object]) -> None:
-        """Put a ``snapshot_statistics`` back (the step's update was skipped)."""
+    def end_step(self, skipped) -> None:
+        """After the engine's step: keep what the step added to the running statistics, or put
+        back those before it when ``skipped`` (a device flag); decided on the device."""
 
     def discard_step(self) -> None:
-        """The step's update was skipped: forget what it would have applied."""
+        """The step's update was skipped (known on the host, before the next prune event):
+        forget what it would have applied."""
 
     def step_metrics(self, step: int) -> dict:
         """Extra fields for the step's ``train`` record."""

@@ -72,14 +72,6 @@ class SaliencyRuntime(RuntimeBase):
         return Statistics(GradSaliency(arch, estimators=self._estimators), obs_mod.HessianAccumulator(),
                           torch.zeros(arch.num_layers, 2, dtype=torch.float64))
 
-    def snapshot_statistics(self) -> Optional[dict]:
-        """What the coming step adds to the statistics, to put back if it is skipped."""
-        return self.stats.snapshot()
-
-    def restore_statistics(self, snapshot: Optional[dict]) -> None:
-        if snapshot is not None:
-            self.stats.restore(snapshot)
-
     # ------------------------------------------------------------------ schedule
     def event_due(self, step: int) -> bool:
         return self.schedule.event_due(step) or self.waiting
@@ -137,7 +129,8 @@ class SaliencyRuntime(RuntimeBase):
                 # A strided subset of the tokens: X^T X over every token costs as much as a
                 # large matmul per layer, and the EMA over steps supplies the rest.
                 stride = max(1, x.shape[0] // self.p.obs_tokens_per_step)
-                self.stats.hessians.add(canon_name, x[::stride].float())
+                # added at the step's end, once it is known to count (``Statistics.end_step``)
+                self.stats.add_hessian_input(canon_name, x[::stride].to(torch.float32, copy=True))
         return hook
 
     def _block_hook(self, layer: int):
@@ -166,10 +159,8 @@ class SaliencyRuntime(RuntimeBase):
         self._collecting = bool(collecting and self.enabled)
         self._grad_scale = grad_scale
         self._collect_hessians = bool(self._collecting and self.p.obs)
-        if self._collect_hessians:  # EMA-weighted like the scores
-            for v in self.stats.hessians.state.values():
-                v.mul_(self.p.ema)
-        if self._collecting:
+        if self._collecting:  # the Hessians are EMA-weighted like the scores, at end_step
+            self.stats.begin_step(self.p.ema if self._collect_hessians else None)
             self.stats.saliency.decay_(self.p.ema)
             self.stats.layer_cos.mul_(self.p.ema)
 
@@ -191,8 +182,12 @@ class SaliencyRuntime(RuntimeBase):
         finally:
             self._collecting = was
 
+    def end_step(self, skipped: torch.Tensor) -> None:
+        """Keep the step's statistics or put back those before it, on the device (``skipped``)."""
+        self.stats.end_step(skipped)
+
     def discard_step(self) -> None:
-        """The step's update was skipped: its statistics come back through ``restore_statistics``."""
+        """The step's update was skipped: its statistics went back in ``end_step``."""
 
     def step_metrics(self, step: int) -> dict:
         return {}

@@ -9,6 +9,8 @@ and are saved by every rank (``local_obs_state``). Checkpoints hold CPU copies
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from megatron_effllm.parallel import comm
@@ -23,17 +25,50 @@ class Statistics:
     def __init__(self, saliency, hessians: obs_mod.HessianAccumulator, layer_cos: torch.Tensor):
         self.saliency, self.hessians, self.layer_cos = saliency, hessians, layer_cos
         self.obs_cache: dict = {}
+        self._saved: Optional[dict] = None  # the small sums before the current step
+        self._hessian_decay: Optional[float] = None
+        self._hessian_inputs: list = []  # (canonical name, inputs) of the current step
 
-    def snapshot(self) -> dict:
-        """Copies of what a step adds to (put back by ``restore`` when the step is skipped)."""
-        return {"saliency": {k: v.clone() for k, v in self.saliency.state.items()},
-                "hessians": {k: v.clone() for k, v in self.hessians.state.items()},
-                "layer_cos": self.layer_cos.clone()}
+    def begin_step(self, hessian_decay: Optional[float]) -> None:
+        """Before a step that collects: copies of the small sums (a few numbers per group), which
+        a skipped step puts back. The Hessians are not copied (each is width^2): their decay
+        and this step's inputs wait for ``end_step``; ``hessian_decay`` None: no Hessians."""
+        self._saved = {"saliency": {k: v.clone() for k, v in self.saliency.state.items()},
+                       "layer_cos": self.layer_cos.clone()}
+        self._hessian_decay = hessian_decay
+        self._hessian_inputs = []
 
-    def restore(self, snap: dict) -> None:
-        self.saliency.state = snap["saliency"]
-        self.hessians.state = snap["hessians"]
-        self.layer_cos = snap["layer_cos"]
+    def add_hessian_input(self, name: str, x: torch.Tensor) -> None:
+        """A layer input of the current step (a copy: it must not hold the activation)."""
+        self._hessian_inputs.append((name, x))
+
+    @torch.no_grad()
+    def end_step(self, skipped: torch.Tensor) -> None:
+        """Keep the step's statistics, or (``skipped``, a device flag) put back those before it;
+        decided on the device. Then decay the Hessians and add the step's inputs, in the order
+        the sums always took (bit for bit the same as adding them in the forward pass)."""
+        if self._saved is None:
+            return
+        bad = skipped.reshape(()) > 0
+        saved, self._saved = self._saved, None
+        self.saliency.state = {k: torch.where(bad, saved["saliency"][k], v) for k, v in self.saliency.state.items()}
+        self.layer_cos = torch.where(bad, saved["layer_cos"], self.layer_cos)
+        if self._hessian_decay is None:
+            return
+        state = self.hessians.state
+        scale = torch.where(bad, 1.0, torch.full((), self._hessian_decay, dtype=torch.float64, device=bad.device))
+        for v in state.values():
+            v.mul_(scale.to(v.dtype))
+        keep = (~bad).to(torch.float64)
+        for name, x in self._hessian_inputs:
+            key = f"xtx.{name}"
+            if key not in state:
+                state[key] = torch.zeros(x.shape[1], x.shape[1], dtype=self.hessians.dtype, device=x.device)
+                state[f"n.{name}"] = torch.zeros((), dtype=torch.float64, device=x.device)
+            x = torch.where(bad, 0.0, x.to(self.hessians.dtype))
+            state[key].addmm_(x.T, x)
+            state[f"n.{name}"] += keep * x.shape[0]
+        self._hessian_inputs = []
 
     @torch.no_grad()
     def consolidate(self) -> None:
