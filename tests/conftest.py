@@ -39,6 +39,10 @@ MARKS = {
         "test_te_layout.py": ALL,
         "test_reliability_untrusted.py": ALL,
         "test_reliability_runs.py": ALL,
+        "test_comm_device_check.py": (
+            "test_two_ranks_end_to_end_under_the_checking_backend",
+            "test_the_old_trainer_fails_under_the_checking_backend",
+        ),
     },
     "multirank": {
         "test_data_dynamic.py": ("test_two_gloo_ranks_partition_the_global_batch",),
@@ -56,6 +60,12 @@ MARKS = {
         "test_training.py": ALL,
         "test_training_pp.py": ALL,
         "test_training_tp.py": ALL,
+        "test_comm_device_check.py": (
+            "test_an_unplaced_package_tensor_is_refused_as_nccl_would",
+            "test_comm_places_what_it_sends_objects_included",
+            "test_two_ranks_end_to_end_under_the_checking_backend",
+            "test_the_old_trainer_fails_under_the_checking_backend",
+        ),
     },
 }
 

@@ -8,7 +8,8 @@ kept alive), and a collective called from this package with a tensor comm did no
 NCCL's error. A CPU run with ``EFFLLM_CHECK_COMM=1`` (``parallel.runtime``) thus proves that no
 package tensor reaches a collective without going through comm.
 
-Which calls are checked: the caller is the first frame outside torch (and its decorators).
+Which calls are checked: the caller is the first frame outside torch, its decorators and
+``__torch_function__`` handlers.
 Calls from this package are; calls from DeepSpeed, megatron-core or any other library pass
 unchecked: they place their own tensors (on a GPU their buffers are CUDA already), including
 the package tensors handed to their communicating functions (megatron's logits gather).
@@ -21,7 +22,7 @@ from __future__ import annotations
 import sys
 import weakref
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,9 @@ def _module(f) -> str:
 
 
 def _outside(f, skipped):
-    while f is not None and (_module(f) in skipped or _module(f).split(".")[0] in skipped):
+    # A torch function mode or tensor subclass forwards someone else's call: not the caller.
+    while f is not None and (_module(f) in skipped or _module(f).split(".")[0] in skipped
+                             or f.f_code.co_name == "__torch_function__"):
         f = f.f_back
     return f
 
