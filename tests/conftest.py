@@ -45,6 +45,10 @@ MARKS = {
         "test_reliability_untrusted.py": ALL,
         "test_reliability_runs.py": ALL,
         "test_host_syncs.py": ALL,
+        "test_comm_device_check.py": (
+            "test_two_ranks_end_to_end_under_the_checking_backend",
+            "test_the_old_trainer_fails_under_the_checking_backend",
+        ),
     },
     "multirank": {
         "test_distill_kl.py": ("test_tensor_parallel_kl_equals_the_single_process_kl",),
@@ -64,6 +68,12 @@ MARKS = {
         "test_training_pp.py": ALL,
         "test_training_tp.py": ALL,
         "test_host_syncs.py": ALL,
+        "test_comm_device_check.py": (
+            "test_an_unplaced_package_tensor_is_refused_as_nccl_would",
+            "test_comm_places_what_it_sends_objects_included",
+            "test_two_ranks_end_to_end_under_the_checking_backend",
+            "test_the_old_trainer_fails_under_the_checking_backend",
+        ),
     },
 }
 

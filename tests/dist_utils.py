@@ -6,8 +6,9 @@
 
     results = run_ranks(_body, world_size=2, args=(arg,))   # list indexed by rank
 
-Each rank gets torch.distributed initialised over gloo on a free loopback port, one thread,
-and its own exception re-raised in the parent with the rank's traceback. Launching costs
+Each rank gets torch.distributed initialised over gloo on a free loopback port (``backend=None``:
+only the launcher's variables, the code under test creates the group), one thread, and its own
+exception re-raised in the parent with the rank's traceback. Launching costs
 several seconds of imports, so group checks per launch.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, backend):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -39,7 +40,8 @@ def _worker(rank, world_size, port, fn, args, queue):
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend is not None:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
     except BaseException:  # report everything, including assertion failures
@@ -52,12 +54,12 @@ def _worker(rank, world_size, port, fn, args, queue):
                 pass
 
 
-def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout: float = 600.0):
+def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout: float = 600.0, backend="gloo"):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, backend))
         for r in range(world_size)
     ]
     for p in procs:

@@ -8,11 +8,16 @@ a bare process group every rank is data-parallel; without torch.distributed ever
 single-process identity (reductions leave tensors as they are, gathers return ``[t]``).
 
 Tensors may live anywhere: when the backend cannot reduce them where they are (NCCL and a CPU
-tensor) they travel through the backend's device and come back (``comm_device``).
+tensor) they travel through the backend's device and come back (``comm_device``). Every tensor
+handed to torch.distributed passes ``_place`` first; under the ``checked`` backend
+(``parallel.checked_backend``) that step is recorded, and a package tensor that skipped it is
+refused as NCCL would refuse a CPU tensor. Objects are pickled into tensors here, not by
+torch's object collectives, so that their tensors are placed too.
 """
 from __future__ import annotations
 
 import hashlib
+import pickle
 import struct
 from typing import Iterable, Optional, Sequence, Union
 
@@ -21,6 +26,7 @@ import torch.distributed as dist
 
 from megatron_effllm.errors import UserError
 from megatron_effllm.layout.dims import ParallelDims
+from megatron_effllm.parallel import checked_backend
 
 GroupName = str
 GROUPS = ("world", "dp", "tp", "pp", "mp", "embedding")
@@ -108,6 +114,13 @@ def comm_device(g=None) -> torch.device:
     return torch.device("cpu")
 
 
+def _place(t: torch.Tensor, g) -> torch.Tensor:
+    """``t`` on the communication device of ``g`` (``t`` itself when it is there already);
+    recorded as placed under the checking backend."""
+    buf = t.to(comm_device(g))
+    return checked_backend.mark_placed(buf) if dist.get_backend(g) == checked_backend.NAME else buf
+
+
 def _resolve(g: Union[GroupName, object, None]):
     return group(g) if isinstance(g, str) else g
 
@@ -117,13 +130,10 @@ def all_reduce_(t: torch.Tensor, group_name: GroupName = "world", op: str = "sum
     g = _resolve(group_name)
     if g is None or dist.get_world_size(g) == 1:
         return t
-    device = comm_device(g)
-    if t.device == device:
-        dist.all_reduce(t, op=_OPS[op], group=g)
-        return t
-    buf = t.to(device)
+    buf = _place(t, g)
     dist.all_reduce(buf, op=_OPS[op], group=g)
-    t.copy_(buf)
+    if buf is not t:
+        t.copy_(buf)
     return t
 
 
@@ -134,7 +144,7 @@ def all_reduce_flat(tensors: Sequence[torch.Tensor], groups: Iterable[GroupName]
     if not resolved:
         return [t.clone() for t in tensors]
     dtype = tensors[0].dtype
-    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors]).to(comm_device(resolved[0]))
+    flat = _place(torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors]), resolved[0])
     for g in resolved:
         dist.all_reduce(flat, group=g)
     out, start = [], 0
@@ -149,9 +159,8 @@ def all_gather(t: torch.Tensor, group_name: GroupName = "world") -> list[torch.T
     g = _resolve(group_name)
     if g is None or dist.get_world_size(g) == 1:
         return [t]
-    device = comm_device(g)
-    src = t.contiguous().to(device)
-    out = [torch.empty_like(src) for _ in range(dist.get_world_size(g))]
+    src = _place(t.contiguous(), g)
+    out = [_place(torch.empty_like(src), g) for _ in range(dist.get_world_size(g))]
     dist.all_gather(out, src, group=g)
     return [o.to(t.device) for o in out]
 
@@ -161,9 +170,11 @@ def all_gather_object(obj, group_name: GroupName = "world") -> list:
     g = _resolve(group_name)
     if g is None or dist.get_world_size(g) == 1:
         return [obj]
-    out: list = [None] * dist.get_world_size(g)
-    dist.all_gather_object(out, obj, group=g)
-    return out
+    payload = _pickled(obj)
+    sizes = [int(n) for n in all_gather(torch.tensor([payload.numel()]), g)]
+    padded = torch.zeros(max(sizes), dtype=torch.uint8)
+    padded[:payload.numel()] = payload
+    return [_unpickled(part[:n]) for part, n in zip(all_gather(padded, g), sizes)]
 
 
 def broadcast_(t: torch.Tensor, src: int, group_name: GroupName = "world") -> torch.Tensor:
@@ -171,8 +182,7 @@ def broadcast_(t: torch.Tensor, src: int, group_name: GroupName = "world") -> to
     g = _resolve(group_name)
     if g is None or dist.get_world_size(g) == 1:
         return t
-    device = comm_device(g)
-    buf = t if t.device == device else t.to(device)
+    buf = _place(t, g)
     dist.broadcast(buf, src=src, group=g)
     if buf is not t:
         t.copy_(buf)
@@ -185,9 +195,20 @@ def broadcast_object(obj, src: int, group_name: GroupName = "world"):
     g = _resolve(group_name)
     if g is None or dist.get_world_size(g) == 1:
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=g)
-    return box[0]
+    mine = global_rank() == src
+    payload = _pickled(obj) if mine else None
+    n = broadcast_(torch.tensor([payload.numel() if mine else 0]), src, g)
+    buf = broadcast_(payload if mine else torch.empty(int(n), dtype=torch.uint8), src, g)
+    return obj if mine else _unpickled(buf)
+
+
+def _pickled(obj) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+
+def _unpickled(t: torch.Tensor):
+    # A peer's payload, as torch's own object collectives unpickle it.
+    return pickle.loads(t.numpy().tobytes())
 
 
 def pipeline_last_rank() -> int:

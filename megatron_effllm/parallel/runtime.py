@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from megatron_effllm.errors import UserError
 from megatron_effllm.log import get_logger
-from megatron_effllm.parallel import launch_env
+from megatron_effllm.parallel import checked_backend, launch_env
 
 log = get_logger(__name__)
 
@@ -192,10 +192,24 @@ def limit_cuda_connections(tp: int, sequence_parallel: bool = False) -> None:
                     "tensor parallelism expects 1 (its communication may then wait behind compute)")
 
 
+def process_group_backend() -> str:
+    """NCCL with CUDA, else gloo; ``checked`` (gloo refusing, as NCCL does, package tensors that
+    did not go through parallel.comm's placement) with EFFLLM_CHECK_COMM=1 on a CPU machine."""
+    flag = os.environ.get("EFFLLM_CHECK_COMM", "")
+    if flag not in ("", "0", "1"):
+        raise UserError(f"EFFLLM_CHECK_COMM={flag!r} must be 1 (check) or 0")
+    if flag != "1":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        raise UserError("EFFLLM_CHECK_COMM=1 checks CPU runs; on a GPU NCCL itself refuses misplaced "
+                        "tensors: unset EFFLLM_CHECK_COMM")
+    return checked_backend.register()
+
+
 def _ensure_process_group(timeout_s: Optional[float] = None) -> None:
     if dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = process_group_backend()
     # gloo honours the timeout in every collective; NCCL needs its async error handling (on by
     # default since torch 2.2) to abort a collective that waits on a dead rank.
     timeout = datetime.timedelta(seconds=comm_timeout_s(timeout_s))
