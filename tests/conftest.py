@@ -39,6 +39,7 @@ MARKS = {
         "test_te_layout.py": ALL,
         "test_reliability_untrusted.py": ALL,
         "test_reliability_runs.py": ALL,
+        "test_bf16_build.py": ("test_bf16_run_builds_bf16_with_exact_masters_through_compaction",),
     },
     "multirank": {
         "test_data_dynamic.py": ("test_two_gloo_ranks_partition_the_global_batch",),
@@ -56,6 +57,7 @@ MARKS = {
         "test_training.py": ALL,
         "test_training_pp.py": ALL,
         "test_training_tp.py": ALL,
+        "test_bf16_build.py": ("test_bf16_run_builds_bf16_with_exact_masters_through_compaction",),
     },
 }
 
