@@ -3,6 +3,7 @@ masters start from the source's own values, a compaction rebuilds in bf16 with t
 masters exact, and the core attention's softmax runs in fp32 under bf16."""
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -75,7 +76,7 @@ def test_sdpa_softmax_is_fp32_under_bf16():
     assert err < bf16_softmax_err / 2
 
 
-def _bf16_run(rank, world_size, run_dir):
+def _bf16_run(rank, world_size, run_dir, zero_stage):
     from megatron_effllm import layout
     from megatron_effllm.engine.deepspeed_engine import DeepSpeedEngine
     from megatron_effllm.model.weights import model_style
@@ -122,15 +123,17 @@ def _bf16_run(rank, world_size, run_dir):
     trainer_mod.build_engine = spy_build_engine
     trainer_mod.load_canonical_masters = spy_load_masters
     DeepSpeedEngine.rebuild = spy_rebuild
-    summary = trainer_mod.run(load_config(TINY, SHORT_BF16 + [f"run_dir={run_dir}"]))
+    summary = trainer_mod.run(load_config(TINY, SHORT_BF16 + [f"run_dir={run_dir}", f"parallel.zero_stage={zero_stage}"]))
     return seen, summary
 
 
-def test_bf16_run_builds_bf16_with_exact_masters_through_compaction(tmp_path):
-    """A 2-rank ZeRO-2 bf16 run of the tiny config: the model DeepSpeed receives is bf16 at the
-    start and at every compaction; the masters start from the (fp32, random) source values
-    exactly, and after each compaction equal the sliced masters and moments exactly."""
-    results = run_ranks(_bf16_run, world_size=2, args=(str(tmp_path / "run"),))
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_bf16_run_builds_bf16_with_exact_masters_through_compaction(tmp_path, zero_stage):
+    """A 2-rank bf16 run of the tiny config (masters partitioned; at ZeRO-3 the weights too): the
+    model DeepSpeed receives is bf16 at the start and at every compaction; the masters start
+    from the (fp32, random) source values exactly, and after each compaction equal the sliced
+    masters and moments exactly."""
+    results = run_ranks(_bf16_run, world_size=2, args=(str(tmp_path / "run"), zero_stage))
     for rank, (seen, summary) in enumerate(results):
         assert seen["built"] and all(b == ({"torch.bfloat16"}, True, torch.bfloat16, True) for b in seen["built"]), \
             (rank, seen["built"])
