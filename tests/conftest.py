@@ -49,6 +49,7 @@ MARKS = {
             "test_two_ranks_end_to_end_under_the_checking_backend",
             "test_the_old_trainer_fails_under_the_checking_backend",
         ),
+        "test_bf16_build.py": ("test_bf16_run_builds_bf16_with_exact_masters_through_compaction",),
     },
     "multirank": {
         "test_distill_kl.py": ("test_tensor_parallel_kl_equals_the_single_process_kl",),
@@ -74,6 +75,7 @@ MARKS = {
             "test_two_ranks_end_to_end_under_the_checking_backend",
             "test_the_old_trainer_fails_under_the_checking_backend",
         ),
+        "test_bf16_build.py": ("test_bf16_run_builds_bf16_with_exact_masters_through_compaction",),
     },
 }
 

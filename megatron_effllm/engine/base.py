@@ -25,7 +25,8 @@ class EngineOptions:
     zero_stage: int = 0
     """0: replicated; 1: optimizer state partitioned; 2: and gradients; 3: and parameters."""
     bf16: bool = False
-    """bf16 weights and activations over fp32 masters (fp32 throughout when False)."""
+    """bf16 weights and activations over fp32 masters (fp32 throughout when False). The model
+    comes built in bf16; the masters are made from it (``set_full_param`` writes exact ones)."""
     fp32_grad_accum: bool = False
     """With bf16: gradients summed over micro-batches in fp32 (ZeRO stages 1-3)."""
     overlap_comm: Optional[bool] = None
@@ -107,10 +108,11 @@ class TrainEngine(Protocol):
     def rebuild(self, build_model: Callable[[], torch.nn.Module], slice_state: Callable[[Iterator], Iterator], *,
                 carry_optimizer_state: bool = True,
                 after_destroy: Callable[[], None] = lambda: None) -> "TrainEngine":
-        """An engine over ``build_model()`` (new shapes) whose state is ``slice_state`` of this
-        one's ``iter_full_state``; this engine is destroyed and its memory released first, the
-        sliced state held one parameter per data-parallel rank in between (collective;
-        ``after_destroy`` runs after the destruction)."""
+        """An engine over ``build_model()`` (new shapes, built in the training dtype) whose
+        state, fp32 masters exact, is ``slice_state`` of this one's ``iter_full_state``; this
+        engine is destroyed and its memory released first, the sliced state held one parameter
+        per data-parallel rank in between (collective; ``after_destroy`` runs after the
+        destruction)."""
 
     def save(self, folder: str) -> None:
         """Write model and optimizer state under ``folder`` (collective; each rank its own

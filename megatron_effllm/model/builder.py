@@ -179,6 +179,7 @@ def make_transformer_config(
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
+        attention_softmax_in_fp32=True,  # as megatron: the softmax upcasts under bf16/fp16
         use_cpu_initialization=not torch.cuda.is_available(),
         cuda_graph_scope=[],
         perform_initialization=init_weights,
@@ -248,6 +249,7 @@ def build_gpt_model(
             rotary_base=arch.rope_theta,
             seq_len_interpolation_factor=rope.get("seq_len_interpolation_factor"),
         )
+    _cast_parameters(model, params_dtype)
     if not init_weights:
         mark_tensor_parallel_weights(model)
     if "llama3" in rope:
@@ -256,6 +258,15 @@ def build_gpt_model(
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter in ``dtype``: the local spec's torch norms ignore ``params_dtype``
+    (megatron's Float16Module casts them afterwards). Buffers stay as built (RoPE frequencies
+    in fp32), as DeepSpeed's cast leaves them."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def _with_sdpa(spec):

@@ -50,6 +50,15 @@ def load_canonical(model: torch.nn.Module, arch: Architecture, sd: Mapping[str, 
     load_local(model, layout.to_megatron(arch, sd, comm.dims(), model_style(model)))
 
 
+def load_canonical_masters(engine, arch: Architecture, sd: Mapping[str, torch.Tensor]) -> None:
+    """Write a canonical state dict into every copy a training engine keeps of this rank's
+    shard, its fp32 masters included: a bf16 engine makes its masters from the bf16 module, so
+    an fp32 source would otherwise start training from its values rounded to bf16."""
+    local = layout.to_megatron(arch, sd, comm.dims(), model_style(engine.module))
+    for name, p in engine.module.named_parameters():
+        engine.set_full_param(p, local[name].float())
+
+
 def gather_shards(model: torch.nn.Module) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     """Every model-parallel rank's shard state dict (CPU copies), keyed (tp_rank, pp_rank),
     on every rank of the model-parallel group."""

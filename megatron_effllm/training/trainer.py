@@ -36,7 +36,7 @@ from megatron_effllm.engine.base import EngineOptions, TrainEngine
 from megatron_effllm.errors import UserError
 from megatron_effllm.log import get_logger, setup_logging
 from megatron_effllm.model.builder import Recompute, build_gpt_model
-from megatron_effllm.model.weights import gather_canonical, load_canonical
+from megatron_effllm.model.weights import gather_canonical, load_canonical, load_canonical_masters
 from megatron_effllm.parallel import comm
 from megatron_effllm.parallel.runtime import comm_timeout_s, init_model_parallel
 from megatron_effllm.training import checkpoint as ckpt
@@ -96,9 +96,11 @@ class Trainer:
                             sequence_parallel=par.sequence_parallel)
 
     def _build_model(self, arch: Architecture, canonical: Optional[dict]):
+        """The model in the training dtype (megatron's config knows it), before any engine."""
         torch.manual_seed(self.cfg.seed)
         m = self.cfg.model
-        model = build_gpt_model(arch, params_dtype=torch.float32, init_weights=canonical is None,
+        model = build_gpt_model(arch, params_dtype=torch.bfloat16 if m.dtype == "bf16" else torch.float32,
+                                init_weights=canonical is None,
                                 use_te={"auto": None, "te": True, "local": False}[m.layers],
                                 recompute=Recompute(m.recompute, m.recompute_method, m.recompute_num_layers))
         if canonical is not None:
@@ -202,9 +204,11 @@ class Trainer:
             if self.rollback is not None:  # the data stream goes on past the batches that failed
                 trainer_state["data"] = self.rollback.data_state
         model = self._build_model(arch, canonical)
-        del canonical
         engine = build_engine(cfg.parallel.engine, model, self._engine_options())
         del model  # the engine owns it; a compaction replaces it
+        if canonical is not None and engine.options.bf16:  # masters from the source's own values
+            load_canonical_masters(engine, arch, canonical)
+        del canonical
         if resume_dir is not None:
             ckpt.load_engine_state(engine, resume_dir)  # refuses another layout in one line
             pruning.load_rank_state_dict(ckpt.read_rank_state(resume_dir))
