@@ -11,11 +11,16 @@ naming the largest term and what to change. ``launchers/pretrain_prune.sh CONFIG
 runs this.
 """
 import argparse
+import contextlib
 import sys
 
 from megatron_effllm.errors import UserError, cli_entry
-from megatron_effllm.planning import make_plan
-from megatron_effllm.planning.report import to_json, to_text
+
+# DeepSpeed (the engine's config builder) logs its accelerator choice to stdout at import, and
+# binds its log handler to the stdout of that moment: keep stdout for the plan (--json).
+with contextlib.redirect_stdout(sys.stderr):
+    from megatron_effllm.planning import make_plan
+    from megatron_effllm.planning.report import to_json, to_text
 
 SCALE_KEYS = {"nodes": int, "gpus_per_node": int, "gpu_mem_gb": float}
 

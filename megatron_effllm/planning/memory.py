@@ -14,7 +14,8 @@ Bytes per parameter element of the rank's shard (Psi), b = 2 (bf16) or 4 (fp32),
   1F1B keeps min(PP - stage, micro-batches per step) of them in flight; with full recompute a
   layer keeps only its input (T h b) and one layer's activations exist at a time. Attention runs
   as flash/memory-efficient SDPA on a GPU (no s x s score matrix is kept);
-- logits on the last stage: T x vocab / TP in b, their fp32 copy in the loss and its gradient;
+- logits on the last stage: T x vocab / TP, 8 bytes each (the output, the loss's fp32 buffer
+  that megatron's cross entropy turns into the gradient in place, the gradient in b);
 - pruning: the saliency accumulators (fp64 vectors over the whole model's groups, every rank),
   the OBS Hessians of the rank's o_proj / down_proj inputs (fp32 w x w), one 0/1 byte mask per
   weight entry;
@@ -108,7 +109,9 @@ def rank_memory(cfg, arch: Architecture, sh: Shard, lay: Layout, grad_accum: int
     plain, recompute = activation_bytes(arch, sh, lay, tokens, b, grad_accum)
     terms["activations"] = plain
     last = sh.pp_rank == lay.pp - 1
-    terms["logits"] = tokens * (arch.vocab_size // lay.tp) * (b + 2 * FP32) if last else 0
+    # the output (b), the loss's fp32 buffer that becomes its gradient in place, and with bf16 that
+    # gradient cast back (b): 8 bytes a logit either way
+    terms["logits"] = tokens * (arch.vocab_size // lay.tp) * 2 * FP32 if last else 0
     terms.update(pruning_bytes(cfg, arch, sh))
     state = sum(terms[k] for k in ("weights", "gradients", "optimizer", "saliency", "hessians", "masks"))
     in_flight = 2 * sh.largest * (FP32 + ADAM_MOMENTS)  # one tensor's full state and its slice

@@ -41,7 +41,7 @@ class Layout:
     def rank_of(self, dims: ParallelDims) -> int:
         return dims.tp_rank + self.tp * (dims.dp_rank + self.dp * dims.pp_rank)
 
-    def rank_of_shard(self, sh: "Shard", dp_rank: int = 0) -> int:
+    def rank_of_shard(self, sh: Shard, dp_rank: int = 0) -> int:
         return self.rank_of(ParallelDims(sh.tp_rank, self.tp, sh.pp_rank, self.pp, dp_rank, self.dp))
 
 

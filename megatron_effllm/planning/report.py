@@ -40,9 +40,9 @@ def to_text(plan: Plan) -> str:
     lay, cfg = plan.layout, plan.cfg
     out = [f"config {plan.config}" + (f" {' '.join(plan.overrides)}" if plan.overrides else ""),
            f"model: {plan.arch.num_params():,} parameters, {plan.arch.num_layers} layers ({plan.arch_from})",
-           f"layout: {lay.nodes} nodes x {lay.gpus_per_node} GPUs = {lay.world} ranks = DP {lay.dp} x TP {lay.tp} "
+           (f"layout: {lay.nodes} nodes x {lay.gpus_per_node} GPUs = {lay.world} ranks = DP {lay.dp} x TP {lay.tp} "
            f"x PP {lay.pp}; ZeRO-{cfg.parallel.zero_stage}, {cfg.model.dtype}; {plan.grad_accum} micro-batches of "
-           f"{cfg.data.micro_batch} x {cfg.data.seq_len} tokens per rank and step",
+           f"{cfg.data.micro_batch} x {cfg.data.seq_len} tokens per rank and step"),
            "", "parameters per rank (the same on every DP rank of a shard):"]
     for sh, _ in plan.memory:
         out.append(f"  PP stage {sh.pp_rank} TP rank {sh.tp_rank}: layers {sh.layers.start}-{sh.layers.stop - 1}, "
