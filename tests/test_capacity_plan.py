@@ -2,11 +2,8 @@
 rank builds (megatron-core's parallel state for sampled ranks of a 1,024-rank world on torch's
 fake process group, models on the meta device), the shipped configs plan at the scale their
 headers state, and a config that does not fit is refused in one line."""
-import importlib
 import json
-import os
 import random
-import sys
 import re
 
 import pytest
@@ -24,7 +21,6 @@ from megatron_effllm.planning.memory import state_bytes
 CONFIGS = ("configs/tiny_cpu.yaml", "configs/smollm2_135m_cpu_demo.yaml",
            "configs/llama3_2_1b_to_0_5b.yaml", "configs/qwen2_5_1_5b_to_0_5b.yaml")
 WORLD = 1024  # 128 nodes x 8
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 # (tp, pp) at 1,024 ranks: every config split by TP and/or PP (smollm2: 30 layers over 4 uneven stages)
 SPLITS = {"configs/tiny_cpu.yaml": (2, 2), "configs/smollm2_135m_cpu_demo.yaml": (1, 4),
           "configs/llama3_2_1b_to_0_5b.yaml": (8, 2), "configs/qwen2_5_1_5b_to_0_5b.yaml": (2, 4)}
@@ -117,11 +113,3 @@ def test_bad_scale_is_one_error_line(items, message, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
 
-
-@pytest.mark.slow
-def test_memory_model_within_15_percent_of_a_measured_tiny_run():
-    """The plan's step peak against the resident memory a real CPU run of the tiny config grows
-    by once its model is built (tools/bench_plan_memory.py; SmolLM2 numbers in BENCHMARKS.md)."""
-    bench = importlib.import_module("bench_plan_memory")
-    result = bench.measure("configs/tiny_cpu.yaml", 3, [])
-    assert 0.85 <= result["ratio"] <= 1.15, result
