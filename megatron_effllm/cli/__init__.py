@@ -8,6 +8,7 @@
 | ``effllm-export-gguf`` | ``cli.export_gguf`` | HF folder -> GGUF for llama.cpp |
 | ``effllm-evaluate`` | ``cli.evaluate`` | held-out perplexity and zero-shot accuracy |
 | ``effllm-preprocess`` | ``cli.preprocess`` | text -> megatron-core indexed datasets |
+| ``effllm-plan`` | ``cli.plan`` | dry run: per-rank parameters, memory, checkpoint bytes, launch lines |
 
 Each module's ``main(argv)`` is what the console script runs (``python -m megatron_effllm.cli.X``
 runs the same); a bad input ends with one ``error:`` line and exit code 2 (``errors.cli_entry``).

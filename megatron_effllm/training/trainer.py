@@ -52,6 +52,47 @@ from megatron_effllm.training.source import load_source
 log = get_logger(__name__)
 
 
+def check_pipeline(cfg: RunConfig) -> None:
+    """A UserError for what pipeline parallelism cannot run (the dry run refuses the same)."""
+    par = cfg.parallel
+    if par.pp > 1 and par.zero_stage not in (1, 2):
+        raise UserError(
+            f"parallel.pp={par.pp} needs parallel.zero_stage 1 or 2 (got {par.zero_stage}): ZeRO-3 "
+            "partitions each stage's parameters, and without ZeRO the engine's clipping counts only "
+            "the first stage's replicated tensors"
+        )
+    if par.pp > 1 and cfg.prune.strategy != "none" and cfg.prune.allow_depth:
+        raise UserError(
+            f"prune.allow_depth=true with parallel.pp={par.pp}: removing layers would move layers "
+            "between pipeline stages; set prune.allow_depth=false or parallel.pp=1"
+        )
+
+
+def grad_accumulation(cfg: RunConfig, dp_size: int) -> int:
+    """Micro-batches per step and data-parallel rank; a UserError when the global batch does
+    not split evenly (the dry run plans with the same rule)."""
+    d = cfg.data
+    per_pass = d.micro_batch * dp_size
+    if d.global_batch % per_pass:
+        raise UserError(
+            f"data.global_batch {d.global_batch} must be a multiple of micro_batch x data-parallel "
+            f"size = {d.micro_batch} x {dp_size}"
+        )
+    return d.global_batch // per_pass
+
+
+def engine_options(cfg: RunConfig, grad_accum: int) -> EngineOptions:
+    """The training engine's options for ``cfg`` (the dry run builds its DeepSpeed JSON from them)."""
+    o = cfg.optim
+    return EngineOptions(
+        micro_batch=cfg.data.micro_batch, grad_accum=grad_accum,
+        zero_stage=cfg.parallel.zero_stage, bf16=cfg.model.dtype == "bf16",
+        fp32_grad_accum=cfg.model.fp32_grad_accum, overlap_comm=cfg.parallel.overlap_comm,
+        clip_grad=o.clip_grad, lr=o.lr, weight_decay=o.weight_decay,
+        betas=(o.beta1, o.beta2), eps=o.eps,
+    )
+
+
 class Trainer:
     rollback: Optional[faults.Rollback] = None  # set when run() restarts after non-finite steps
     rollbacks = 0
@@ -63,13 +104,7 @@ class Trainer:
         self.dp_rank, self.dp_size = dims.dp_rank, dims.dp
         self.is_main = comm.global_rank() == 0
         d = cfg.data
-        per_pass = d.micro_batch * self.dp_size
-        if d.global_batch % per_pass:
-            raise UserError(
-                f"data.global_batch {d.global_batch} must be a multiple of micro_batch x data-parallel "
-                f"size = {d.micro_batch} x {self.dp_size}"
-            )
-        self.grad_accum = d.global_batch // per_pass
+        self.grad_accum = grad_accumulation(cfg, self.dp_size)
         self.run_dir = cfg.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.metrics = None  # opened once the run really starts (a refused start writes nothing)
@@ -80,18 +115,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def _init_distributed(self) -> None:
+        check_pipeline(self.cfg)
         par = self.cfg.parallel
-        if par.pp > 1 and par.zero_stage not in (1, 2):
-            raise UserError(
-                f"parallel.pp={par.pp} needs parallel.zero_stage 1 or 2 (got {par.zero_stage}): ZeRO-3 "
-                "partitions each stage's parameters, and without ZeRO the engine's clipping counts only "
-                "the first stage's replicated tensors"
-            )
-        if par.pp > 1 and self.cfg.prune.strategy != "none" and self.cfg.prune.allow_depth:
-            raise UserError(
-                f"prune.allow_depth=true with parallel.pp={par.pp}: removing layers would move layers "
-                "between pipeline stages; set prune.allow_depth=false or parallel.pp=1"
-            )
         init_model_parallel(par.tp, par.pp, seed=self.cfg.seed, timeout_s=par.comm_timeout_s,
                             sequence_parallel=par.sequence_parallel)
 
@@ -110,14 +135,7 @@ class Trainer:
         return model
 
     def _engine_options(self) -> EngineOptions:
-        o = self.cfg.optim
-        return EngineOptions(
-            micro_batch=self.cfg.data.micro_batch, grad_accum=self.grad_accum,
-            zero_stage=self.cfg.parallel.zero_stage, bf16=self.cfg.model.dtype == "bf16",
-            fp32_grad_accum=self.cfg.model.fp32_grad_accum, overlap_comm=self.cfg.parallel.overlap_comm,
-            clip_grad=self.cfg.optim.clip_grad, lr=o.lr, weight_decay=o.weight_decay,
-            betas=(o.beta1, o.beta2), eps=o.eps,
-        )
+        return engine_options(self.cfg, self.grad_accum)
 
     # ------------------------------------------------------------------ model calls
     def _loss(self, engine: TrainEngine, batch: dict) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""The dry-run capacity plan: per-rank parameter counts equal those of the megatron models each
+rank builds (megatron-core's parallel state for sampled ranks of a 1,024-rank world on torch's
+fake process group, models on the meta device), the shipped configs plan at the scale their
+headers state, and a config that does not fit is refused in one line."""
+import json
+import random
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from megatron_effllm.cli import plan as plan_cli
+from megatron_effllm.model.builder import build_gpt_model
+from megatron_effllm.parallel.runtime import ensure_cpu_support
+from megatron_effllm.planning import make_plan
+from megatron_effllm.planning.memory import state_bytes
+
+CONFIGS = ("configs/tiny_cpu.yaml", "configs/smollm2_135m_cpu_demo.yaml",
+           "configs/llama3_2_1b_to_0_5b.yaml", "configs/qwen2_5_1_5b_to_0_5b.yaml")
+WORLD = 1024  # 128 nodes x 8
+# (tp, pp) at 1,024 ranks: every config split by TP and/or PP (smollm2: 30 layers over 4 uneven stages)
+SPLITS = {"configs/tiny_cpu.yaml": (2, 2), "configs/smollm2_135m_cpu_demo.yaml": (1, 4),
+          "configs/llama3_2_1b_to_0_5b.yaml": (8, 2), "configs/qwen2_5_1_5b_to_0_5b.yaml": (2, 4)}
+
+
+def header_scale(path: str) -> list[str]:
+    with open(path) as f:
+        found = re.search(r"^# scale: (.+)$", f.read(), re.MULTILINE)
+    assert found, f"{path} has no '# scale: nodes=.. gpus_per_node=.. gpu_mem_gb=..' header line"
+    return found.group(1).split()
+
+
+def meta_params(arch, world: int, rank: int, tp: int, pp: int) -> int:
+    """Parameters of the megatron model global rank ``rank`` builds, with megatron's own groups."""
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 create_gloo_process_groups=False)
+        with torch.device("meta"):
+            model = build_gpt_model(arch, init_weights=False, use_te=False)
+        return sum(p.numel() for p in model.parameters())
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_plan_params_equal_meta_models_at_1024_ranks(config):
+    ensure_cpu_support()
+    tp, pp = SPLITS[config]
+    probe = make_plan(config, nodes=1, gpus_per_node=tp * pp, gpu_mem_gb=1e6,
+                      overrides=[f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.zero_stage=1"])
+    dp = WORLD // (tp * pp)
+    plan = make_plan(config, nodes=WORLD // 8, gpus_per_node=8, gpu_mem_gb=1e6,
+                     overrides=[f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.zero_stage=1",
+                                f"data.global_batch={probe.cfg.data.micro_batch * dp}"])
+    assert (plan.layout.world, plan.layout.dp) == (WORLD, dp)
+    ranks = [0, WORLD - 1] + random.Random(config).sample(range(1, WORLD - 1), 4)
+    for rank in ranks:
+        assert plan.params_of_rank(rank) == meta_params(plan.arch, WORLD, rank, tp, pp), (config, rank)
+    # every parameter is on some shard; tied embeddings have a copy on the last stage, and every
+    # TP rank holds the norms
+    a = plan.arch
+    copy = a.hidden_size * a.vocab_size if a.tie_word_embeddings else 0
+    norms = a.hidden_size * (2 * a.num_layers + 1)
+    assert sum(sh.params for sh, _ in plan.memory) == a.num_params() + copy + (tp - 1) * norms
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_shipped_config_plans_at_its_header_scale(config, capsys):
+    scale = header_scale(config)
+    plan_cli.main([config, *scale, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["refusal"] is None
+    lay = out["layout"]
+    assert lay["world"] == lay["dp"] * lay["tp"] * lay["pp"] == lay["nodes"] * lay["gpus_per_node"]
+    assert out["deepspeed"]["zero_optimization"]["stage"] == lay["zero_stage"]
+    assert out["deepspeed"]["gradient_accumulation_steps"] == lay["grad_accum"]
+    assert f"--config {config}" in out["launch"]["deepspeed"] and "--module megatron_effllm.cli.train" in out["launch"]["deepspeed"]
+    assert out["checkpoint"]["total_bytes"] >= out["checkpoint"]["largest_rank_bytes"] > 0
+
+
+def test_zero_stages_split_the_state_over_data_parallel_ranks():
+    psi, dp = 1_000_000, 8
+    s0, s1, s2, s3 = (state_bytes(psi, 2, z, dp) for z in range(4))
+    assert s0["optimizer"] == 16 * psi and s1["optimizer"] == 16 * psi // dp  # fp32 master + grad + moments
+    assert s1["gradients"] == 2 * psi and s2["gradients"] == 2 * psi // dp
+    assert s2["weights"] == 2 * psi and s3["weights"] == 2 * psi // dp
+
+
+def test_a_config_that_does_not_fit_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        plan_cli.main(["configs/qwen2_5_1_5b_to_0_5b.yaml", "nodes=2", "gpus_per_node=8", "gpu_mem_gb=16",
+                       "data.micro_batch=8", "data.global_batch=512"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: does not fit:")
+    assert "the largest term is activations" in err[0] and "activation recompute" in err[0]
+
+
+@pytest.mark.parametrize("items, message", [
+    (["nodes=2", "gpus_per_node=8"], "needs gpu_mem_gb=..."),
+    (["nodes=3", "gpus_per_node=1", "gpu_mem_gb=80"], "not divisible by parallel.tp x parallel.pp"),
+    (["nodes=two", "gpus_per_node=8", "gpu_mem_gb=80"], "nodes='two' must be a number"),
+])
+def test_bad_scale_is_one_error_line(items, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        plan_cli.main(["configs/qwen2_5_1_5b_to_0_5b.yaml", *items])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
