@@ -10,21 +10,25 @@ MODULE = "megatron_effllm.cli.train"  # what both launchers start with `python -
 MASTER_PORT = 29500
 
 
-def launch_commands(config: str, overrides: list[str], lay: Layout, gpu: bool = True) -> dict:
-    """{"deepspeed": ..., "torchrun": ..., "sbatch": ..., "srun": ...}; ``HOSTFILE`` and
-    ``MASTER_ADDR`` stay as variables (they name the user's machines)."""
+def launch_commands(config: str, overrides: list[str], lay: Layout) -> dict:
+    """{"launcher", "deepspeed", "torchrun", "sbatch", "srun"}; ``HOSTFILE``, ``MASTER_ADDR`` and
+    the slurm job's variables stay as variables (they name the user's machines and job)."""
     args = " ".join(shlex.quote(a) for a in [config, *overrides])
-    devices = "--num_gpus" if gpu else "--num_accelerators"
-    ds = f"deepspeed --num_nodes {lay.nodes} --master_port {MASTER_PORT} {devices} {lay.gpus_per_node}"
+    ds = f"deepspeed --num_nodes {lay.nodes} --master_port {MASTER_PORT} --num_gpus {lay.gpus_per_node}"
     if lay.nodes > 1:
         ds += ' --hostfile "$HOSTFILE"'
-    torchrun = (f"torchrun --nnodes {lay.nodes} --nproc_per_node {lay.gpus_per_node} --rdzv_backend c10d "
+    torchrun = (f"torchrun --nnodes {lay.nodes} --nproc_per_node {lay.gpus_per_node} "
+                '--rdzv_id "${SLURM_JOB_ID:-effllm}" --rdzv_backend c10d '
                 f'--rdzv_endpoint "${{MASTER_ADDR:-127.0.0.1}}:{MASTER_PORT}" -m {MODULE} --config {args}')
+    # the sbatch template's step: resume=auto first, so the user's overrides (resume=none) win
+    srun = (f"srun --export=ALL --kill-on-bad-exit=1 --nodes={lay.nodes} --ntasks-per-node=1 "
+            '--cpus-per-task="$SLURM_CPUS_PER_TASK" bash launchers/pretrain_prune.sh '
+            + " ".join(shlex.quote(a) for a in [config, "resume=auto", *overrides]))
     return {
         "launcher": (f"NNODES={lay.nodes} NPROC_PER_NODE={lay.gpus_per_node}"
                      + (' HOSTFILE="$HOSTFILE"' if lay.nodes > 1 else "") + f" launchers/pretrain_prune.sh {args}"),
         "deepspeed": f"{ds} --module {MODULE} --config {args}",
         "torchrun": torchrun,
         "sbatch": f"sbatch --nodes {lay.nodes} --gpus-per-node {lay.gpus_per_node} launchers/slurm/pretrain_prune.sbatch {args}",
-        "srun": f"srun --kill-on-bad-exit=1 bash launchers/pretrain_prune.sh {args} resume=auto",
+        "srun": srun,
     }

@@ -107,7 +107,7 @@ def rank_memory(cfg, arch: Architecture, sh: Shard, lay: Layout, grad_accum: int
     tokens = cfg.data.seq_len * cfg.data.micro_batch
     terms = state_bytes(sh.params, b, zero, lay.dp)
     plain, recompute = activation_bytes(arch, sh, lay, tokens, b, grad_accum)
-    terms["activations"] = plain
+    terms["activations"] = recompute if cfg.model.recompute == "full" else plain
     last = sh.pp_rank == lay.pp - 1
     # the output (b), the loss's fp32 buffer that becomes its gradient in place, and with bf16 that
     # gradient cast back (b): 8 bytes a logit either way
