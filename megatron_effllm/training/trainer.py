@@ -350,7 +350,6 @@ class Trainer:
         return engine
 
     def _save(self, engine: TrainEngine, pruning, data_iter, step: int, consumed: int) -> str:
-        pruning.consolidate()
         state = {
             "step": step,
             "consumed_tokens": consumed,
