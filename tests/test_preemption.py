@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-
 from dist_utils import free_port
+
 from megatron_effllm.training import preemption
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
