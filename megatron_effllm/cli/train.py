@@ -19,6 +19,7 @@ from megatron_effllm.log import setup_logging
 from megatron_effllm.training import checkpoint as ckpt
 from megatron_effllm.training.config import load_config
 from megatron_effllm.training.faults import PeerFailure
+from megatron_effllm.training.preemption import Preempted
 from megatron_effllm.training.trainer import run
 
 
@@ -41,6 +42,10 @@ def main(argv=None):
         if _is_rank_zero():
             print(f"\n{interrupted_message(args.config, args.overrides, cfg)}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+    except Preempted:
+        # SIGTERM/SIGUSR1: every rank saved the same step (the log line says where); a requeued
+        # job continues with resume: auto, so this is a success for the scheduler.
+        return
     except PeerFailure as err:
         # Not an input problem (exit code 2): a restart with resume: auto continues the run.
         # The same one "error:" line on stderr as cli_entry's, unprefixed.

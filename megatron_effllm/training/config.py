@@ -153,6 +153,9 @@ class TrainConfig:
     nonfinite_policy: str = "skip"
     max_nonfinite: int = number(3, ge=1)
     max_rollbacks: int = number(2, ge=0)
+    # Seconds between the ranks' checks for SIGTERM/SIGUSR1 (a checkpoint, then exit 0); each check
+    # is one tiny all-reduce; 0 checks after every step (training.preemption)
+    preempt_check_s: float = number(30.0, ge=0)
 
 
 @dataclass

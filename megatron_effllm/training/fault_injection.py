@@ -2,7 +2,9 @@
 variables, read at each call):
 
     EFFLLM_KILL_AT=POINT[@STEP][:RANK]          SIGKILL this process at a named point
-    EFFLLM_KILL_SIGNAL=STOP                     SIGSTOP instead (a hung rank, not a dead one)
+    EFFLLM_KILL_SIGNAL=STOP                     SIGSTOP instead (a hung rank, not a dead one);
+                                                 TERM or USR1: that signal (a preemption, the
+                                                 rank goes on to its next check)
     EFFLLM_INJECT_NONFINITE=KIND@STEP[:RANK],.. KIND loss (NaN loss), grad (finite loss,
                                                  infinite gradients) or weights (a NaN weight
                                                  tensor after the step's update: a finite step
@@ -33,6 +35,8 @@ KILL_POINTS = (
     "ckpt.after_latest",      # `latest` updated, older checkpoints not removed yet (rank 0)
 )
 
+KILL_SIGNALS = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP, "TERM": signal.SIGTERM, "USR1": signal.SIGUSR1}
+
 
 def _parse(spec: str) -> tuple[str, Optional[int], Optional[int]]:
     rank = None
@@ -47,7 +51,8 @@ def _parse(spec: str) -> tuple[str, Optional[int], Optional[int]]:
 
 
 def kill_point(name: str, step: Optional[int] = None) -> None:
-    """SIGKILL (or SIGSTOP) this process here when EFFLLM_KILL_AT names this point, step, rank."""
+    """SIGKILL (or EFFLLM_KILL_SIGNAL) this process here when EFFLLM_KILL_AT names this point,
+    step, rank."""
     spec = os.environ.get("EFFLLM_KILL_AT")
     if not spec:
         return
@@ -56,8 +61,8 @@ def kill_point(name: str, step: Optional[int] = None) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    stop = os.environ.get("EFFLLM_KILL_SIGNAL", "KILL").upper() == "STOP"
-    os.kill(os.getpid(), signal.SIGSTOP if stop else signal.SIGKILL)
+    sig = KILL_SIGNALS.get(os.environ.get("EFFLLM_KILL_SIGNAL", "KILL").upper(), signal.SIGKILL)
+    os.kill(os.getpid(), sig)
 
 
 _fired: set = set()

@@ -50,7 +50,7 @@ SAFE_ON_RESUME = (
     "optim.clip_grad",
     "train.steps", "train.log_interval", "train.eval_interval", "train.checkpoint_interval",
     "train.keep_checkpoints", "train.progress_bar", "train.nonfinite_policy", "train.max_nonfinite",
-    "train.max_rollbacks",
+    "train.max_rollbacks", "train.preempt_check_s",
     "export.hf", "export.hf_dtype", "export.gguf",
 )
 NOT_COMPARED = ("resume",)  # how this start was asked for, not what the run is

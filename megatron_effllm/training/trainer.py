@@ -40,7 +40,7 @@ from megatron_effllm.model.weights import gather_canonical, load_canonical, load
 from megatron_effllm.parallel import comm
 from megatron_effllm.parallel.runtime import comm_timeout_s, init_model_parallel
 from megatron_effllm.training import checkpoint as ckpt
-from megatron_effllm.training import faults, preflight, run_dir
+from megatron_effllm.training import faults, preemption, preflight, run_dir
 from megatron_effllm.training.config import RunConfig, save_config
 from megatron_effllm.training.fault_injection import inject_nonfinite, inject_nonfinite_weights, kill_point
 from megatron_effllm.training.metrics import MetricsLogger, plot_run
@@ -257,6 +257,7 @@ class Trainer:
         guard = faults.StepGuard(cfg.train, self.ckpt_root, rollbacks_done=self.rollbacks, metrics=self.metrics)
         timing = {"train": 0.0, "prune": 0.0, "compact": 0.0}
         loss_val = float("nan")
+        watch = preemption.Watch(cfg.train.preempt_check_s, start_step)
         for step in range(start_step, cfg.train.steps):
             t0 = time.time()
             lr = learning_rate(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
@@ -343,8 +344,12 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             kill_point("step.end", done)
-            if done % cfg.train.checkpoint_interval == 0 or done == cfg.train.steps:
-                self._save(engine, pruning, data_iter, done, consumed)
+            stop = watch.requested(done)  # collective on its check steps
+            if stop or done % cfg.train.checkpoint_interval == 0 or done == cfg.train.steps:
+                loss_val = guard.resolve(engine, pruning)  # a checkpoint holds no unread step
+                folder = self._save(engine, pruning, data_iter, done, consumed)
+            if stop:
+                preemption.stop(stop, done, folder, self.metrics, bar)
         if bar is not None:
             bar.close()
         # Whatever is still only masked goes now, so the exported model is the small one.
@@ -375,8 +380,7 @@ class Trainer:
                           "architecture": plan.after.to_dict()})
         return engine
 
-    def _save(self, engine: TrainEngine, pruning, data_iter, step: int, consumed: int) -> None:
-        pruning.consolidate()
+    def _save(self, engine: TrainEngine, pruning, data_iter, step: int, consumed: int) -> str:
         state = {
             "step": step,
             "consumed_tokens": consumed,
@@ -387,9 +391,9 @@ class Trainer:
             "fingerprint": self.fingerprint,  # what a resume must not change (run_dir)
             "settings": self.settings,
         }
-        ckpt.save(engine, self.ckpt_root, step, architecture_json=pruning.arch.to_json(),
-                  trainer_state=state, keep=self.cfg.train.keep_checkpoints,
-                  rank_state=pruning.rank_state_dict())
+        return ckpt.save(engine, self.ckpt_root, step, architecture_json=pruning.arch.to_json(),
+                         trainer_state=state, keep=self.cfg.train.keep_checkpoints,
+                         rank_state=pruning.rank_state_dict())
 
     def _finish(self, engine: TrainEngine, pruning, timing: dict, wall: float, last_loss: float) -> dict:
         """Gather the canonical weights (over TP: collective), evaluate; rank 0 writes the results."""
@@ -446,9 +450,11 @@ class Trainer:
 
 
 def run(cfg: RunConfig) -> dict:
-    """Train; a lost peer becomes a one-line PeerFailure, a rollback restarts the loop."""
+    """Train; a lost peer becomes a one-line PeerFailure, a rollback restarts the loop, SIGTERM or
+    SIGUSR1 on any rank a checkpoint and ``preemption.Preempted`` on every rank."""
     setup_logging()
-    with faults.peer_failures(comm_timeout_s(cfg.parallel.comm_timeout_s), os.path.join(cfg.run_dir, "logs")):
+    with faults.peer_failures(comm_timeout_s(cfg.parallel.comm_timeout_s), os.path.join(cfg.run_dir, "logs")), \
+            preemption.signals():
         trainer = Trainer(cfg)
         try:
             while True:

@@ -410,9 +410,6 @@ class L0Runtime(RuntimeBase):
         self._seg = {}
 
     # ------------------------------------------------------------------ checkpoint
-    def consolidate(self) -> None:
-        """Nothing to gather: every data-parallel rank holds the same gates."""
-
     def rank_state_dict(self) -> None:
         """Nothing differs between ranks (the gates are replicated)."""
         return None

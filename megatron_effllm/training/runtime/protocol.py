@@ -82,14 +82,12 @@ class PruningRuntime(Protocol):
     def effective_arch(self) -> Architecture: ...
 
     # --- checkpoints ---------------------------------------------------------------------
-    def consolidate(self) -> None:
-        """Collective before saving: the shared state on the rank that saves it."""
-
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
 
     def rank_state_dict(self) -> Optional[dict]:
-        """This rank's own state when ranks differ (None otherwise)."""
+        """This rank's own state when ranks differ (None otherwise): saved by every rank as it is,
+        so that saving changes nothing and a resume continues it bit for bit."""
 
     def load_rank_state_dict(self, state: Optional[dict]) -> None: ...

@@ -334,38 +334,22 @@ class SaliencyRuntime(RuntimeBase):
             self._masks.clear()
 
     # ------------------------------------------------------------------ checkpoint
-    def consolidate(self) -> None:
-        """Move the running sums to one rank (``state.Statistics.consolidate``) before saving."""
-        self.stats.consolidate()
-
-    def _rank_local_hessians(self) -> bool:
-        """Whether model-parallel ranks hold different Hessians (TP: their own columns; PP: their
-        own layers), so that each saves its own."""
-        return self.cfg.parallel.tp > 1 or self.cfg.parallel.pp > 1
-
     def state_dict(self) -> dict:
-        """The state every rank shares (saved once, by rank 0, after ``consolidate``)."""
-        state = {**self._common_state(), **self.stats.shared_state(), "waiting": self.waiting}
-        if not self._rank_local_hessians():
-            state.update(self.stats.local_obs_state())
-        return state
+        """The state every rank shares (saved once, by rank 0); the running sums are per rank."""
+        return {**self._common_state(), "waiting": self.waiting}
 
     def load_state_dict(self, state: dict) -> None:
         self._load_common_state(state)
         self.waiting = bool(state["waiting"])
         self.stats = self._new_statistics(self.arch)
-        self.stats.load_shared_state(state)
 
-    def rank_state_dict(self) -> Optional[dict]:
-        """What differs between model-parallel ranks and must be saved by each (None at TP=PP=1):
-        the Hessians of this rank's o_proj / down_proj columns and their cached inverses."""
-        return self.stats.local_obs_state() if self._rank_local_hessians() else None
+    def rank_state_dict(self) -> dict:
+        """This rank's own running sums (scores, Hessians, layer cosines) and cached H^-1."""
+        return self.stats.rank_state()
 
     def load_rank_state_dict(self, state: Optional[dict]) -> None:
         """This rank's own ``rank_state_dict`` (after ``load_state_dict``)."""
-        if not self._rank_local_hessians():
-            return
         if state is None:
             raise UserError("the checkpoint has no per-rank pruning state for this rank; resume with the "
                             "layout it was written with")
-        self.stats.load_local_obs_state(state)
+        self.stats.load_rank_state(state)

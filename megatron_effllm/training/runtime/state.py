@@ -1,11 +1,11 @@
 """Checkpointable runtime state. The saliency runtime's running statistics across ranks and in checkpoints: scores, OBS
 Hessians (and the cached H^-1 of the current compaction cycle) and Adapt-Pruner's layer cosines.
 
-Every data-parallel rank accumulates its own sums; ``consolidate`` moves them to one rank
-without changing the totals (all any decision reads), so one copy of the shared state is saved.
-Under TP / PP the Hessians differ between model-parallel ranks (each its own columns / layers)
-and are saved by every rank (``local_obs_state``). Checkpoints hold CPU copies
-(``training.checkpoint``); ``to_device`` puts them back next to the model.
+Every rank accumulates its own sums (a decision reads their reduction) and saves them as they
+are (``rank_state``): a checkpoint, taken at whatever step a preemption falls on, changes nothing
+in memory, and a resumed rank continues exactly the sums it had. (Summing them onto one rank
+before saving would round differently from the run that went on unsaved.) Checkpoints hold CPU
+copies (``training.checkpoint``); ``to_device`` puts them back next to the model.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 
-from megatron_effllm.parallel import comm
 from megatron_effllm.pruning import obs as obs_mod
 
 
@@ -70,27 +69,6 @@ class Statistics:
             state[f"n.{name}"] += keep * x.shape[0]
         self._hessian_inputs = []
 
-    @torch.no_grad()
-    def consolidate(self) -> None:
-        """Move every data-parallel rank's running sums to DP rank 0 (others hold zeros), and the
-        saliency sums also to TP rank 0 and the first stage (each stage: its own layers')."""
-        if comm.size("dp") > 1:
-            first = comm.rank("dp") == 0
-            self._move_to_first("dp", first, (self.saliency.state, self.hessians.state,
-                                              {"layer_cos": self.layer_cos}))
-        if comm.size("tp") > 1:  # partial, zero-padded sums: they add up
-            self._move_to_first("tp", comm.rank("tp") == 0, (self.saliency.state,))
-        if comm.size("pp") > 1:
-            self._move_to_first("pp", comm.rank("pp") == 0, (self.saliency.state, {"layer_cos": self.layer_cos}))
-
-    @staticmethod
-    def _move_to_first(group: str, first: bool, states) -> None:
-        for state in states:
-            for key in sorted(state):
-                comm.all_reduce_(state[key], group)
-                if not first:
-                    state[key].zero_()
-
     def local_obs_state(self) -> dict:
         return {
             "hessians": {k: v.clone() for k, v in self.hessians.state_dict().items()},
@@ -113,21 +91,12 @@ class Statistics:
         self.hessians.load_state_dict(state["hessians"])
         self.obs_cache = dict(state.get("obs_cache", {}))
 
-    def shared_state(self) -> dict:
+    def rank_state(self) -> dict:
+        """This rank's running sums and OBS state, as they are."""
         return {"saliency": {k: v.clone() for k, v in self.saliency.state_dict().items()},
-                "layer_cos": self.layer_cos.clone()}
+                "layer_cos": self.layer_cos.clone(), **self.local_obs_state()}
 
-    def load_shared_state(self, state: dict) -> None:
-        """A state saved after ``consolidate`` (by rank 0): the other DP ranks start their sums
-        from zero, and so do the other TP ranks' and stages' saliency sums."""
-        first, first_tp, first_pp = comm.rank("dp") == 0, comm.rank("tp") == 0, comm.rank("pp") == 0
-        saliency = state["saliency"]
-        if not (first and first_tp and first_pp):
-            saliency = {k: torch.zeros_like(v) for k, v in saliency.items()}
-        hessians = state.get("hessians", {})
-        if not first:
-            hessians = {k: torch.zeros_like(v) for k, v in hessians.items()}
-        self.saliency.load_state_dict(saliency)
-        self.load_local_obs_state({"hessians": hessians, "obs_cache": state.get("obs_cache", {})})
-        self.layer_cos = (state["layer_cos"].clone() if first and first_pp
-                          else torch.zeros_like(state["layer_cos"]))
+    def load_rank_state(self, state: dict) -> None:
+        self.saliency.load_state_dict(state["saliency"])
+        self.layer_cos = state["layer_cos"].clone()
+        self.load_local_obs_state(state)
