@@ -23,6 +23,7 @@ import contextlib
 import functools
 import gc
 import importlib
+import io
 import logging
 import os
 from collections.abc import Mapping
@@ -112,10 +113,12 @@ def _initialize(model: torch.nn.Module, options: EngineOptions):
     # With megatron's groups, ZeRO partitions over its data-parallel group and clipping reduces
     # over its model-parallel group; without them every rank is data-parallel.
     mpu = MegatronMPU() if parallel_state.model_parallel_is_initialized() else None
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=make_optimizer(model, options), config=deepspeed_config(options),
-        mpu=mpu, model_parameters=None,
-    )
+    # DeepSpeed's BF16 optimizer prints memory reports with print() (forced, at every build)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(model, options), config=deepspeed_config(options),
+            mpu=mpu, model_parameters=None,
+        )
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise RuntimeError(f"DeepSpeed chose the {type(engine.checkpoint_engine).__name__}; only its torch "
                            "checkpoint engine has a restricted replacement")
