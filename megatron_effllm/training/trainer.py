@@ -100,7 +100,8 @@ class Trainer:
         m = self.cfg.model
         model = build_gpt_model(arch, params_dtype=torch.float32, init_weights=canonical is None,
                                 use_te={"auto": None, "te": True, "local": False}[m.layers],
-                                recompute=Recompute(m.recompute, m.recompute_method, m.recompute_num_layers))
+                                recompute=Recompute(m.recompute, m.recompute_method, m.recompute_num_layers),
+                                sequence_parallel=self.cfg.parallel.sequence_parallel)
         if canonical is not None:
             load_canonical(model, arch, canonical)
         if self.pipeline is not None:

@@ -18,10 +18,13 @@ from megatron_effllm.pruning import obs as obs_mod
 class Statistics:
     """The running sums of one rank: ``saliency`` (GradSaliency), ``hessians``
     (HessianAccumulator), ``layer_cos`` ([layers, 2]: sum cos, count) and ``obs_cache``
-    ({canonical name: (alive units, H^-1)})."""
+    ({canonical name: (alive units, H^-1)}). ``cos_split_over_tp``: the blocks see one slice of
+    the sequence per TP rank (sequence parallelism), so the layer cosines are partial sums over TP."""
 
-    def __init__(self, saliency, hessians: obs_mod.HessianAccumulator, layer_cos: torch.Tensor):
+    def __init__(self, saliency, hessians: obs_mod.HessianAccumulator, layer_cos: torch.Tensor,
+                 cos_split_over_tp: bool = False):
         self.saliency, self.hessians, self.layer_cos = saliency, hessians, layer_cos
+        self.cos_split_over_tp = cos_split_over_tp
         self.obs_cache: dict = {}
 
     def snapshot(self) -> dict:
@@ -44,7 +47,8 @@ class Statistics:
             self._move_to_first("dp", first, (self.saliency.state, self.hessians.state,
                                               {"layer_cos": self.layer_cos}))
         if comm.size("tp") > 1:  # partial, zero-padded sums: they add up
-            self._move_to_first("tp", comm.rank("tp") == 0, (self.saliency.state,))
+            self._move_to_first("tp", comm.rank("tp") == 0, (self.saliency.state,)
+                                + (({"layer_cos": self.layer_cos},) if self.cos_split_over_tp else ()))
         if comm.size("pp") > 1:
             self._move_to_first("pp", comm.rank("pp") == 0, (self.saliency.state, {"layer_cos": self.layer_cos}))
 
@@ -94,5 +98,5 @@ class Statistics:
             hessians = {k: torch.zeros_like(v) for k, v in hessians.items()}
         self.saliency.load_state_dict(saliency)
         self.load_local_obs_state({"hessians": hessians, "obs_cache": state.get("obs_cache", {})})
-        self.layer_cos = (state["layer_cos"].clone() if first and first_pp
-                          else torch.zeros_like(state["layer_cos"]))
+        cos_here = first and first_pp and (first_tp or not self.cos_split_over_tp)
+        self.layer_cos = state["layer_cos"].clone() if cos_here else torch.zeros_like(state["layer_cos"])
