@@ -35,6 +35,9 @@ def header_scale(path: str) -> list[str]:
 
 def meta_params(arch, world: int, rank: int, tp: int, pp: int) -> int:
     """Parameters of the megatron model global rank ``rank`` builds, with megatron's own groups."""
+    if dist.is_initialized():  # a one-process world an earlier test of this process left behind
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

@@ -26,7 +26,7 @@ def test_defaults_and_refusals():
     assert cfg.model.fp32_grad_accum and cfg.parallel.overlap_comm
     assert (cfg.model.recompute, cfg.parallel.sequence_parallel) == ("none", False)
     refused = {
-        ("parallel.sequence_parallel=true", "parallel.tp=2"): "parallel.sequence_parallel: true is not supported",
+        ("parallel.sequence_parallel=true",): "parallel.sequence_parallel: true needs parallel.tp >= 2",
         ("model.dtype=bf16", "parallel.zero_stage=0"): "needs parallel.zero_stage 1, 2 or 3",
         ("model.recompute=full", "parallel.pp=2"): "model.recompute: full with parallel.pp=2",
         ("model.recompute=full", "prune.strategy=sheared"): "model.recompute: full with prune.strategy sheared",

@@ -31,6 +31,7 @@ from megatron_effllm.architecture import Architecture
 from megatron_effllm.layout import stage_layer_counts
 from megatron_effllm.errors import UserError
 from megatron_effllm.model.attention import SDPAttention
+from megatron_effllm.model.sequence_parallel import reduce_sequence_parallel_grads, sequence_parallel_block
 from megatron_effllm.parallel.runtime import cpu_device_mode, ensure_cpu_support
 
 _BASE_FIELDS = tuple(f.name for f in dataclasses.fields(TransformerConfig) if f.init)
@@ -128,6 +129,7 @@ def make_transformer_config(
     pp: int = 1,
     init_weights: bool = True,
     recompute: Recompute = Recompute(),
+    sequence_parallel: bool = False,
 ) -> PerLayerTransformerConfig:
     """The megatron-core config for ``arch`` under tensor/pipeline sizes ``tp``/``pp``."""
     arch.validate(tensor_parallel=tp)
@@ -174,7 +176,7 @@ def make_transformer_config(
         rotary_interleaved=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -196,6 +198,7 @@ def build_gpt_model(
     use_te: Optional[bool] = None,
     init_weights: bool = True,
     recompute: Recompute = Recompute(),
+    sequence_parallel: bool = False,
 ) -> GPTModel:
     """Build this process's part of the megatron-core GPTModel for ``arch``.
 
@@ -209,6 +212,7 @@ def build_gpt_model(
     Weights are randomly initialised (left uninitialised with ``init_weights=False``, when
     real ones are loaded next: ``model.weights.load_canonical`` or a checkpoint).
     ``recompute``: activation recompute in training forwards (``Recompute``).
+    ``sequence_parallel``: megatron's sequence parallelism at TP > 1 (``parallel.sequence_parallel``).
     """
     ensure_cpu_support()
     if not parallel_state.model_parallel_is_initialized():
@@ -228,13 +232,16 @@ def build_gpt_model(
         raise UserError("TransformerEngine is not installed; set model.layers: local (or auto), or install transformer-engine")
 
     config = make_transformer_config(
-        arch, params_dtype=params_dtype, tp=tp, pp=pp, init_weights=init_weights, recompute=recompute
+        arch, params_dtype=params_dtype, tp=tp, pp=pp, init_weights=init_weights, recompute=recompute,
+        sequence_parallel=sequence_parallel,
     )
     rope = _rope_settings(arch)
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = _with_sdpa(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    if sequence_parallel:
+        spec = sequence_parallel_block(spec, config, fused_norms=use_te)
     with cpu_device_mode():
         model = GPTModel(
             config=config,
@@ -252,6 +259,8 @@ def build_gpt_model(
     _cast_parameters(model, params_dtype)
     if not init_weights:
         mark_tensor_parallel_weights(model)
+    if sequence_parallel:
+        reduce_sequence_parallel_grads(model)
     if "llama3" in rope:
         rot = model.rotary_pos_emb
         rot.inv_freq = rot._apply_scaling(rot.inv_freq, **rope["llama3"])

@@ -183,12 +183,28 @@ def _check_sample_index(cfg) -> None:
     )
 
 
+def _check_sequence_parallel(cfg) -> None:
+    """Sequence parallelism splits each sequence over the TP ranks; layouts it cannot serve."""
+    par, seq = cfg.parallel, cfg.data.seq_len
+    if par.tp < 2:
+        raise ConfigError("parallel.sequence_parallel: true needs parallel.tp >= 2 (it splits the sequence over the "
+                          "tensor-parallel ranks); raise parallel.tp or set it to false")
+    if seq % par.tp:
+        raise ConfigError(f"parallel.sequence_parallel: data.seq_len {seq} is not divisible by parallel.tp "
+                          f"{par.tp}; choose a multiple of {par.tp} or set sequence_parallel to false")
+    if par.pp > 1:
+        raise ConfigError(f"parallel.sequence_parallel: true with parallel.pp={par.pp} is not supported (the "
+                          "pipeline sends whole sequences between stages); set one of them off")
+    if STRATEGIES.get(cfg.prune.strategy).runtime == "l0":
+        raise ConfigError(f"parallel.sequence_parallel: true with prune.strategy {cfg.prune.strategy} is not "
+                          "supported (the L0 gates' gradients assume whole sequences); set it to false")
+
+
 def _check_cluster_knobs(cfg) -> None:
     """Precision and speed settings that the engine or the model cannot honour together."""
     m, par = cfg.model, cfg.parallel
     if par.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel: true is not supported yet (megatron-core's own norms refuse "
-                          "sequence shards and the pruning statistics assume whole sequences); set it to false")
+        _check_sequence_parallel(cfg)
     if m.dtype == "bf16" and m.fp32_grad_accum and par.zero_stage == 0:
         raise ConfigError("model.fp32_grad_accum: true with model.dtype bf16 needs parallel.zero_stage 1, 2 or 3 "
                           "(DeepSpeed has no fp32 accumulation without ZeRO); raise the stage or set it to false")

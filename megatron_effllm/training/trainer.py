@@ -127,7 +127,8 @@ class Trainer:
         model = build_gpt_model(arch, params_dtype=torch.bfloat16 if m.dtype == "bf16" else torch.float32,
                                 init_weights=canonical is None,
                                 use_te={"auto": None, "te": True, "local": False}[m.layers],
-                                recompute=Recompute(m.recompute, m.recompute_method, m.recompute_num_layers))
+                                recompute=Recompute(m.recompute, m.recompute_method, m.recompute_num_layers),
+                                sequence_parallel=self.cfg.parallel.sequence_parallel)
         if canonical is not None:
             load_canonical(model, arch, canonical)
         if self.pipeline is not None:

@@ -10,6 +10,7 @@ import torch
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.engine.base import TrainEngine
 from megatron_effllm.layout.dims import ParallelDims
+from megatron_effllm.model.sequence_parallel import factor_for_column_shards
 from megatron_effllm.model.weights import model_style
 from megatron_effllm.parallel import comm
 from megatron_effllm.parallel.distributed_pruning import feed_parameter, local_weight_masks
@@ -132,6 +133,7 @@ class LiveMasks:
             return output
         out, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
         scale = kept_norm_scale(args[0], norm_eps(module, self._default_eps), self._hidden_kept)
+        scale = factor_for_column_shards(scale, out.shape[0])
         bias = getattr(module, "bias", None)
         if isinstance(bias, torch.Tensor) and bias.numel() and not getattr(module, "skip_bias_add", False):
             out = ((out.float() - bias.float()) * scale + bias.float()).to(out.dtype)

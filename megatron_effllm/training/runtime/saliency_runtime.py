@@ -70,7 +70,8 @@ class SaliencyRuntime(RuntimeBase):
 
     def _new_statistics(self, arch: Architecture) -> Statistics:
         return Statistics(GradSaliency(arch, estimators=self._estimators), obs_mod.HessianAccumulator(),
-                          torch.zeros(arch.num_layers, 2, dtype=torch.float64))
+                          torch.zeros(arch.num_layers, 2, dtype=torch.float64),
+                          cos_split_over_tp=self.cfg.parallel.sequence_parallel)
 
     # ------------------------------------------------------------------ schedule
     def event_due(self, step: int) -> bool:
@@ -201,8 +202,10 @@ class SaliencyRuntime(RuntimeBase):
     # ------------------------------------------------------------------ prune event (masking)
     def _layer_importance(self, eff_plan: PrunePlan) -> torch.Tensor:
         """I_l = -mean cos(x_in, x_out) over data-parallel ranks (and the pipeline stages, each of
-        which holds its own layers' sums), for the layers still there."""
-        cos = comm.all_reduce_(comm.all_reduce_(self.stats.layer_cos.clone(), "dp"), "pp").cpu()
+        which holds its own layers' sums; under sequence parallelism the TP ranks too, each of
+        which saw its slice of the sequence), for the layers still there."""
+        groups = ["dp", "pp"] + (["tp"] if self.stats.cos_split_over_tp else [])
+        cos = comm.all_reduce_flat([self.stats.layer_cos], groups)[0].cpu()
         mean = cos[:, 0] / cos[:, 1].clamp(min=1.0)
         return -mean[torch.as_tensor(eff_plan.kept_layers)]
 

@@ -19,10 +19,13 @@ from megatron_effllm.pruning import obs as obs_mod
 class Statistics:
     """The running sums of one rank: ``saliency`` (GradSaliency), ``hessians``
     (HessianAccumulator), ``layer_cos`` ([layers, 2]: sum cos, count) and ``obs_cache``
-    ({canonical name: (alive units, H^-1)})."""
+    ({canonical name: (alive units, H^-1)}). ``cos_split_over_tp``: the blocks see one slice of
+    the sequence per TP rank (sequence parallelism), so the layer cosines are partial sums over TP."""
 
-    def __init__(self, saliency, hessians: obs_mod.HessianAccumulator, layer_cos: torch.Tensor):
+    def __init__(self, saliency, hessians: obs_mod.HessianAccumulator, layer_cos: torch.Tensor,
+                 cos_split_over_tp: bool = False):
         self.saliency, self.hessians, self.layer_cos = saliency, hessians, layer_cos
+        self.cos_split_over_tp = cos_split_over_tp
         self.obs_cache: dict = {}
         self._saved: Optional[dict] = None  # the small sums before the current step
         self._hessian_decay: Optional[float] = None
