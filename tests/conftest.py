@@ -39,6 +39,7 @@ MARKS = {
         "test_te_layout.py": ALL,
         "test_reliability_untrusted.py": ALL,
         "test_reliability_runs.py": ALL,
+        "test_distill_training.py": ALL,
     },
     "multirank": {
         "test_distill_kl.py": ("test_tensor_parallel_kl_equals_the_single_process_kl",),
@@ -57,6 +58,7 @@ MARKS = {
         "test_training.py": ALL,
         "test_training_pp.py": ALL,
         "test_training_tp.py": ALL,
+        "test_distill_training.py": ALL,
     },
 }
 
