@@ -56,6 +56,7 @@ MARKS = {
             "test_sequence_parallel_equals_tp2_statistics_decisions_and_obs",
             "test_sequence_parallel_training_run_ends_with_the_same_architecture",
         ),
+        "test_distill_training.py": ALL,
     },
     "multirank": {
         "test_distill_kl.py": ("test_tensor_parallel_kl_equals_the_single_process_kl",),
@@ -89,6 +90,7 @@ MARKS = {
             "test_sequence_parallel_block_cosines_survive_a_checkpoint_once",
             "test_sequence_parallel_training_run_ends_with_the_same_architecture",
         ),
+        "test_distill_training.py": ALL,
     },
 }
 

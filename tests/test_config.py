@@ -36,7 +36,7 @@ def test_overrides_and_types(tmp_path):
     (BASE, ["train.progress_bar=maybe"], "expected true or false"),
     (BASE, ["optim=0"], "config section optim. must be a mapping, got 0"),
     (BASE + "seed: 2001-02-30\n", [], r"is not valid YAML \(day is out of range for month\)"),
-    (BASE + "1: 2\n", [], "unknown config key 1; known keys: data, export"),
+    (BASE + "1: 2\n", [], "unknown config key 1; known keys: data, distill, export"),
     (BASE, ["optim.lr=1" + "0" * 400], "config key optim.lr: 10000000000000000000... is too large for a number"),
     (BASE, ["optim.min_lr=-.inf"], "config key optim.min_lr must be a finite number >= 0, got -inf"),
     (BASE, ["prune.ema=1"], r"config key prune.ema must be in \[0, 1\), got 1.0"),

@@ -1,5 +1,7 @@
 """The vocabulary-parallel distillation KL: equal to the full-vocabulary KL (one process, and two
 tensor-parallel ranks each holding half the vocabulary), zero for a teacher equal to the student."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,3 +100,35 @@ def test_tensor_parallel_kl_equals_the_single_process_kl():
     assert torch.equal(kl0, kl1)
     torch.testing.assert_close(kl0, kl.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.cat([g0, g1], dim=-1), s.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_a_teacher_with_another_vocabulary_or_tokenization_is_refused(tmp_path):
+    """Another vocabulary size, or the same size tokenizing text differently (fewer BPE merges),
+    is refused in one line before any teacher is built."""
+    import json
+    import shutil
+
+    from megatron_effllm.architecture import Architecture
+    from megatron_effllm.assets import smollm2_hf_dir
+    from megatron_effllm.errors import UserError
+    from megatron_effllm.training.teacher import _check_same_vocabulary
+
+    src = smollm2_hf_dir(dtype="float32")
+    arch = Architecture.uniform(num_layers=1, hidden_size=8, num_heads=2, num_kv_groups=1,
+                                ffn_hidden_size=8, vocab_size=49152)
+    other = Architecture.uniform(num_layers=1, hidden_size=8, num_heads=2, num_kv_groups=1,
+                                 ffn_hidden_size=8, vocab_size=32000)
+    _check_same_vocabulary("t", arch, src, arch, src)  # the same tokenizer passes
+    with pytest.raises(UserError, match="vocabulary of 32000 tokens, the student 49152"):
+        _check_same_vocabulary("t", other, src, arch, src)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), tok / name)
+    spec = json.loads((tok / "tokenizer.json").read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][:1000]
+    (tok / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="tokenizes text differently") as err:
+        _check_same_vocabulary("t", arch, str(tok), arch, src)
+    assert "\n" not in str(err.value)

@@ -166,6 +166,17 @@ class ExportConfig:
 
 
 @dataclass
+class DistillConfig:
+    # Online distillation from a frozen teacher: loss = alpha * T^2 * KL(teacher || student at
+    # temperature T) + (1 - alpha) * LM loss. teacher: "source" (the model being pruned) or any
+    # model model.source accepts (HF folder, .gguf, megatron checkpoint) with the same tokenizer.
+    teacher: str = "source"
+    alpha: float = number(0.0, ge=0, le=1)  # 0: off (no teacher is built)
+    temperature: float = number(1.0, gt=0, le=100)
+    topk: int = number(0, ge=0)  # 0: the full vocabulary (the only choice so far)
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/default"
     seed: int = number(1234, ge=0, le=2**32 - 1)  # numpy's seeds are 32-bit
@@ -179,6 +190,7 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

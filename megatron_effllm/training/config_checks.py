@@ -251,6 +251,22 @@ def validate(cfg) -> None:
         _check_number_map("data.reference_losses", ref)
     if not cfg.model.source and not cfg.model.init:
         raise ConfigError("set model.source (HF folder, .gguf or smollm2-135m) or model.init (random init)")
+    _check_distill(cfg)
     if cfg.resume not in ("auto", "none", "fresh") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume: {show_name(cfg.resume)} is not a checkpoint folder; "
                           "use auto, none, fresh or a path")
+
+
+def _check_distill(cfg) -> None:
+    k = cfg.distill
+    if k.topk:
+        raise ConfigError(f"distill.topk {k.topk}: top-k distillation is not implemented; set distill.topk: 0 "
+                          "(the full vocabulary)")
+    if not k.alpha:
+        return
+    if cfg.parallel.pp > 1:
+        raise ConfigError(f"distill.alpha {k.alpha} with parallel.pp {cfg.parallel.pp}: the teacher does not "
+                          "run as a pipeline yet; set parallel.pp: 1 (TP and DP work) or distill.alpha: 0")
+    if k.teacher != "source" and not os.path.exists(k.teacher) and k.teacher != "smollm2-135m":
+        raise ConfigError(f"distill.teacher {show_value(k.teacher)} not found; give source, an HF model "
+                          "folder, a .gguf, a megatron checkpoint folder or smollm2-135m")

@@ -17,26 +17,30 @@ import torch
 from megatron_effllm.parallel import comm
 
 
-def vocab_parallel_log_softmax(logits: torch.Tensor, group_name: str = "tp") -> torch.Tensor:
-    """log softmax over the full vocabulary of a vocabulary slice ``[..., V / TP]`` (fp32)."""
-    x = logits.float()
-    peak = x.max(dim=-1, keepdim=True).values
+def vocab_parallel_logsumexp(x: torch.Tensor, group_name: str = "tp") -> torch.Tensor:
+    """log sum_v exp(x_v) over the full vocabulary of fp32 slices ``[..., V / TP]``: ``[..., 1]``."""
+    local = torch.logsumexp(x, dim=-1, keepdim=True)
+    peak = local.clone()
     comm.all_reduce_(peak, group_name, "max")
-    shifted = x - peak
-    total = shifted.exp().sum(dim=-1, keepdim=True)
+    total = (local - peak).exp_()
     comm.all_reduce_(total, group_name, "sum")
-    return shifted - total.log()
+    return total.log_().add_(peak)
 
 
 class _VocabParallelKL(torch.autograd.Function):
+    # Three vocabulary-sized buffers, the rest in place: at 49k-entry vocabularies these tensors
+    # dominate the step's memory traffic (each fresh one is also page faults on a CPU).
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float, group_name: str):
-        log_p_student = vocab_parallel_log_softmax(student / temperature, group_name)
-        log_p_teacher = vocab_parallel_log_softmax(teacher.detach() / temperature, group_name)
+        s, t = student.detach().float(), teacher.detach().float()
+        if temperature != 1.0:
+            s, t = s / temperature, t / temperature
+        log_p_teacher = t - vocab_parallel_logsumexp(t, group_name)
         p_teacher = log_p_teacher.exp()
-        kl = (p_teacher * (log_p_teacher - log_p_student)).sum(dim=-1)
+        log_p_student = s - vocab_parallel_logsumexp(s, group_name)
+        kl = log_p_teacher.sub_(log_p_student).mul_(p_teacher).sum(dim=-1)
         comm.all_reduce_(kl, group_name, "sum")
-        # the gradient's two terms, kept in place of the logits
+        # the gradient's two terms, kept in place of the student's log-probabilities
         ctx.save_for_backward(log_p_student.exp_().sub_(p_teacher))
         ctx.temperature = temperature
         ctx.student_dtype = student.dtype
@@ -44,8 +48,8 @@ class _VocabParallelKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kl: torch.Tensor):
-        (p_diff,) = ctx.saved_tensors
-        grad = p_diff * (grad_kl.unsqueeze(-1) / ctx.temperature)
+        (p_diff,) = ctx.saved_tensors  # used once: scaled in place
+        grad = p_diff.mul_(grad_kl.unsqueeze(-1) / ctx.temperature)
         return grad.to(ctx.student_dtype), None, None, None
 
 

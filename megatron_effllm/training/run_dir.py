@@ -55,7 +55,7 @@ SAFE_ON_RESUME = (
 )
 NOT_COMPARED = ("resume",)  # how this start was asked for, not what the run is
 # Values that name files are compared by content, so a moved or copied model or data resumes.
-BY_CONTENT = ("model.source", "model.tokenizer", "model.init", "data.train", "data.heldout")
+BY_CONTENT = ("model.source", "model.tokenizer", "model.init", "data.train", "data.heldout", "distill.teacher")
 _SAMPLE = 1 << 20  # bytes read from each end of a large file
 
 

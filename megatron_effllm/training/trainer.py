@@ -48,6 +48,7 @@ from megatron_effllm.training.pipeline import PipelineStep, mark_replicated_copi
 from megatron_effllm.training.runtime.factory import make_runtime
 from megatron_effllm.training.schedules import learning_rate
 from megatron_effllm.training.source import load_source
+from megatron_effllm.training.teacher import Teacher
 
 log = get_logger(__name__)
 
@@ -96,6 +97,7 @@ def engine_options(cfg: RunConfig, grad_accum: int) -> EngineOptions:
 class Trainer:
     rollback: Optional[faults.Rollback] = None  # set when run() restarts after non-finite steps
     rollbacks = 0
+    teacher: Optional[Teacher] = None  # distill.alpha > 0: built once, kept through compactions and rollbacks
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -143,6 +145,9 @@ class Trainer:
         device = next(engine.module.parameters()).device
         tokens = batch["tokens"].to(device)
         labels = batch["labels"].to(device)
+        if self.teacher is not None:  # from the vocabulary-parallel logits [b, s, V / TP]
+            positions = batch["position_ids"].to(device)
+            return mean_token_loss(self.teacher.loss(engine(tokens, positions, None), tokens, positions, labels), batch)
         per_token = engine(tokens, batch["position_ids"].to(device), None, labels=labels)
         return mean_token_loss(per_token, batch)
 
@@ -209,6 +214,8 @@ class Trainer:
             train_samples=cfg.train.steps * cfg.data.global_batch, progress=self.is_main,
         )
         preflight.check_data_tokens(self.data_args, arch, tokenizer, cfg.data.eos_token)
+        if cfg.distill.alpha > 0 and self.teacher is None:
+            self.teacher = Teacher.build(cfg, arch, canonical, tokenizer)
         # The inputs passed every check: the run really starts here.
         if start.move_aside:
             run_dir.move_aside(self.run_dir)

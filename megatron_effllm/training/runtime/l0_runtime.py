@@ -12,7 +12,7 @@ Phases (``L0Runtime.phase``):
   removal. Each training forward draws z with noise u from a generator seeded by (seed, step,
   micro-batch), so every data-parallel rank draws the same u and a resumed run the same draws;
   eval forwards use the deterministic test-time gates. The log_alphas are fp32 leaves outside
-  the DeepSpeed engine; they get gradients from the ordinary ``engine.backward`` of the LM loss,
+  the DeepSpeed engine; they get gradients from ``engine.backward`` of the LM (or distillation) loss,
   averaged over the data-parallel group, plus the gradient of the Lagrangian
   lambda1 (s_hat - t) + lambda2 (s_hat - t)^2 on the expected sparsity (computed directly: it
   depends only on log_alpha and the lambdas, identical everywhere). One AdamW steps after every

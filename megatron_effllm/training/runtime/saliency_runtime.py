@@ -1,7 +1,8 @@
 """Saliency-driven pruning inside a training run (prune.strategy efficientllm / uniform / adapt).
 
 Per step (after backward, before the optimizer step) the gradient hooks fold the step's own
-weights and gradients into the scores, mapped to canonical names (``live_model.GradientFeed``);
+weights and gradients into the scores, mapped to canonical names (``live_model.GradientFeed``;
+the gradients of the training loss: with distill.alpha > 0 those of the distillation objective);
 layer Hessians for the OBS update are summed from forward hooks. At a prune event
 (``pruning.event.next_plan``) the selector picks, from the scores of the still-unmasked groups
 summed over TP, PP and DP, what to remove next to meet the schedule's target; every rank checks
