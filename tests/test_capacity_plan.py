@@ -116,3 +116,14 @@ def test_bad_scale_is_one_error_line(items, message, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
 
+
+
+def test_distillation_plans_the_teacher_beside_the_student():
+    from megatron_effllm.planning.plan import make_plan
+
+    (sh, mem), = make_plan("configs/tiny_cpu.yaml", 1, 2, 16).memory
+    (_, kd), = make_plan("configs/tiny_cpu.yaml", 1, 2, 16, ["distill.alpha=0.5"]).memory
+    assert mem.terms["teacher"] == 0
+    # the teacher's weights in the training dtype (fp32 here) and its fp32 logits (last stage)
+    assert kd.terms["teacher"] == sh.params * 4 + 4 * 64 * 49152 * 4
+    assert kd.step_peak == mem.step_peak + kd.terms["teacher"]

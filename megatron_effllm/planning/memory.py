@@ -59,7 +59,7 @@ class Memory:
         return max(terms.items(), key=lambda kv: kv[1])
 
     def _model_state(self) -> int:
-        keep = ("weights", "gradients", "optimizer", "saliency", "hessians", "masks")
+        keep = ("weights", "gradients", "optimizer", "saliency", "hessians", "masks", "teacher")
         return sum(self.terms[k] for k in keep)
 
 
@@ -113,7 +113,11 @@ def rank_memory(cfg, arch: Architecture, sh: Shard, lay: Layout, grad_accum: int
     # gradient cast back (b): 8 bytes a logit either way
     terms["logits"] = tokens * (arch.vocab_size // lay.tp) * 2 * FP32 if last else 0
     terms.update(pruning_bytes(cfg, arch, sh))
-    state = sum(terms[k] for k in ("weights", "gradients", "optimizer", "saliency", "hessians", "masks"))
+    # online distillation: the frozen teacher's shard (the source's shape, the training dtype)
+    # and, on the last stage, its logits in the fp32 softmax statistics beside the student's
+    teacher = cfg.distill.alpha > 0
+    terms["teacher"] = (sh.params * b + (tokens * (arch.vocab_size // lay.tp) * FP32 if last else 0)) if teacher else 0
+    state = sum(terms[k] for k in ("weights", "gradients", "optimizer", "saliency", "hessians", "masks", "teacher"))
     in_flight = 2 * sh.largest * (FP32 + ADAM_MOMENTS)  # one tensor's full state and its slice
     host = -(-sh.params // lay.dp) * (FP32 + ADAM_MOMENTS)
     return Memory(terms, recompute, state + in_flight, host if cfg.prune.strategy != "none" else 0)

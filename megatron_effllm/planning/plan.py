@@ -29,12 +29,13 @@ FIXES = {
     "gradients": "parallel.zero_stage=2 or more tensor/pipeline parallelism (parallel.tp, parallel.pp)",
     "optimizer": "a higher parallel.zero_stage or more nodes (the optimizer state is split over data-parallel ranks)",
     "zero_buckets": "parallel.zero_stage=1 (ZeRO-2's reduce bucket is allocated whole)",
-    "activations": "activation recompute, a smaller data.micro_batch or more tensor/pipeline parallelism",
+    "activations": "activation recompute (model.recompute=full), a smaller data.micro_batch or more tensor/pipeline parallelism",
     "logits": "a smaller data.micro_batch or more tensor parallelism (parallel.tp splits the vocabulary)",
     "saliency": "more pipeline parallelism or fewer prunable groups",
     "hessians": "prune.obs=false or more tensor parallelism (parallel.tp splits the Hessians)",
     "masks": "more tensor/pipeline parallelism (parallel.tp, parallel.pp)",
     "compaction": "a higher parallel.zero_stage or more tensor/pipeline parallelism",
+    "teacher": "more tensor parallelism (the teacher is split like the student) or distill.alpha=0",
 }
 
 
