@@ -166,6 +166,7 @@ def _one_step(recompute: Recompute):
     loss = model(tokens, positions, None, labels=torch.roll(tokens, -1, 1)).float().mean()
     loss.backward()
     pruning.end_micro_batch(2.0)
+    pruning.end_step(torch.zeros(1))  # a counted step: its Hessian inputs join the sums now
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     stats = {**pruning.stats.saliency.state, **pruning.stats.hessians.state, "layer_cos": pruning.stats.layer_cos}
     pruning.remove_hooks()
