@@ -194,9 +194,11 @@ class _Probe:
     @contextlib.contextmanager
     def installed(self):
         from megatron_effllm.training import faults
+        from megatron_effllm.training.runtime.saliency_runtime import SaliencyRuntime
 
+        # a step starts with the pruning runtime's start_step and ends with the guard's finish_step
         trainer_cls, guard_cls = trainer_mod.Trainer, faults.StepGuard
-        compact, begin, finish = trainer_cls._compact, guard_cls.begin_step, guard_cls.finish_step
+        compact, begin, finish = trainer_cls._compact, SaliencyRuntime.start_step, guard_cls.finish_step
         probe = self
 
         def measured_compact(self_, *args, **kwargs):
@@ -212,14 +214,14 @@ class _Probe:
                                       "after_gb": torch.cuda.memory_allocated() / 2**30})
             return out
 
-        def begin_step(self_, pruning, in_window):
+        def begin_step(self_, in_window, *args, **kwargs):
             probe._catch = None
             if GPU and in_window:
                 probe._catch = warnings.catch_warnings(record=True)
                 probe._seen = probe._catch.__enter__()
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
-            return begin(self_, pruning, in_window)
+            return begin(self_, in_window, *args, **kwargs)
 
         def finish_step(self_, *args, **kwargs):
             out = finish(self_, *args, **kwargs)
@@ -230,11 +232,11 @@ class _Probe:
                 probe._catch = None
             return out
 
-        trainer_cls._compact, guard_cls.begin_step, guard_cls.finish_step = measured_compact, begin_step, finish_step
+        trainer_cls._compact, SaliencyRuntime.start_step, guard_cls.finish_step = measured_compact, begin_step, finish_step
         try:
             yield self
         finally:
-            trainer_cls._compact, guard_cls.begin_step, guard_cls.finish_step = compact, begin, finish
+            trainer_cls._compact, SaliencyRuntime.start_step, guard_cls.finish_step = compact, begin, finish
 
 
 def _trainer_run(work: str, name: str, shape: dict, seq: int, micro: int, steps: int, overrides: list) -> list:
