@@ -22,11 +22,12 @@ from dist_utils import run_ranks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
 # 12 steps; the window collects in steps 2-11 (1-based); prune events (with a compaction) after
-# steps 6 and 11; log lines after 6 and 12; the only checkpoint after 12.
-OVERRIDES = ["train.steps=12", "train.log_interval=6", "train.eval_interval=100", "train.checkpoint_interval=100",
+# steps 6 and 11; log lines after 6 and 12; the only checkpoint after 12; the ranks compare
+# preemption flags after step 1 only (they calibrate the spacing there; then every 10^6 s).
+OVERRIDES = ["train.steps=12", "train.preempt_check_s=1000000", "train.log_interval=6", "train.eval_interval=100", "train.checkpoint_interval=100",
              "train.keep_checkpoints=1", "prune.start_step=1", "prune.end_step=11", "prune.interval=5",
              "prune.compact_every=1", "data.dynamic=false", "export.hf=false"]
-QUIET = [1, 2, 3, 4, 5, 7, 8, 9, 10]
+QUIET = [2, 3, 4, 5, 7, 8, 9, 10]
 EVENTS = [6, 11]
 HOST_BATCH = "_host_batch"  # the attribute that tags a data-loader tensor
 TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -99,6 +100,7 @@ def _install(counter: Counter) -> None:
 def _hooks(counter: Counter) -> None:
     """Step boundaries and the steps' visible work, through the names the trainer calls."""
     from megatron_effllm.data.loader import TrainDataIterator
+    from megatron_effllm.training import preemption
     from megatron_effllm.training import trainer as tr
     from megatron_effllm.training.metrics import MetricsLogger
     from megatron_effllm.training.runtime.saliency_runtime import SaliencyRuntime
@@ -129,6 +131,14 @@ def _hooks(counter: Counter) -> None:
             return _orig(self, *a, **k)
 
         setattr(cls, name, wrapped)
+    requested = preemption.Watch.requested
+
+    def preemption_check(self, step):
+        if step >= self.next_check:  # the ranks compare flags: one tiny all-reduce, read back
+            counter.mark("preemption check")
+        return requested(self, step)
+
+    preemption.Watch.requested = preemption_check
     finish = tr.Trainer._finish
 
     def _finish(self, *a, **k):
