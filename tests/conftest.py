@@ -14,6 +14,15 @@ ALL = "*"
 # {marker: {test file: test function names, or ALL}}. Parametrized tests match by function
 # name. slow: loads the real SmolLM2-135M weights, or takes over about 20 s on 2 CPU cores.
 # multirank: starts several processes (dist_utils.run_ranks with 2 ranks, a launcher, a harness).
+# real 2-rank runs: slow and multirank both
+_CHECKED_RUNS = ("test_two_ranks_end_to_end_under_the_checking_backend",
+                 "test_the_old_trainer_fails_under_the_checking_backend")
+_BF16_RUNS = ("test_bf16_run_builds_bf16_with_exact_masters_through_compaction",)
+_PREEMPTION_RUNS = ("test_one_signalled_rank_stops_every_rank_and_the_run_resumes_exactly",
+                    "test_preempted_inside_the_l0_soft_phase_resumes_exactly")
+_SP_RUNS = ("test_sequence_parallel_equals_tp2_statistics_decisions_and_obs",
+            "test_sequence_parallel_training_run_ends_with_the_same_architecture")
+
 MARKS = {
     "slow": {
         "test_training.py": ALL,
@@ -45,17 +54,10 @@ MARKS = {
         "test_reliability_untrusted.py": ALL,
         "test_reliability_runs.py": ALL,
         "test_host_syncs.py": ALL,
-        "test_comm_device_check.py": (
-            "test_two_ranks_end_to_end_under_the_checking_backend",
-            "test_the_old_trainer_fails_under_the_checking_backend",
-        ),
-        "test_bf16_build.py": ("test_bf16_run_builds_bf16_with_exact_masters_through_compaction",),
-        "test_preemption.py": ("test_one_signalled_rank_stops_every_rank_and_the_run_resumes_exactly",
-                               "test_preempted_inside_the_l0_soft_phase_resumes_exactly"),
-        "test_sequence_parallel.py": (
-            "test_sequence_parallel_equals_tp2_statistics_decisions_and_obs",
-            "test_sequence_parallel_training_run_ends_with_the_same_architecture",
-        ),
+        "test_comm_device_check.py": _CHECKED_RUNS,
+        "test_bf16_build.py": _BF16_RUNS,
+        "test_preemption.py": _PREEMPTION_RUNS,
+        "test_sequence_parallel.py": _SP_RUNS,
         "test_distill_training.py": ALL,
     },
     "multirank": {
@@ -76,20 +78,11 @@ MARKS = {
         "test_training_pp.py": ALL,
         "test_training_tp.py": ALL,
         "test_host_syncs.py": ALL,
-        "test_comm_device_check.py": (
-            "test_an_unplaced_package_tensor_is_refused_as_nccl_would",
-            "test_comm_places_what_it_sends_objects_included",
-            "test_two_ranks_end_to_end_under_the_checking_backend",
-            "test_the_old_trainer_fails_under_the_checking_backend",
-        ),
-        "test_bf16_build.py": ("test_bf16_run_builds_bf16_with_exact_masters_through_compaction",),
-        "test_preemption.py": ("test_one_signalled_rank_stops_every_rank_and_the_run_resumes_exactly",
-                               "test_preempted_inside_the_l0_soft_phase_resumes_exactly"),
-        "test_sequence_parallel.py": (
-            "test_sequence_parallel_equals_tp2_statistics_decisions_and_obs",
-            "test_sequence_parallel_block_cosines_survive_a_checkpoint_once",
-            "test_sequence_parallel_training_run_ends_with_the_same_architecture",
-        ),
+        "test_comm_device_check.py": ("test_an_unplaced_package_tensor_is_refused_as_nccl_would",
+                                      "test_comm_places_what_it_sends_objects_included") + _CHECKED_RUNS,
+        "test_bf16_build.py": _BF16_RUNS,
+        "test_preemption.py": _PREEMPTION_RUNS,
+        "test_sequence_parallel.py": ("test_sequence_parallel_block_cosines_survive_a_checkpoint_once",) + _SP_RUNS,
         "test_distill_training.py": ALL,
     },
 }
