@@ -21,7 +21,8 @@ TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
 FRACTIONS = (0.9, 0.7)
 SNAP = ["train.steps=16", "train.checkpoint_interval=4", "train.keep_checkpoints=8", "train.log_interval=4",
         "train.eval_interval=100", "prune.start_step=2", "prune.end_step=14", "prune.compact_every=4",
-        "data.dynamic_interval=6", "export.hf_dtype=fp32", "export.snapshots=[0.7,0.9]"]
+        "data.dynamic_interval=6", "export.hf_dtype=fp32", "export.gguf=true",
+        "export.snapshots=[0.7,0.9]"]
 
 
 def _train(rank, world_size, run_dir):
@@ -50,6 +51,8 @@ def _hf_model(folder):
 
 
 def test_each_fraction_is_written_once_and_loads_in_transformers(snap_run):
+    from megatron_effllm.convert.gguf_export import is_exported_gguf
+
     run_dir, summaries = snap_run
     s = summaries[0]
     assert summaries[1]["snapshots"] == s["snapshots"]
@@ -61,7 +64,9 @@ def test_each_fraction_is_written_once_and_loads_in_transformers(snap_run):
     with open(os.path.join(run_dir, "final", "summary.json")) as f:
         assert json.load(f)["snapshots"] == snaps
     for r in snaps:
-        assert r["path"] == os.path.join(run_dir, "snapshots", f"{r['fraction']:g}", "hf")
+        folder = os.path.join(run_dir, "snapshots", f"{r['fraction']:g}")
+        assert r["path"] == os.path.join(folder, "hf") and r["gguf"] == os.path.join(folder, "model.gguf")
+        assert is_exported_gguf(r["gguf"])
         model = _hf_model(r["path"])
         n = sum(p.numel() for p in model.parameters())
         assert n == r["params"] <= r["fraction"] * s["source_params"]
@@ -80,7 +85,8 @@ def test_snapshot_computes_what_the_trainer_computed_at_its_step(snap_run):
     """The snapshot's held-out loss in transformers equals the one the trainer measured on its
     own (masked, not yet compacted) megatron model at that step, domain by domain: the slice of
     the masked weights is the pruned model. Same fp32 weights and batches; only the kernels and
-    the masked model's norm rescaling differ. Tolerance: 4 float32 eps relative."""
+    the masked model's norm rescaling differ. Tolerance: 2 float32 eps (2.4e-7) relative, as for
+    the final export; measured: 9.1e-8 (0.9) and 9.6e-8 (0.7) on the worst domain."""
     from megatron_effllm.training.config import load_config
 
     run_dir, summaries = snap_run
@@ -91,7 +97,7 @@ def test_snapshot_computes_what_the_trainer_computed_at_its_step(snap_run):
         assert hf.keys() == trainer.keys()
         worst = max(abs(hf[d] - trainer[d]) / trainer[d] for d in trainer)
         print(f"snapshot {r['fraction']}: worst relative difference {worst:.2e}")
-        assert worst <= 4 * torch.finfo(torch.float32).eps, (r["fraction"], worst)
+        assert worst <= 2 * torch.finfo(torch.float32).eps, (r["fraction"], worst)
 
 
 def test_resume_between_two_snapshots_writes_only_the_second(snap_run, tmp_path):

@@ -28,6 +28,7 @@ from megatron_effllm.data.tokenizer import save_hf_tokenizer
 from megatron_effllm.errors import UserError
 from megatron_effllm.log import get_logger
 from megatron_effllm.model.weights import gather_canonical
+from megatron_effllm.parallel import comm
 from megatron_effllm.pruning.surgery import slice_state_dict
 
 log = get_logger(__name__)
@@ -94,7 +95,7 @@ class Snapshots:
 
     def take_due(self, engine, pruning, step: int, heldout: Callable[[object], dict]) -> None:
         """Collective (every rank, the same decision: the masks agree): write the snapshots the
-        model has reached after ``step``; rank 0 writes, every rank records them."""
+        model has reached after ``step``; rank 0 writes and tells every rank what it wrote."""
         if not self.unreached():  # nothing to do (the default): not even the plan
             return
         plan = pruning.effective_plan()
@@ -122,4 +123,5 @@ class Snapshots:
                 self.metrics.log({"kind": "snapshot", **record})
                 log.info(f"[snapshot] step {step}: {arch.num_params():,} parameters (<= {f:g} x "
                          f"{self.source_params:,}) -> {record['path']}")
-            self.written.append(record)
+            # every rank holds rank 0's record (its GGUF path, or why it wrote nothing)
+            self.written.append(comm.broadcast_object(record, 0))
