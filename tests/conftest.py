@@ -59,6 +59,9 @@ MARKS = {
         "test_preemption.py": _PREEMPTION_RUNS,
         "test_sequence_parallel.py": _SP_RUNS,
         "test_distill_training.py": ALL,
+        "test_snapshots.py": ("test_each_fraction_is_written_once_and_loads_in_transformers",
+                              "test_snapshot_computes_what_the_trainer_computed_at_its_step",
+                              "test_resume_between_two_snapshots_writes_only_the_second"),
     },
     "multirank": {
         "test_distill_kl.py": ("test_tensor_parallel_kl_equals_the_single_process_kl",),
@@ -84,6 +87,9 @@ MARKS = {
         "test_preemption.py": _PREEMPTION_RUNS,
         "test_sequence_parallel.py": ("test_sequence_parallel_block_cosines_survive_a_checkpoint_once",) + _SP_RUNS,
         "test_distill_training.py": ALL,
+        "test_snapshots.py": ("test_each_fraction_is_written_once_and_loads_in_transformers",
+                              "test_snapshot_computes_what_the_trainer_computed_at_its_step",
+                              "test_resume_between_two_snapshots_writes_only_the_second"),
     },
 }
 

@@ -110,6 +110,15 @@ CONFIG_CASES = [
      "distill.alpha 0.5 with parallel.pp 2: the teacher does not run as a pipeline yet"),
     ("top-k distillation", BASE, ["distill.topk=64"],
      "distill.topk 64: top-k distillation is not implemented; set distill.topk: 0"),
+    ("snapshot fraction outside (0, 1)", BASE, ["export.snapshots=[0.75,1.5]"],
+     "export.snapshots: 1.5 is not a fraction of the source's parameters in (0, 1)"),
+    ("snapshot fraction listed twice", BASE, ["export.snapshots=[0.75,0.75]"],
+     "export.snapshots lists 0.75 twice; give each fraction once"),
+    ("snapshot below the pruning target", BASE, ["export.snapshots=[0.75,0.25]"],
+     "export.snapshots: 0.25 is below prune.target_params 0.5, so the run never reaches it"),
+    ("snapshots without pruning", BASE, ["export.snapshots=[0.75]", "prune.strategy=none"],
+     "export.snapshots with prune.strategy none: the model never shrinks"),
+    ("snapshots not a list", BASE, ["export.snapshots=0.5"], "config key export.snapshots: expected a list, got 0.5"),
 ]
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
+from hf_heldout import hf_heldout_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
@@ -42,32 +43,10 @@ def full_run(tmp_path_factory):
 
 
 def _hf_heldout_losses(run_dir) -> dict:
-    """Mean token loss per held-out domain of the exported HF model, on the trainer's own held-out
-    batches (all of them: one process holds every data-parallel rank's share), summed as the
-    trainer sums them."""
-    from transformers import AutoModelForCausalLM
-
-    from megatron_effllm.data.loader import make_heldout_batches
-    from megatron_effllm.data.prepare import prepare_data
     from megatron_effllm.training.config import load_config
 
     cfg = load_config(TINY, SHORT + [f"run_dir={run_dir}"])
-    args = prepare_data(cfg.data, tokenizer=cfg.model.tokenizer, out_dir=os.path.join(run_dir, "data"),
-                        seed=cfg.seed, train_samples=cfg.train.steps * cfg.data.global_batch, progress=False)
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final", "hf"),
-                                                 trust_remote_code=True, dtype=torch.float32).eval()
-    out = {}
-    with torch.no_grad():
-        for domain, batches in make_heldout_batches(args, cfg.data.heldout_batches, cfg.data.micro_batch).items():
-            tot = torch.zeros(2, dtype=torch.float64)
-            for b in batches:
-                logits = model(input_ids=b["tokens"], position_ids=b["position_ids"]).logits
-                per_token = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), b["labels"],
-                                                              reduction="none")
-                mask = b["loss_mask"].float()
-                tot += torch.tensor([float((per_token * mask).sum()), float(mask.sum())], dtype=torch.float64)
-            out[domain] = float(tot[0] / tot[1].clamp(min=1))
-    return out
+    return hf_heldout_losses(cfg, run_dir, os.path.join(run_dir, "final", "hf"))
 
 
 def test_prunes_to_target_and_exports(full_run):

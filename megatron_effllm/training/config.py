@@ -163,6 +163,9 @@ class ExportConfig:
     hf: bool = True
     hf_dtype: str = "bf16"
     gguf: bool = False  # also write final/model.gguf (llama.cpp) from the HF folder
+    # Model-family snapshots: fractions of the source's parameters in (0, 1), e.g. [0.75, 0.5]; the
+    # first time the pruned model is at most that size, RUN/snapshots/<fraction>/hf (and model.gguf)
+    snapshots: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -109,6 +109,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"config key {key}: expected a string, got {show_value(value)}")
         return value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key}: expected a list, got {show_value(value)}")
+        item = (typing.get_args(tp) or (Any,))[0]
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key}: expected a mapping, got {show_value(value)}")
@@ -252,6 +257,7 @@ def validate(cfg) -> None:
     if not cfg.model.source and not cfg.model.init:
         raise ConfigError("set model.source (HF folder, .gguf or smollm2-135m) or model.init (random init)")
     _check_distill(cfg)
+    _check_snapshots(cfg)
     if cfg.resume not in ("auto", "none", "fresh") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume: {show_name(cfg.resume)} is not a checkpoint folder; "
                           "use auto, none, fresh or a path")
@@ -270,3 +276,21 @@ def _check_distill(cfg) -> None:
     if k.teacher != "source" and not os.path.exists(k.teacher) and k.teacher != "smollm2-135m":
         raise ConfigError(f"distill.teacher {show_value(k.teacher)} not found; give source, an HF model "
                           "folder, a .gguf, a megatron checkpoint folder or smollm2-135m")
+
+
+def _check_snapshots(cfg) -> None:
+    """export.snapshots: distinct fractions in (0, 1) the run can reach; kept largest first."""
+    fractions, p = cfg.export.snapshots, cfg.prune
+    for f in fractions:
+        if not (math.isfinite(f) and 0 < f < 1):
+            raise ConfigError(f"export.snapshots: {f} is not a fraction of the source's parameters in (0, 1); "
+                              "write e.g. [0.75, 0.5]")
+        if fractions.count(f) > 1:
+            raise ConfigError(f"export.snapshots lists {f:g} twice; give each fraction once")
+    if fractions and p.strategy == "none":
+        raise ConfigError("export.snapshots with prune.strategy none: the model never shrinks, so no snapshot "
+                          "would be written; choose a pruning strategy or drop export.snapshots")
+    if p.target_params <= 1 and p.count_embeddings and fractions and min(fractions) < p.target_params:
+        raise ConfigError(f"export.snapshots: {min(fractions):g} is below prune.target_params {p.target_params:g}, "
+                          "so the run never reaches it; drop it or lower prune.target_params")
+    cfg.export.snapshots = sorted(fractions, reverse=True)

@@ -51,7 +51,7 @@ SAFE_ON_RESUME = (
     "train.steps", "train.log_interval", "train.eval_interval", "train.checkpoint_interval",
     "train.keep_checkpoints", "train.progress_bar", "train.nonfinite_policy", "train.max_nonfinite",
     "train.max_rollbacks", "train.preempt_check_s",
-    "export.hf", "export.hf_dtype", "export.gguf",
+    "export.hf", "export.hf_dtype", "export.gguf", "export.snapshots",  # exports read, never change, the model
 )
 NOT_COMPARED = ("resume",)  # how this start was asked for, not what the run is
 # Values that name files are compared by content, so a moved or copied model or data resumes.

@@ -26,11 +26,8 @@ import torch
 from tqdm import tqdm
 
 from megatron_effllm.architecture import Architecture
-from megatron_effllm.convert.gguf_export import export_gguf
-from megatron_effllm.convert.hf_io import save_hf_model
 from megatron_effllm.data.loader import make_heldout_batches, make_train_iterator
 from megatron_effllm.data.prepare import prepare_data
-from megatron_effllm.data.tokenizer import save_hf_tokenizer
 from megatron_effllm.engine import build_engine
 from megatron_effllm.engine.base import EngineOptions, TrainEngine
 from megatron_effllm.errors import UserError
@@ -42,6 +39,7 @@ from megatron_effllm.parallel.runtime import comm_timeout_s, init_model_parallel
 from megatron_effllm.training import checkpoint as ckpt
 from megatron_effllm.training import faults, preemption, preflight, run_dir
 from megatron_effllm.training.config import RunConfig, save_config
+from megatron_effllm.training.export import Snapshots, write_model
 from megatron_effllm.training.fault_injection import inject_nonfinite, inject_nonfinite_weights, kill_point
 from megatron_effllm.training.metrics import MetricsLogger, plot_run
 from megatron_effllm.training.pipeline import PipelineStep, mark_replicated_copies, mean_token_loss
@@ -204,6 +202,7 @@ class Trainer:
         preflight.check_tensor_parallel(cfg, arch)
         pruning = make_runtime(cfg, arch, arch.num_params())
         preflight.check_prune_target(cfg, arch, pruning.target)
+        self.snapshots = Snapshots(cfg, pruning.source_params, pruning.target, tokenizer, None, self.is_main)
         if self.rollback is None:
             self.fingerprint = run_dir.fingerprint(cfg, arch, tokenizer, comm.world_size())
             self.settings = run_dir.settings(cfg)
@@ -222,6 +221,8 @@ class Trainer:
         if self.metrics is None:
             self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
         start_step, trainer_state, resume_dir = 0, start.trainer_state, start.folder
+        self.snapshots.metrics = self.metrics
+        self.snapshots.load_state_dict(trainer_state.get("snapshots"))  # written before this start
         if resume_dir is not None:
             arch = Architecture.from_json(start.arch_json)
             canonical = None
@@ -253,6 +254,7 @@ class Trainer:
             data_iter.sampler.set_reference_losses(self.reference)
         if self.is_main:  # only once the run has really started: a failed start changes nothing
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.snapshots.take_due(engine, pruning, start_step, self.heldout_losses)  # added on a resume
         log.info(f"[run] {arch.num_params():,} parameters, target {pruning.target:,}; "
              f"{cfg.train.steps} steps x {cfg.data.global_batch} x {cfg.data.seq_len} tokens; "
              f"DP={self.dp_size} TP={cfg.parallel.tp} PP={cfg.parallel.pp} ZeRO-{cfg.parallel.zero_stage} {cfg.model.dtype}")
@@ -324,6 +326,7 @@ class Trainer:
                     t2 = time.time()
                     engine = self._compact(engine, pruning, done)
                     timing["compact"] += time.time() - t2
+                self.snapshots.take_due(engine, pruning, done, self.heldout_losses)
             if done % cfg.train.eval_interval == 0 and done != cfg.train.steps:
                 self.metrics.log({"kind": "eval", "step": done, "tokens": consumed,
                                   "heldout_loss": self.heldout_losses(engine)})
@@ -398,6 +401,7 @@ class Trainer:
             "source_heldout": self.source_heldout,
             "fingerprint": self.fingerprint,  # what a resume must not change (run_dir)
             "settings": self.settings,
+            "snapshots": self.snapshots.state_dict(),
         }
         return ckpt.save(engine, self.ckpt_root, step, architecture_json=pruning.arch.to_json(),
                          trainer_state=state, keep=self.cfg.train.keep_checkpoints,
@@ -425,29 +429,17 @@ class Trainer:
             "heldout_ppl_source": {d: math.exp(v) for d, v in self.source_heldout.items()},
             "heldout_ppl_final": {d: math.exp(v) for d, v in held.items()},
             "seconds": {k: round(v, 2) for k, v in timing.items()} | {"wall": round(wall, 1)},
+            "snapshots": self.snapshots.state_dict(),
         }
+        if self.snapshots.unreached():
+            log.warning(f"[snapshot] never reached: {', '.join(f'{f:g}' for f in self.snapshots.unreached())} "
+                        f"of the source's {self.source_arch.num_params():,} parameters")
         if self.is_main:
             final = os.path.join(self.run_dir, "final")
             os.makedirs(final, exist_ok=True)
             arch.save(os.path.join(final, "architecture.json"))
             if self.cfg.export.hf:
-                dtype = torch.bfloat16 if self.cfg.export.hf_dtype == "bf16" else torch.float32
-                tok_dir = self.tokenizer if os.path.isdir(str(self.tokenizer)) else None
-                save_hf_model(arch, {k: v.float() for k, v in canonical.items()},
-                              os.path.join(final, "hf"), tokenizer_dir=tok_dir, dtype=dtype, overwrite=True)
-                summary["hf_dir"] = os.path.join(final, "hf")
-                if tok_dir is None:  # a .gguf, the builtin or a hub id: write its HF tokenizer files
-                    if not save_hf_tokenizer(str(self.tokenizer), summary["hf_dir"],
-                                             model_max_length=arch.max_position_embeddings):
-                        log.warning(f"[export] no tokenizer files in {summary['hf_dir']}: {self.tokenizer} is a "
-                             "sentencepiece model; copy the source's HF tokenizer files there")
-                if self.cfg.export.gguf:
-                    try:
-                        export_gguf(summary["hf_dir"], os.path.join(final, "model.gguf"), dtype="f16",
-                                    overwrite=True)
-                        summary["gguf"] = os.path.join(final, "model.gguf")
-                    except UserError as err:  # the HF model is the result; say why GGUF is missing
-                        log.warning(f"[export] no GGUF: {err}")
+                summary.update(write_model(arch, canonical, final, self.tokenizer, self.cfg.export))
             self.metrics.log({"kind": "architecture", "step": self.cfg.train.steps,
                               "params": arch.num_params(), "architecture": arch.to_dict()})
             self.metrics.log({"kind": "summary", **summary})
