@@ -291,6 +291,27 @@ def test_each_rank_hashes_its_own_files_and_verification_is_agreed(saved):
     assert hashing[0]["chosen"] == hashing[1]["chosen"] == os.path.join(good + "_rank1_damaged", "step_000002")
 
 
+def test_manifest_entries_name_their_writer_and_each_rank_checks_its_own(tmp_path):
+    from megatron_effllm.errors import UserError
+    from megatron_effllm.manifest import file_entries, verify_manifest, write_manifest
+
+    folder = str(tmp_path / "f")
+    os.makedirs(os.path.join(folder, "sub"))
+    for rel in ("a", "sub/b", "c"):
+        with open(os.path.join(folder, rel), "w") as f:
+            f.write(rel * 100)
+    write_manifest(folder, {**file_entries(folder, ["sub/b"], rank=1), **file_entries(folder, ["a"], rank=0)})
+    with open(os.path.join(folder, "MANIFEST.json")) as f:
+        listed = json.load(f)["files"]
+    assert {rel: meta.get("rank") for rel, meta in listed.items()} == {"a": 0, "sub/b": 1, "c": None}
+    with open(os.path.join(folder, "sub/b"), "r+b") as f:
+        f.write(b"X")
+    assert verify_manifest(folder, rank=0, world_size=2) == ["a", "c", "sub/b"]  # b is rank 1's
+    for rank, world in ((1, 2), (0, 1), (1, 3)):
+        with pytest.raises(UserError, match="sub/b is corrupted"):
+            verify_manifest(folder, rank=rank, world_size=world)
+
+
 def _damaged(good, tmp_path, how):
     root = str(tmp_path / "ckpts")
     shutil.copytree(good, root)
