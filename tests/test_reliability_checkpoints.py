@@ -233,7 +233,7 @@ def saved(tmp_path_factory):
 def test_full_disk_leaves_previous_checkpoint_intact(saved):
     from megatron_effllm.training import checkpoint as ckpt
 
-    _, full, messages, hashes_before, how, _ = saved
+    _, full, messages, hashes_before, how, _, _ = saved
     assert messages[0] is not None, f"the save did not fail ({how})"
     assert messages[0] == messages[1]  # every rank stops with the same line, none hangs
     msg = messages[0]
