@@ -10,7 +10,8 @@ Layout of ``RUN/checkpoints/``::
                             vector only over the range where it is not zero: at TP > 1 the rank's
                             slice, under PP its stage's layers)
         ranks/shared_rank_00000.pt  pruning state the data-parallel ranks of one model shard hold
-                            identically (the cached H^-1), written once by its DP rank 0
+                            identically (the cached H^-1, during a compaction cycle), written
+                            once by its DP rank 0
         layout.json         world size, ZeRO stage, TP, PP it was written with (it loads only into the same)
         ds/...              the engine's own files (DeepSpeed: model + ZeRO optimizer partitions)
         MANIFEST.json       size, sha256 and writing rank of every file above; written last

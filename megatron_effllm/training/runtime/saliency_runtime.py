@@ -351,9 +351,10 @@ class SaliencyRuntime(RuntimeBase):
         """This rank's own running sums (scores, Hessians, layer cosines)."""
         return self.stats.rank_state()
 
-    def dp_shared_state_dict(self) -> dict:
-        """The cached H^-1, the same on every data-parallel rank of this model shard."""
-        return self.stats.dp_shared_state()
+    def dp_shared_state_dict(self) -> Optional[dict]:
+        """The cached H^-1, the same on every data-parallel rank of this model shard (None
+        outside a compaction cycle's OBS updates: nothing to write)."""
+        return self.stats.dp_shared_state() if self.stats.obs_cache else None
 
     def load_rank_state_dict(self, state: Optional[dict], dp_shared: Optional[dict] = None) -> None:
         """This rank's own ``rank_state_dict`` and its DP rank 0's ``dp_shared_state_dict``
