@@ -127,3 +127,18 @@ def test_distillation_plans_the_teacher_beside_the_student():
     # the teacher's weights in the training dtype (fp32 here) and its fp32 logits (last stage)
     assert kd.terms["teacher"] == sh.params * 4 + 4 * 64 * 49152 * 4
     assert kd.step_peak == mem.step_peak + kd.terms["teacher"]
+
+
+def test_checkpoint_bytes_count_each_ranks_shard_and_the_inverses_once_per_shard():
+    """Qwen recipe at its scale (DP 8 x TP 2): every rank writes its own Hessians and its TP
+    slice of the saliency vectors (less than the whole vectors it holds in memory); the fp64
+    H^-1 is written by DP rank 0 of each TP shard only; the total is the sum over all ranks."""
+    plan = make_plan("configs/qwen2_5_1_5b_to_0_5b.yaml", 2, 8, 80)
+    lay, (_, mem) = plan.layout, plan.memory[0]
+    rows = dict(plan.checkpoint["per_rank"])
+    for rank, files in rows.items():
+        dims = lay.dims_of(rank)
+        assert (files["pruning_dp_shared"] == 2 * mem.terms["hessians"] > 0) == (dims.dp_rank == 0), rank
+        assert mem.terms["hessians"] < files["pruning_rank"] < mem.terms["hessians"] + mem.terms["saliency"]
+    world = [rows[0] if lay.dims_of(r).dp_rank == 0 else rows[lay.tp] for r in range(0, lay.world, lay.tp)]
+    assert plan.checkpoint["total"] == lay.tp * sum(sum(f.values()) for f in world)

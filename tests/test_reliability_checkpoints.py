@@ -6,6 +6,7 @@ leaves the previous checkpoint and `latest` untouched on both ranks; damaged che
 named in one line and `resume: auto` falls back; a non-finite loss or gradient on one rank skips
 the update on every rank, exactly (the weights equal those of a run without that step).
 """
+import contextlib
 import errno
 import glob
 import hashlib
@@ -125,7 +126,13 @@ def _save_rank(rank, world_size, good_root, full_root, fsize_limit):
                          keep=2)
 
     for step in (1, 2, 3):
-        train_and_save(good_root, step)
+        if step == 3:
+            with _hashed(os.path.join(good_root, "step_000003.partial")) as hashed_on_save:
+                train_and_save(good_root, step)
+        else:
+            train_and_save(good_root, step)
+    hashing = {"save": sorted(hashed_on_save)}
+    hashing.update(_verify_with_rank1_damaged(rank, good_root))
     train_and_save(full_root, 1)
     hashes = _tree_hashes(os.path.join(full_root, "step_000001")) if rank == 0 else None
     if fsize_limit:
@@ -145,7 +152,56 @@ def _save_rank(rank, world_size, good_root, full_root, fsize_limit):
 
             resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     engine.destroy()
-    return message, hashes, skips
+    return message, hashes, skips, hashing
+
+
+@contextlib.contextmanager
+def _hashed(folder):
+    """The files this process hashes inside, relative to ``folder``."""
+    from megatron_effllm import manifest
+
+    seen, real = [], manifest.sha256
+
+    def spy(path):
+        seen.append(os.path.relpath(path, folder))
+        return real(path)
+
+    manifest.sha256 = spy
+    try:
+        yield seen
+    finally:
+        manifest.sha256 = real
+
+
+def _verify_with_rank1_damaged(rank, good_root):
+    """A copy of the checkpoints with a byte of rank 1's optimizer partition flipped in the newest:
+    what each rank hashes to verify it, what it says, and which one ``resume: auto`` takes."""
+    from megatron_effllm.parallel import comm
+    from megatron_effllm.training import checkpoint as ckpt
+
+    root = good_root + "_rank1_damaged"
+    newest = os.path.join(root, "step_000003")
+    if rank == 0:
+        shutil.copytree(good_root, root)
+    comm.barrier()
+    with _hashed(newest) as hashed:
+        ckpt.verify(newest)
+    comm.barrier()
+    if rank == 0:
+        victim = glob.glob(os.path.join(newest, "ds", "**", "zero_pp_rank_1_*optim_states.pt"), recursive=True)[0]
+        with open(victim, "r+b") as f:
+            f.seek(os.path.getsize(victim) // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    comm.barrier()
+    try:
+        ckpt.verify(newest)
+        said = None
+    except ckpt.CheckpointError as err:
+        said = str(err)
+    chosen = ckpt.find_resumable(root, report=lambda m: None)
+    return {"verify": sorted(hashed), "said": said, "chosen": chosen}
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +227,13 @@ def saved(tmp_path_factory):
         if mounted:
             subprocess.run(["umount", full], check=False)
     how = "tmpfs (ENOSPC)" if mounted else "RLIMIT_FSIZE (EFBIG)"
-    return good, kept, [r[0] for r in results], results[0][1], how, [r[2] for r in results]
+    return good, kept, [r[0] for r in results], results[0][1], how, [r[2] for r in results], [r[3] for r in results]
 
 
 def test_full_disk_leaves_previous_checkpoint_intact(saved):
     from megatron_effllm.training import checkpoint as ckpt
 
-    _, full, messages, hashes_before, how, _ = saved
+    _, full, messages, hashes_before, how, _, _ = saved
     assert messages[0] is not None, f"the save did not fail ({how})"
     assert messages[0] == messages[1]  # every rank stops with the same line, none hangs
     msg = messages[0]
@@ -211,6 +267,49 @@ def test_checkpoint_contents_and_latest(saved):
     assert any(name.startswith("ds/") and "optim_states" in name for name in listed)
     with open(os.path.join(folder, "layout.json")) as f:
         assert json.load(f) == {"world_size": 2, "zero_stage": 2, "tp": 1, "pp": 1}
+
+
+def test_each_rank_hashes_its_own_files_and_verification_is_agreed(saved):
+    """Saving: each rank hashed exactly the files it wrote (rank 1: its RNG state and optimizer
+    partition), the two together every file the manifest lists, each once; the manifest names
+    the writer. Verifying: each rank reads only its own files, and a flipped byte in rank 1's
+    partition is refused on both ranks with the same line; both fall back to the same checkpoint."""
+    good, hashing = saved[0], saved[6]
+    folder = os.path.join(good, "step_000003")
+    with open(os.path.join(folder, "MANIFEST.json")) as f:
+        listed = json.load(f)["files"]
+    mine = [sorted(rel for rel, meta in listed.items() if meta.get("rank", 0) == r) for r in (0, 1)]
+    assert mine[1] and all(rel == "rng/rank_00001.pt" or "zero_pp_rank_1_" in rel for rel in mine[1]), mine[1]
+    assert "rng/rank_00001.pt" in mine[1] and "trainer_state.pt" in mine[0]
+    for rank in (0, 1):
+        assert hashing[rank]["save"] == mine[rank]
+        assert hashing[rank]["verify"] == mine[rank]
+    assert sorted(mine[0] + mine[1]) == sorted(listed)
+    said = hashing[0]["said"]
+    assert said is not None and "\n" not in said and "zero_pp_rank_1_" in said and "is corrupted (checksum mismatch)" in said
+    assert hashing[1]["said"] == said
+    assert hashing[0]["chosen"] == hashing[1]["chosen"] == os.path.join(good + "_rank1_damaged", "step_000002")
+
+
+def test_manifest_entries_name_their_writer_and_each_rank_checks_its_own(tmp_path):
+    from megatron_effllm.errors import UserError
+    from megatron_effllm.manifest import file_entries, verify_manifest, write_manifest
+
+    folder = str(tmp_path / "f")
+    os.makedirs(os.path.join(folder, "sub"))
+    for rel in ("a", "sub/b", "c"):
+        with open(os.path.join(folder, rel), "w") as f:
+            f.write(rel * 100)
+    write_manifest(folder, {**file_entries(folder, ["sub/b"], rank=1), **file_entries(folder, ["a"], rank=0)})
+    with open(os.path.join(folder, "MANIFEST.json")) as f:
+        listed = json.load(f)["files"]
+    assert {rel: meta.get("rank") for rel, meta in listed.items()} == {"a": 0, "sub/b": 1, "c": None}
+    with open(os.path.join(folder, "sub/b"), "r+b") as f:
+        f.write(b"X")
+    assert verify_manifest(folder, rank=0, world_size=2) == ["a", "c", "sub/b"]  # b is rank 1's
+    for rank, world in ((1, 2), (0, 1), (1, 3)):
+        with pytest.raises(UserError, match="sub/b is corrupted"):
+            verify_manifest(folder, rank=rank, world_size=world)
 
 
 def _damaged(good, tmp_path, how):
@@ -309,6 +408,8 @@ def test_trainer_skips_nonfinite_steps_on_two_ranks(tmp_path):
     """NaN loss on rank 1 at step 2, infinite gradients on rank 0 at step 3 (inside the pruning
     window, collecting saliency from step 1): both steps leave weights and saliency exactly as
     after step 1; training goes on."""
+    from megatron_effllm.training.runtime.state import from_range
+
     run_dir = str(tmp_path / "skip")
     results = run_ranks(_train, world_size=2, args=(run_dir, [], "loss@2:1,grad@3:0"), timeout=600)
     assert all("error" not in r for r in results), results
@@ -320,7 +421,7 @@ def test_trainer_skips_nonfinite_steps_on_two_ranks(tmp_path):
     states = {s: torch.load(os.path.join(ck, f"step_{s:06d}", "ranks", "rank_00000.pt"), weights_only=True)
               for s in (1, 3, 4)}  # rank 0's own running sums
     sal1, sal3 = states[1]["saliency"], states[3]["saliency"]
-    assert all(torch.equal(sal1[k], sal3[k]) for k in sal1)
+    assert all(torch.equal(from_range(sal1[k]), from_range(sal3[k])) for k in sal1)
     assert float(states[4]["saliency"]["count"]) != float(sal1["count"])
     faults = [r for r in _metrics(run_dir) if r["kind"] == "fault"]
     assert [(r["step"], r["what"]) for r in faults] == [(2, "loss"), (3, "gradient")]

@@ -66,6 +66,7 @@ def _train(run_dir, extra=()):
 TRAINER_CASES = {  # name: (file in the checkpoint, bare pickle?)
     "trainer state": ("trainer_state.pt", False),
     "rank state": ("ranks/rank_00000.pt", False),
+    "state shared over data-parallel ranks": ("ranks/shared_rank_00000.pt", False),
     "rng state": ("rng/rank_00000.pt", False),
     "rng state, bare pickle": ("rng/rank_00000.pt", True),
     "deepspeed model file": ("ds/mp_rank_00_model_states.pt", False),
@@ -232,7 +233,7 @@ def _two_rank_refusals(rank, world_size, root):
     folder = ckpt.save(engine, root, 1, architecture_json="{}", trainer_state={"step": 1, "pruning": {}},
                        rank_state=mine)
     ckpt.load_engine_state(engine, folder)
-    out = {"clean": torch.equal(ckpt.read_rank_state(folder)["hessian"], mine["hessian"])}
+    out = {"clean": torch.equal(ckpt.read_rank_state(folder)[0]["hessian"], mine["hessian"])}
     for rel, load in (("rng/rank_00001.pt", ckpt.load_engine_state),
                       ("ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", ckpt.load_engine_state),
                       ("ranks/rank_00001.pt", lambda e, f: ckpt.read_rank_state(f))):

@@ -1,6 +1,8 @@
 """The saliency runtime's running sums live next to the model (a checkpoint loads them on the
 CPU; ``Statistics.to_device`` puts every one of them back), so that the gradient hooks, the
-Hessian inputs and the block cosines add into them without a copy to the host."""
+Hessian inputs and the block cosines add into them without a copy to the host. A saliency vector
+is saved over the range where it is not zero and comes back bit for bit."""
+import pytest
 import torch
 
 from megatron_effllm.architecture import Architecture
@@ -21,3 +23,21 @@ def test_every_running_sum_moves_to_the_model_device():
     tensors = (list(stats.saliency.state.values()) + list(stats.hessians.state.values())
                + [stats.layer_cos] + [h for _, h in stats.obs_cache.values()])
     assert len(tensors) > 10 and {t.device.type for t in tensors} == {"meta"}
+
+
+def test_saliency_vectors_are_saved_over_their_nonzero_range_and_restored_bit_for_bit():
+    from megatron_effllm.errors import UserError
+    from megatron_effllm.training.runtime.state import from_range, nonzero_range
+
+    v = torch.zeros(12, dtype=torch.float64)
+    v[3], v[5], v[8] = -0.0, float("nan"), 1e-300  # -0.0 and NaN count as values
+    saved = nonzero_range(v)
+    assert (saved["start"], saved["size"], saved["values"].numel()) == (3, 12, 6)
+    back = from_range(saved)
+    assert torch.equal(back.view(torch.int64), v.view(torch.int64))
+    empty = nonzero_range(torch.zeros(5, dtype=torch.float64))
+    assert empty["values"].numel() == 0 and torch.equal(from_range(empty), torch.zeros(5, dtype=torch.float64))
+    count = torch.tensor(7.0, dtype=torch.float64)
+    assert torch.equal(from_range(nonzero_range(count)), count)
+    with pytest.raises(UserError, match="saliency vector .* is damaged"):
+        from_range({"start": 10, "size": 12, "values": torch.ones(6, dtype=torch.float64)})

@@ -95,6 +95,13 @@ def test_resume_from_mid_prune_checkpoint_is_exact(full_run, tmp_path):
     assert a.arch == b.arch
     for k in a.state_dict:
         assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+    # The cached H^-1 (mid-cycle at step 12), the same on both data-parallel ranks, is written
+    # once, by DP rank 0, and both resumed from it; each rank's own file holds its Hessian sums.
+    ranks = os.path.join(run_dir, "checkpoints", "step_000012", "ranks")
+    assert sorted(os.listdir(ranks)) == ["rank_00000.pt", "rank_00001.pt", "shared_rank_00000.pt"]
+    assert torch.load(os.path.join(ranks, "shared_rank_00000.pt"), weights_only=True)["obs_cache"]
+    own = [torch.load(os.path.join(ranks, f"rank_{r:05d}.pt"), weights_only=True) for r in (0, 1)]
+    assert all("obs_cache" not in s and s["hessians"] for s in own)
 
 
 def test_zero3_prunes_like_zero2_and_resumes_exactly(full_run, tmp_path):

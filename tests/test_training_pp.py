@@ -75,6 +75,11 @@ def test_pp2_resume_mid_prune_is_exact(pp_runs, tmp_path):
     states = [torch.load(os.path.join(step, "ranks", f"rank_{r:05d}.pt"), weights_only=False) for r in range(2)]
     layers = [{k.split(".")[3] for k in s["hessians"] if k.startswith("xtx.")} for s in states]
     assert layers == [{"0", "1"}, {"2", "3"}]
+    # ... and the saliency sums of its own layers only: another stage's vectors are saved empty.
+    for r, s in enumerate(states):
+        for key, v in s["saliency"].items():
+            if key.split(".")[1:2] in (["head"], ["kv"], ["ffn"]):
+                assert (v["values"].numel() > 0) == (key.rsplit(".", 1)[1] in layers[r]), (r, key)
     resumed = str(tmp_path / "resumed")
     _resume_copy(pp2_dir, resumed, 12)
     run_ranks(_spied_run, world_size=2, args=(resumed, PP2 + FISHER))

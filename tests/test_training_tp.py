@@ -31,6 +31,8 @@ SHORT = ["train.steps=24", "train.checkpoint_interval=12", "train.log_interval=4
          "prune.start_step=2", "prune.end_step=16", "prune.compact_every=4",
          "data.dynamic_interval=6", "export.hf_dtype=fp32", "train.progress_bar=false"]
 TP2 = ["parallel.tp=2"]
+# with OBS: also a checkpoint at step 4, after three prune events and before the first compaction
+TP2_OBS = TP2 + ["train.checkpoint_interval=4", "train.keep_checkpoints=10"]
 PROBE = torch.arange(2 * 24).reshape(2, 24) * 997 % 49152  # token ids for logits checks
 
 
@@ -160,7 +162,7 @@ def test_tp2_compaction_carries_masters_and_adam_moments_exactly(tp2_run):
 @pytest.fixture(scope="module")
 def tp2_obs_run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("tp2obs") / "obs")
-    results = run_ranks(_spied_run, world_size=2, args=(run_dir, TP2))
+    results = run_ranks(_spied_run, world_size=2, args=(run_dir, TP2_OBS))
     return run_dir, results
 
 
@@ -176,17 +178,56 @@ def test_tp2_with_obs_completes_exports_and_resumes_exactly(tp2_obs_run, tmp_pat
     assert not torch.equal(states[0]["hessians"][key], states[1]["hessians"][key])
     with open(os.path.join(run_dir, "checkpoints", "step_000012", "layout.json")) as f:
         assert json.load(f) == {"world_size": 2, "zero_stage": 2, "tp": 2, "pp": 1}
+    _assert_each_rank_saved_its_own_slice(run_dir)
     hf = _hf_logits(run_dir)
     assert float((hf - torch.from_numpy(seen0["logits"])).abs().max()) < 1e-4
     # Resumed from the step-12 checkpoint (inside the pruning window, OBS cache and Hessians
     # mid-cycle): bit-identical to the uninterrupted run.
     resumed = str(tmp_path / "resumed")
     _resume_copy(run_dir, resumed, 12)
-    run_ranks(_spied_run, world_size=2, args=(resumed, TP2))
+    run_ranks(_spied_run, world_size=2, args=(resumed, TP2_OBS))
     a, b = _final_weights(run_dir), _final_weights(resumed)
     assert a.arch == b.arch
     for k in a.state_dict:
         assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+
+
+def _assert_each_rank_saved_its_own_slice(run_dir):
+    """The saliency vectors of a rank's file hold no zero padding: before the first compaction,
+    each head, kv-group and channel vector is exactly the rank's TP shard (its half, at its
+    offset), as the plan's checkpoint model counts it; later (the shards re-cut by compactions)
+    every vector still starts and ends with a value that is not zero. The cached H^-1 is in the
+    per-shard file, not in the rank's own."""
+    from megatron_effllm.architecture import Architecture
+    from megatron_effllm.layout.dims import ParallelDims
+    from megatron_effllm.planning.checkpoint_bytes import saliency_file_bytes
+    from megatron_effllm.planning.ranks import shard
+    from megatron_effllm.training.config import load_config
+
+    def load(step, name):
+        return torch.load(os.path.join(run_dir, "checkpoints", f"step_{step:06d}", "ranks", name), weights_only=True)
+
+    cfg = load_config(TINY, SHORT + TP2_OBS)
+    with open(os.path.join(run_dir, "checkpoints", "step_000004", "architecture.json")) as f:
+        arch = Architecture.from_json(f.read())
+    for rank in range(2):
+        early, late = load(4, f"rank_{rank:05d}.pt"), load(12, f"rank_{rank:05d}.pt")
+        sliced = 0
+        for key, v in early["saliency"].items():
+            if key.split(".")[1:2] in (["head"], ["kv"], ["ffn"]):
+                half = v["size"] // 2
+                assert (v["start"], v["values"].numel()) == (rank * half, half), (rank, key)
+                sliced += 1
+        quantities = sum(key.endswith(".hidden") for key in early["saliency"])
+        assert sliced == 3 * arch.num_layers * quantities > 0
+        saved = sum(v["values"].numel() * 8 if isinstance(v, dict) else v.numel() * 8
+                    for v in early["saliency"].values()) + early["layer_cos"].numel() * 8
+        assert saved == saliency_file_bytes(cfg, arch, shard(arch, ParallelDims(rank, 2)), 2)
+        for key, v in late["saliency"].items():
+            if isinstance(v, dict) and v["values"].numel():
+                assert float(v["values"][0]) != 0 and float(v["values"][-1]) != 0, (rank, key)
+        assert "obs_cache" not in late
+        assert load(12, f"shared_rank_{rank:05d}.pt")["obs_cache"]  # DP=1: each TP shard its own
 
 
 def test_tp2_dp2_zero3_prunes_like_zero2_exports_and_resumes_exactly(tmp_path):

@@ -1,6 +1,6 @@
 """DeepSpeed's checkpoint files, read without running code: its own checkpoint engine would
 unpickle them with no restriction and write tensors where they live. ``RestrictedCheckpointEngine``
-writes CPU copies (a checkpoint loads on any device) and reads through torch's restricted
+writes CPU copies (a checkpoint loads on any device), remembers which files it wrote, and reads through torch's restricted
 unpickler with the few DeepSpeed classes the files hold (``DEEPSPEED_GLOBALS``);
 ``check_engine_files`` checks every file on some rank before any rank reads one."""
 from __future__ import annotations
@@ -42,8 +42,13 @@ class RestrictedCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch checkpoint engine, writing CPU copies (a checkpoint loads on any device)
     and reading only tensors, containers and ``DEEPSPEED_GLOBALS`` (UserError naming the file)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.written: list[str] = []  # the files this process wrote (it hashes them for the manifest)
+
     def save(self, state_dict, path: str):
         super().save(_on_cpu(state_dict), path)
+        self.written.append(path)
 
     def load(self, path: str, map_location=None):
         return load_torch(path, DEEPSPEED_GLOBALS)

@@ -114,9 +114,9 @@ class TrainEngine(Protocol):
         per data-parallel rank in between (collective; ``after_destroy`` runs after the
         destruction)."""
 
-    def save(self, folder: str) -> None:
+    def save(self, folder: str) -> list[str]:
         """Write model and optimizer state under ``folder`` (collective; each rank its own
-        files). A failed write raises on the rank that met it; that rank then calls
+        files); returns the paths of the files this rank wrote. A failed write raises on the rank that met it; that rank then calls
         ``after_failed_save`` so that the ranks that finished are not left waiting."""
 
     def after_failed_save(self) -> None: ...

@@ -400,8 +400,11 @@ class DeepSpeedEngine:
         new_engine.set_learning_rate(lr)
         return new_engine
 
-    def save(self, folder: str) -> None:
+    def save(self, folder: str) -> list[str]:
+        writer = self._ds.checkpoint_engine
+        writer.written = []
         self._ds.save_checkpoint(folder, tag=CHECKPOINT_TAG, save_latest=False)
+        return list(writer.written)
 
     def after_failed_save(self) -> None:
         comm.barrier()  # the closing barrier of DeepSpeed's save, which the failed call skipped

@@ -89,5 +89,5 @@ def make_plan(config: str, nodes: int, gpus_per_node: int, gpu_mem_gb: float,
     grad_accum = grad_accumulation(cfg, lay.dp)
     memory = [(sh, rank_memory(cfg, arch, sh, lay, grad_accum)) for sh in shards(arch, lay)]
     return Plan(config, overrides, cfg, arch, arch_from, lay, grad_accum, gpu_mem_gb, memory,
-                checkpoint_bytes(cfg, memory, lay), deepspeed_config(engine_options(cfg, grad_accum)),
+                checkpoint_bytes(cfg, arch, memory, lay), deepspeed_config(engine_options(cfg, grad_accum)),
                 launch_commands(config, overrides, lay))

@@ -6,11 +6,15 @@ Layout of ``RUN/checkpoints/``::
         architecture.json   the shape the model had when saved (the engine is rebuilt from it)
         trainer_state.pt    step, consumed tokens, pruning state, data-sampler state (rank 0)
         rng/rank_00000.pt   every rank's RNG states
-        ranks/rank_00000.pt every rank's own pruning state, when ranks differ (TP > 1: the Hessians
-                            of each rank's columns)
+        ranks/rank_00000.pt every rank's own pruning state as it is (its partial sums; a saliency
+                            vector only over the range where it is not zero: at TP > 1 the rank's
+                            slice, under PP its stage's layers)
+        ranks/shared_rank_00000.pt  pruning state the data-parallel ranks of one model shard hold
+                            identically (the cached H^-1, during a compaction cycle), written
+                            once by its DP rank 0
         layout.json         world size, ZeRO stage, TP, PP it was written with (it loads only into the same)
         ds/...              the engine's own files (DeepSpeed: model + ZeRO optimizer partitions)
-        MANIFEST.json       size and sha256 of every file above; written last
+        MANIFEST.json       size, sha256 and writing rank of every file above; written last
     latest                  the name of the newest complete checkpoint (replaced atomically)
 
 Our own files hold only plain containers, numbers, strings and CPU tensors and are read with
@@ -19,9 +23,12 @@ device); DeepSpeed's are read through its engine's restricted loader. A file ref
 stops every rank with the same line: each rank's own files are checked before any collective.
 
 A checkpoint is written under ``step_000050.partial`` and renamed only when every rank has
-finished and the manifest is written; ``latest`` is then replaced with a rename. Loading
-verifies the manifest; ``resume: auto`` takes the checkpoint ``latest`` names and walks back
-from it to the newest one that verifies.
+finished and the manifest is written; ``latest`` is then replaced with a rename. Each rank
+hashes the files it wrote (in parallel); rank 0 writes the manifest from their digests.
+Verifying is collective: each rank checks the files its rank wrote and the ranks agree on the
+first problem, so that every rank refuses a damaged checkpoint with the same line. ``resume:
+auto`` takes the checkpoint ``latest`` names (the candidates as rank 0 lists them) and walks
+back from it to the newest one that verifies.
 A write that fails (a full disk) removes the partial folder on every rank and raises one
 CheckpointError; the previous checkpoints and ``latest`` are never touched before the new one
 is complete.
@@ -31,23 +38,21 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from typing import Optional
 
-import numpy as np
 import torch
-from megatron.core import tensor_parallel
 
 from megatron_effllm.engine.base import TrainEngine
 from megatron_effllm.errors import UserError
 from megatron_effllm.log import get_logger
-from megatron_effllm.manifest import MANIFEST, verify_manifest, write_manifest
+from megatron_effllm.manifest import MANIFEST, file_entries, verify_manifest, write_manifest
 from megatron_effllm.output_dir import failed_write
 from megatron_effllm.parallel import comm
 from megatron_effllm.safe_pickle import load_plain, plain_copy
 from megatron_effllm.training.fault_injection import kill_point
+from megatron_effllm.training.rng_state import rng_state, set_rng_state
 
 log = get_logger(__name__)
 
@@ -76,8 +81,20 @@ def _fsync_dir(path: str) -> None:
 
 
 def verify(folder: str) -> None:
-    """Raise CheckpointError naming the first missing, truncated or corrupted file, or a file
-    every checkpoint has that the manifest does not list."""
+    """Collective: raise CheckpointError, the same line on every rank, naming the first missing,
+    truncated or corrupted file, or a file every checkpoint has that the manifest does not list.
+    Each rank hashes only the files its rank wrote."""
+    error = None
+    try:
+        _verify_own(folder)
+    except CheckpointError as err:
+        error = str(err)
+    error = _agree(error)
+    if error is not None:
+        raise CheckpointError(error)
+
+
+def _verify_own(folder: str) -> None:
     manifest = os.path.join(folder, MANIFEST)
     if not os.path.isdir(folder):
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
@@ -91,7 +108,8 @@ def verify(folder: str) -> None:
                 raise CheckpointError(f"{folder} is {what}, not a training checkpoint; resume takes a "
                                       f"RUN/checkpoints/step_N folder ({hint})")
         raise CheckpointError(f"checkpoint {folder} has no {MANIFEST}: it was not completely written")
-    listed = verify_manifest(folder, REQUIRED, error=CheckpointError)
+    listed = verify_manifest(folder, REQUIRED, error=CheckpointError, rank=comm.global_rank(),
+                             world_size=comm.world_size())
     if not any("/" in rel and not rel.startswith(("rng/", "ranks/")) for rel in listed):  # the engine's folder
         raise CheckpointError(f"checkpoint manifest {manifest} lists no model or optimizer files; the "
                               "manifest is damaged or the checkpoint incomplete")
@@ -126,8 +144,9 @@ def read_latest(ckpt_root: str, report=None) -> Optional[int]:
 
 
 def find_resumable(ckpt_root: str, before_step: Optional[int] = None, report=None) -> Optional[str]:
-    """The checkpoint ``latest`` names when it verifies, else the newest one below it that does
-    (of those saved before ``before_step``, if given).
+    """Collective: the checkpoint ``latest`` names when it verifies, else the newest one below it
+    that does (of those saved before ``before_step``, if given); the same on every rank (rank 0
+    lists the candidates, every rank verifies its own files of each).
 
     A step folder above ``latest`` was left by an interrupted save or by an abandoned branch of
     the run (a resume from an older checkpoint): it is not continued. Damaged ones are reported
@@ -136,15 +155,18 @@ def find_resumable(ckpt_root: str, before_step: Optional[int] = None, report=Non
     discard the run: that is an error.
     """
     say = report or log.warning
-    latest = read_latest(ckpt_root, say)
-    candidates, first_error, stale = [], None, None
-    for s, f in step_dirs(ckpt_root):
-        if latest is not None and s > latest:
-            stale = stale or f"{f} is newer than latest (step_{latest:06d})"
-            say(f"[checkpoint] skipping {f}: newer than {ckpt_root}/latest (step_{latest:06d}); an "
-                "interrupted save or an abandoned branch of the run left it")
-        elif before_step is None or s < before_step:
-            candidates.append(f)
+    candidates, stale = [], None
+    if comm.global_rank() == 0:
+        latest = read_latest(ckpt_root, say)
+        for s, f in step_dirs(ckpt_root):
+            if latest is not None and s > latest:
+                stale = stale or f"{f} is newer than latest (step_{latest:06d})"
+                say(f"[checkpoint] skipping {f}: newer than {ckpt_root}/latest (step_{latest:06d}); an "
+                    "interrupted save or an abandoned branch of the run left it")
+            elif before_step is None or s < before_step:
+                candidates.append(f)
+    candidates, stale = comm.broadcast_object((candidates, stale), 0)
+    first_error = None
     for folder in candidates:
         try:
             verify(folder)
@@ -159,33 +181,6 @@ def find_resumable(ckpt_root: str, before_step: Optional[int] = None, report=Non
             "set resume: fresh to move them aside and start over"
         )
     return None
-
-
-def rng_state() -> dict:
-    """Every generator's state as plain values and tensors (numpy's key array as a list)."""
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (kind, key.tolist(), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    if tracker.is_initialized():  # not seeded: no megatron model parallelism (plain models in tests)
-        state["megatron_tracker"] = tracker.get_states()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "megatron_tracker" in state:
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
 def _agree(error: Optional[str]) -> Optional[str]:
@@ -214,11 +209,13 @@ def layout_of(engine: TrainEngine) -> dict:
 
 
 def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: str, trainer_state: dict,
-         keep: int = 2, rank_state: Optional[dict] = None) -> str:
+         keep: int = 2, rank_state: Optional[dict] = None, dp_shared_state: Optional[dict] = None) -> str:
     """Collective: every rank calls it. Returns the final checkpoint folder.
 
     ``rank_state``: this rank's own state (every rank passes one, or none does), written to
-    ``ranks/rank_N.pt`` and read back by ``read_rank_state``.
+    ``ranks/rank_N.pt``; ``dp_shared_state``: state every data-parallel rank of this rank's model
+    shard holds identically, passed by its DP rank 0 only (``ranks/shared_rank_N.pt``); both
+    read back by ``read_rank_state``.
 
     On any failed write (a full disk, a quota) every rank raises the same CheckpointError, the
     partial folder is removed, and the previous checkpoints and ``latest`` are untouched.
@@ -243,10 +240,11 @@ def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: s
         except OSError as err:
             error = _write_error(err, rank, partial)
     error = _agree(error)
+    entries: dict = {}
     if error is None:
         # The engine writes model and optimizer partitions (each rank its own files).
         try:
-            engine.save(partial)
+            own = [os.path.relpath(p, partial) for p in engine.save(partial)]
         except (OSError, RuntimeError) as err:
             error = _write_error(err, rank, partial)
             if error is None:
@@ -255,24 +253,28 @@ def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: s
         if error is None:
             kill_point("ckpt.after_engine_save", step)
             try:
-                torch.save(plain_copy(rng_state(), "rng"), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
+                own.append(_write(partial, f"rng/rank_{rank:05d}.pt", rng_state()))
                 if rank_state is not None:
-                    torch.save(plain_copy(rank_state, "rank_state"),
-                               os.path.join(partial, "ranks", f"rank_{rank:05d}.pt"))
+                    own.append(_write(partial, f"ranks/rank_{rank:05d}.pt", rank_state))
+                if dp_shared_state is not None:
+                    own.append(_write(partial, f"ranks/shared_rank_{rank:05d}.pt", dp_shared_state))
                 if rank == 0:
                     with open(os.path.join(partial, "architecture.json"), "w") as f:
                         f.write(architecture_json)
                     with open(os.path.join(partial, LAYOUT), "w") as f:
                         json.dump(layout_of(engine), f)
-                    torch.save(plain_copy(trainer_state, "trainer_state"), os.path.join(partial, TRAINER_STATE))
+                    own += ["architecture.json", LAYOUT, _write(partial, TRAINER_STATE, trainer_state)]
+                entries = file_entries(partial, own, rank)  # every rank its own files, in parallel
             except (OSError, RuntimeError) as err:
                 error = _write_error(err, rank, partial)
                 if error is None:
                     raise
-        error = _agree(error)
+        gathered = comm.all_gather_object((error, entries))
+        error = next((e for e, _ in gathered if e), None)
+        entries = {rel: meta for _, part in gathered for rel, meta in part.items()}
     if error is None and rank == 0:
         try:
-            write_manifest(partial)
+            write_manifest(partial, entries)  # hashes only what no rank claimed
             kill_point("ckpt.after_manifest", step)
             if os.path.exists(final):  # a re-save after resuming from an older checkpoint
                 shutil.rmtree(final)
@@ -304,6 +306,11 @@ def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: s
             shutil.rmtree(old, ignore_errors=True)
     comm.barrier()
     return final
+
+
+def _write(folder: str, rel: str, state) -> str:
+    torch.save(plain_copy(state, rel), os.path.join(folder, rel))
+    return rel
 
 
 # The trainer state's keys and the types they must have where present (step and pruning always are).
@@ -362,15 +369,19 @@ def _load_agreed(path: str, missing: Optional[str] = None):
     return state
 
 
-def read_rank_state(folder: str) -> Optional[dict]:
-    """This rank's own state saved with ``save(rank_state=...)``, or None if none was saved
-    (collective: every rank calls it)."""
-    path = os.path.join(folder, "ranks", f"rank_{comm.global_rank():05d}.pt")
-    state = _load_agreed(path)
-    if state is not None and not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a rank state; the checkpoint "
-                              "is damaged or was not written by effllm-train")
-    return state
+def read_rank_state(folder: str) -> tuple[Optional[dict], Optional[dict]]:
+    """(this rank's own state, the state shared over its data-parallel ranks) saved with
+    ``save(rank_state=..., dp_shared_state=...)``, each None if none was saved (collective:
+    every rank calls it)."""
+    out = []
+    for path in (os.path.join(folder, "ranks", f"rank_{comm.global_rank():05d}.pt"),
+                 os.path.join(folder, "ranks", f"shared_rank_{comm.global_rank_in('dp', 0):05d}.pt")):
+        state = _load_agreed(path)
+        if state is not None and not isinstance(state, dict):
+            raise CheckpointError(f"{path} holds a {type(state).__name__}, not a rank state; the checkpoint "
+                                  "is damaged or was not written by effllm-train")
+        out.append(state)
+    return out[0], out[1]
 
 
 def check_layout(engine: TrainEngine, folder: str) -> None:

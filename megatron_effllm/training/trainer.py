@@ -238,7 +238,7 @@ class Trainer:
         del canonical
         if resume_dir is not None:
             ckpt.load_engine_state(engine, resume_dir)  # refuses another layout in one line
-            pruning.load_rank_state_dict(ckpt.read_rank_state(resume_dir))
+            pruning.load_rank_state_dict(*ckpt.read_rank_state(resume_dir))
             log.info(f"[resume] continuing from {resume_dir} at step {start_step}")
         pruning.install(engine)
         data_iter = make_train_iterator(self.data_args, self.dp_rank, self.dp_size, cfg.data.micro_batch,
@@ -405,7 +405,8 @@ class Trainer:
         }
         return ckpt.save(engine, self.ckpt_root, step, architecture_json=pruning.arch.to_json(),
                          trainer_state=state, keep=self.cfg.train.keep_checkpoints,
-                         rank_state=pruning.rank_state_dict())
+                         rank_state=pruning.rank_state_dict(),
+                         dp_shared_state=pruning.dp_shared_state_dict() if self.dp_rank == 0 else None)
 
     def _finish(self, engine: TrainEngine, pruning, timing: dict, wall: float, last_loss: float) -> dict:
         """Gather the canonical weights (over TP: collective), evaluate; rank 0 writes the results."""

@@ -414,7 +414,10 @@ class L0Runtime(RuntimeBase):
         """Nothing differs between ranks (the gates are replicated)."""
         return None
 
-    def load_rank_state_dict(self, state: Optional[dict]) -> None:
+    def dp_shared_state_dict(self) -> None:
+        return None
+
+    def load_rank_state_dict(self, state: Optional[dict], dp_shared: Optional[dict] = None) -> None:
         """Nothing to load (``rank_state_dict``)."""
 
     def state_dict(self) -> dict:

@@ -90,4 +90,8 @@ class PruningRuntime(Protocol):
         """This rank's own state when ranks differ (None otherwise): saved by every rank as it is,
         so that saving changes nothing and a resume continues it bit for bit."""
 
-    def load_rank_state_dict(self, state: Optional[dict]) -> None: ...
+    def dp_shared_state_dict(self) -> Optional[dict]:
+        """State every data-parallel rank of this rank's model shard holds identically (None if
+        none): saved once, by DP rank 0, and loaded by all of them."""
+
+    def load_rank_state_dict(self, state: Optional[dict], dp_shared: Optional[dict] = None) -> None: ...

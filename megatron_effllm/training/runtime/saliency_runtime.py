@@ -348,12 +348,18 @@ class SaliencyRuntime(RuntimeBase):
         self.stats = self._new_statistics(self.arch)
 
     def rank_state_dict(self) -> dict:
-        """This rank's own running sums (scores, Hessians, layer cosines) and cached H^-1."""
+        """This rank's own running sums (scores, Hessians, layer cosines)."""
         return self.stats.rank_state()
 
-    def load_rank_state_dict(self, state: Optional[dict]) -> None:
-        """This rank's own ``rank_state_dict`` (after ``load_state_dict``)."""
+    def dp_shared_state_dict(self) -> Optional[dict]:
+        """The cached H^-1, the same on every data-parallel rank of this model shard (None
+        outside a compaction cycle's OBS updates: nothing to write)."""
+        return self.stats.dp_shared_state() if self.stats.obs_cache else None
+
+    def load_rank_state_dict(self, state: Optional[dict], dp_shared: Optional[dict] = None) -> None:
+        """This rank's own ``rank_state_dict`` and its DP rank 0's ``dp_shared_state_dict``
+        (after ``load_state_dict``)."""
         if state is None:
             raise UserError("the checkpoint has no per-rank pruning state for this rank; resume with the "
                             "layout it was written with")
-        self.stats.load_rank_state(state)
+        self.stats.load_rank_state(state, dp_shared)

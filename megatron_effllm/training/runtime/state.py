@@ -4,8 +4,13 @@ Hessians (and the cached H^-1 of the current compaction cycle) and Adapt-Pruner'
 Every rank accumulates its own sums (a decision reads their reduction) and saves them as they
 are (``rank_state``): a checkpoint, taken at whatever step a preemption falls on, changes nothing
 in memory, and a resumed rank continues exactly the sums it had. (Summing them onto one rank
-before saving would round differently from the run that went on unsaved.) Checkpoints hold CPU
-copies (``training.checkpoint``); ``to_device`` puts them back next to the model.
+before saving would round differently from the run that went on unsaved.) What a rank's file
+would repeat is left out, bit-exactly restorable: a saliency vector is saved over the range
+where it is not zero (at TP > 1 a rank feeds only its slice of the heads and channels, under PP
+only its stage's layers), and the cached H^-1, the same on every data-parallel rank of a model
+shard (an inverse of the Hessian reduced over DP), is saved once per shard (``dp_shared_state``).
+Checkpoints hold CPU copies (``training.checkpoint``); ``to_device`` puts them back next to the
+model.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from megatron_effllm.errors import UserError
 from megatron_effllm.pruning import obs as obs_mod
 
 
@@ -72,13 +78,10 @@ class Statistics:
             state[f"n.{name}"] += keep * x.shape[0]
         self._hessian_inputs = []
 
-    def local_obs_state(self) -> dict:
-        return {
-            "hessians": {k: v.clone() for k, v in self.hessians.state_dict().items()},
-            # The downdated H^-1 of the current compaction cycle: recomputing it on resume from
-            # the newer Hessian would change the OBS updates that follow.
-            "obs_cache": {k: (list(a), h.clone()) for k, (a, h) in self.obs_cache.items()},
-        }
+    def dp_shared_state(self) -> dict:
+        """The downdated H^-1 of the current compaction cycle (recomputing it on resume from the
+        newer Hessian would change the OBS updates that follow); identical on the DP ranks."""
+        return {"obs_cache": {k: (list(a), h.clone()) for k, (a, h) in self.obs_cache.items()}}
 
     def to_device(self, device) -> None:
         """Put every running sum where the model is (a checkpoint loads them on the CPU): the
@@ -89,17 +92,42 @@ class Statistics:
         self.layer_cos = self.layer_cos.to(device)
         self.obs_cache = {k: (a, h.to(device)) for k, (a, h) in self.obs_cache.items()}
 
-    def load_local_obs_state(self, state: dict) -> None:
+    def rank_state(self) -> dict:
+        """This rank's running sums and Hessians, as they are (saliency vectors trimmed to where
+        they are not zero)."""
+        return {"saliency": {k: nonzero_range(v) for k, v in self.saliency.state_dict().items()},
+                "layer_cos": self.layer_cos.clone(),
+                "hessians": {k: v.clone() for k, v in self.hessians.state_dict().items()}}
+
+    def load_rank_state(self, state: dict, dp_shared: Optional[dict] = None) -> None:
+        self.saliency.load_state_dict({k: from_range(v) for k, v in state["saliency"].items()})
+        self.layer_cos = state["layer_cos"].clone()
         self.hessians = obs_mod.HessianAccumulator()
         self.hessians.load_state_dict(state["hessians"])
-        self.obs_cache = dict(state.get("obs_cache", {}))
+        self.obs_cache = dict((dp_shared or {}).get("obs_cache", {}))
 
-    def rank_state(self) -> dict:
-        """This rank's running sums and OBS state, as they are."""
-        return {"saliency": {k: v.clone() for k, v in self.saliency.state_dict().items()},
-                "layer_cos": self.layer_cos.clone(), **self.local_obs_state()}
 
-    def load_rank_state(self, state: dict) -> None:
-        self.saliency.load_state_dict(state["saliency"])
-        self.layer_cos = state["layer_cos"].clone()
-        self.load_local_obs_state(state)
+def nonzero_range(v: torch.Tensor):
+    """A vector as ``{"start", "size", "values"}``: its values from the first to the last entry
+    that is not +0.0 (-0.0 and NaN kept), so that ``from_range`` restores it bit for bit; other
+    tensors as they are."""
+    if v.dim() != 1:
+        return v.clone()
+    v = v.detach().cpu()
+    kept = torch.nonzero((v != 0) | torch.signbit(v)).flatten()
+    lo, hi = (int(kept[0]), int(kept[-1]) + 1) if kept.numel() else (0, 0)
+    return {"start": lo, "size": v.numel(), "values": v[lo:hi].clone()}
+
+
+def from_range(saved):
+    """The vector ``nonzero_range`` saved (zeros outside its range)."""
+    if torch.is_tensor(saved):
+        return saved
+    try:
+        start, size, values = int(saved["start"]), int(saved["size"]), saved["values"]
+        out = torch.zeros(size, dtype=values.dtype)
+        out[start:start + values.numel()] = values
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
+        raise UserError("a saliency vector of the checkpoint's per-rank state is damaged (expected start, "
+                        "size and values within it); restore the checkpoint or resume from an earlier one") from None
+    return out
