@@ -79,6 +79,36 @@ def test_survivor_of_a_lost_peer_exits_with_one_line(sig, words, tmp_path):
     with open(log_file) as f:
         assert "Traceback (most recent call last)" in f.read()
 
+LATE_PEER = r"""
+import os, sys, time
+sys.path.insert(0, {root!r})
+if os.environ["RANK"] == "1":
+    time.sleep({delay})
+import torch, torch.distributed as dist
+from megatron_effllm.parallel.runtime import init_model_parallel
+init_model_parallel(1, 1, timeout_s={timeout})
+x = torch.ones(1)
+dist.all_reduce(x)
+print(int(x.item()))
+"""
+
+
+def test_a_late_rank_joins_although_collectives_time_out_sooner():
+    """Ranks start with skew: the rendezvous waits longer than a collective (here a rank arrives
+    6 s late under a 2 s collective timeout) and the job runs."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", LATE_PEER.format(root=ROOT, delay=6, timeout=2)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip() == "2"
+
+
 
 def test_kill_and_resume_end_identical(tmp_path):
     """Two uninterrupted runs are bit-identical (CPU determinism); every killed run, resumed,

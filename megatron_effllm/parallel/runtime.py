@@ -159,6 +159,9 @@ def _free_port() -> int:
 
 
 DEFAULT_TIMEOUT_S = 1800.0
+# Ranks of one job start with skew (node allocation, image pulls, imports on a busy file system):
+# the rendezvous waits as long as torchrun's own does, however short the collectives' timeout.
+RENDEZVOUS_TIMEOUT_S = 900.0
 
 
 def comm_timeout_s(default: Optional[float] = None) -> float:
@@ -218,7 +221,10 @@ def _ensure_process_group(timeout_s: Optional[float] = None) -> None:
         # Started by a launcher (torchrun, deepspeed) or a scheduler (srun, mpirun): the env://
         # rendezvous reads the launcher's variables, derived from the scheduler's when absent.
         os.environ.update(identity)
-        dist.init_process_group(backend, timeout=timeout)
+        wait = datetime.timedelta(seconds=max(RENDEZVOUS_TIMEOUT_S, timeout.total_seconds()))
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=wait))
+        store.set_timeout(timeout)  # after the rendezvous every wait is a collective's
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     else:
         dist.init_process_group(
             backend,
