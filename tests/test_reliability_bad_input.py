@@ -106,8 +106,6 @@ CONFIG_CASES = [
      "data.weights.web must be a finite number >= 0, got 'two'"),
     ("unknown layer implementation", BASE, ["model.layers=fused"],
      "model.layers: 'fused' is not one of auto, te, local"),
-    ("distillation with pipeline parallelism", BASE, ["distill.alpha=0.5", "parallel.pp=2"],
-     "distill.alpha 0.5 with parallel.pp 2: the teacher does not run as a pipeline yet"),
     ("top-k distillation", BASE, ["distill.topk=64"],
      "distill.topk 64: top-k distillation is not implemented; set distill.topk: 0"),
     ("snapshot fraction outside (0, 1)", BASE, ["export.snapshots=[0.75,1.5]"],

@@ -270,9 +270,6 @@ def _check_distill(cfg) -> None:
                           "(the full vocabulary)")
     if not k.alpha:
         return
-    if cfg.parallel.pp > 1:
-        raise ConfigError(f"distill.alpha {k.alpha} with parallel.pp {cfg.parallel.pp}: the teacher does not "
-                          "run as a pipeline yet; set parallel.pp: 1 (TP and DP work) or distill.alpha: 0")
     if k.teacher != "source" and not os.path.exists(k.teacher) and k.teacher != "smollm2-135m":
         raise ConfigError(f"distill.teacher {show_value(k.teacher)} not found; give source, an HF model "
                           "folder, a .gguf, a megatron checkpoint folder or smollm2-135m")

@@ -16,6 +16,15 @@ megatron-core's ``forward_backward_pipelining_without_interleaving`` is where th
   gradient hooks, its data-parallel reduction and the accumulation boundary run as for any
   backward, on any ZeRO stage that supports pipelines (1, 2).
 
+With online distillation (``teacher``) the frozen teacher runs inside the same schedule: each
+stage forwards micro-batch k through its teacher stage (no autograd) when it forwards the
+student's, and the send to the next stage carries both hidden states in one tensor
+``[s, b, h_student + h_teacher]`` (gradients flow back for the student's part only). The last
+stage so has the teacher's vocabulary-parallel logits exactly when the student's loss needs them,
+one micro-batch at a time. A separate forward-only teacher pass before the student's schedule
+would give the same logits but hold all ``m`` micro-batches' ``[b, s, V / TP]`` logits on the last
+stage (the vocabulary dwarfs the hidden size) and add its own pipeline fill and drain.
+
 Why not megatron-core's schedules as they are: their backward is ``torch.autograd.backward``
 per micro-batch and their gradient finalisation expects megatron's DDP wrapper; under ZeRO-2
 every micro-batch would be reduced and the embedding copies could not be summed before ZeRO
@@ -34,6 +43,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from megatron_effllm.engine.base import TrainEngine
 from megatron_effllm.parallel import comm
+from megatron_effllm.training.teacher import Teacher
 
 
 def mean_token_loss(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -98,8 +108,9 @@ class PipelineStep:
 
     # ------------------------------------------------------------------ one micro-batch
     @staticmethod
-    def _forward(module, batch: dict, x: Optional[torch.Tensor]):
-        """This stage's forward of one micro-batch: hidden states (middle) or per-token loss (last).
+    def _forward(module, batch: dict, x: Optional[torch.Tensor], logits: bool = False):
+        """This stage's forward of one micro-batch: hidden states (middle) or per-token loss (last;
+        the vocabulary-parallel logits ``[b, s, V / TP]`` with ``logits``).
 
         The module itself, not the engine: DeepSpeed's engine forward hooks the outputs so that
         its backward epilogue would run inside every ``torch.autograd.grad``."""
@@ -107,8 +118,20 @@ class PipelineStep:
         module.set_input_tensor(x)
         tokens = batch["tokens"].to(device) if ps.is_pipeline_first_stage() else None
         positions = batch["position_ids"].to(device)
-        labels = batch["labels"].to(device) if ps.is_pipeline_last_stage() else None
+        labels = batch["labels"].to(device) if ps.is_pipeline_last_stage() and not logits else None
         return module(tokens, positions, None, labels=labels)
+
+    def _distill_forward(self, module, teacher: Teacher, batch: dict, x_student: Optional[torch.Tensor],
+                         x_teacher: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Student and teacher stage forwards of one micro-batch: (the student's hidden states,
+        the teacher's) on a middle stage, (the per-token distillation loss, None) on the last."""
+        last = ps.is_pipeline_last_stage()
+        out = self._forward(module, batch, x_student, logits=last)
+        with torch.no_grad():
+            t_out = self._forward(teacher.model, batch, x_teacher, logits=last)
+        if not last:
+            return out, t_out
+        return teacher.mix(out, t_out, batch["labels"].to(out.device)), None
 
     # ------------------------------------------------------------------ training
     def train(
@@ -118,6 +141,7 @@ class PipelineStep:
         *,
         loss_hook: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
         extra_leaves: Sequence[torch.Tensor] = (),
+        teacher: Optional[Teacher] = None,
         paused: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         after_micro_batch: Callable[[dict], None] = lambda b: None,
         before_backward: Callable[[dict], None] = lambda b: None,
@@ -129,8 +153,9 @@ class PipelineStep:
 
         ``loss_hook`` sees each micro-batch loss on the last stage (fault injection);
         ``extra_leaves`` are non-parameter leaves whose ``.grad`` accumulates as under a plain
-        backward (L0 gates); ``paused()`` is a context in which the pruning runtime's hooks do
-        not record (the hand-over backward); ``after_micro_batch(batch)`` runs after each
+        backward (L0 gates); ``teacher`` (distillation, same dtype) runs its stage beside this
+        one and the last stage's loss mixes KD and LM; ``paused()`` is a context in which the
+        pruning runtime's hooks do not record (the hand-over backward); ``after_micro_batch(batch)`` runs after each
         micro-batch's backward on every stage, ``before_backward(batch)`` before it;
         ``after_schedule()`` after the last one (every rank).
         """
@@ -139,7 +164,10 @@ class PipelineStep:
         first, last = dims.first_stage, dims.last_stage
         stage, stages = dims.pp_rank, dims.pp
         p2p = self._communicator(module)
-        shape = self._shape(module)
+        shape = self._shape(module)  # the gradients sent back: the student's hidden states only
+        h = shape[-1]
+        # the activations sent forward: with a teacher, its hidden states after the student's
+        fwd_shape = shape if teacher is None else shape[:-1] + (h + teacher.model.config.hidden_size,)
         m = len(batches)
         params = [p for p in module.parameters() if p.requires_grad]
         leaves = params + list(extra_leaves)
@@ -147,16 +175,25 @@ class PipelineStep:
         losses: list[torch.Tensor] = []
         in_flight: list[tuple[Optional[torch.Tensor], torch.Tensor, dict]] = []
 
-        def forward(k: int, x: Optional[torch.Tensor]) -> torch.Tensor:
-            if x is not None:
-                x.requires_grad_(True)
-            out = self._forward(module, batches[k], x)
+        def forward(k: int, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            """The micro-batch's forward; returns what goes to the next stage."""
+            if teacher is None:
+                if x is not None:
+                    x.requires_grad_(True)
+                out = self._forward(module, batches[k], x)
+                send = None if last else out.detach()
+            else:  # the student's part a leaf of its own: the gradient sent back has its width
+                x_t = None
+                if x is not None:
+                    x, x_t = x[..., :h].contiguous().requires_grad_(True), x[..., h:].contiguous()
+                out, t_out = self._distill_forward(module, teacher, batches[k], x, x_t)
+                send = None if last else torch.cat([out.detach(), t_out], dim=-1)
             if last:
                 loss = loss_hook(mean_token_loss(out, batches[k]))
                 losses.append(loss.detach().float())
                 out = loss / m  # as the engine's loss scaling for gradient accumulation
             in_flight.append((x, out, batches[k]))
-            return out
+            return send
 
         def backward(grad_out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             x, out, batch = in_flight.pop(0)
@@ -172,18 +209,16 @@ class PipelineStep:
 
         warmup = min(stages - stage - 1, m)
         for k in range(warmup):
-            out = forward(k, p2p.recv_forward(shape, first))
-            p2p.send_forward(None if last else out.detach(), last)
-        x = p2p.recv_forward(shape, first) if warmup < m else None
+            p2p.send_forward(forward(k, p2p.recv_forward(fwd_shape, first)), last)
+        x = p2p.recv_forward(fwd_shape, first) if warmup < m else None
         for k in range(warmup, m):
-            out = forward(k, x)
-            grad_out = p2p.send_forward_recv_backward(None if last else out.detach(), shape, last)
+            grad_out = p2p.send_forward_recv_backward(forward(k, x), shape, last)
             grad_in = backward(grad_out)
             if k == m - 1:
                 x = None
                 p2p.send_backward(grad_in, first)
             else:
-                x = p2p.send_backward_recv_forward(grad_in, shape, first)
+                x = p2p.send_backward_recv_forward(grad_in, fwd_shape, first)
         for _ in range(warmup):
             p2p.send_backward(backward(p2p.recv_backward(shape, last)), first)
 

@@ -4,10 +4,12 @@ The teacher is the source model (``distill.teacher: source``) or any model ``mod
 accepts (HF folder, ``.gguf``, megatron checkpoint) with the student's tokenizer. It is built
 once per run with the project's builder under the same megatron parallel state as the student,
 so each tensor-parallel rank holds the same vocabulary slice of its output layer as of the
-student's; it stays outside the training engine (no optimizer state, no ZeRO partition, no
-gradient), in eval mode, and survives every compaction (only the student is rebuilt). It is not
-saved in checkpoints: a resume builds it again from its source, and the run's fingerprint
-(``distill.teacher`` by content, run_dir.BY_CONTENT) refuses a resume with another teacher.
+student's, and each pipeline stage the teacher's layers of that stage (``training.pipeline``
+carries its hidden states beside the student's); it stays outside the training engine (no
+optimizer state, no ZeRO partition, no gradient), in eval mode, and survives every compaction
+(only the student is rebuilt). It is not saved in checkpoints: a resume builds it again from its
+source, and the run's fingerprint (``distill.teacher`` by content, run_dir.BY_CONTENT) refuses a
+resume with another teacher.
 
 Precision: the run's training dtype. A bf16 run gets a bf16 teacher (half the memory, the tensor
 cores); an fp32 run (the CPU configurations) an fp32 one, because bf16 matmuls on CPUs are
@@ -91,7 +93,12 @@ class Teacher:
     def loss(self, student_logits: torch.Tensor, tokens: torch.Tensor, position_ids: torch.Tensor,
              labels: torch.Tensor) -> torch.Tensor:
         """Per-token distillation loss ``[b, s]`` (fp32) from the student's vocabulary slice."""
-        kl = vocab_parallel_kl(student_logits, self.logits(tokens, position_ids), self.temperature)
+        return self.mix(student_logits, self.logits(tokens, position_ids), labels)
+
+    def mix(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token distillation loss ``[b, s]`` from both models' vocabulary slices (the last
+        pipeline stage has the teacher's logits from the pipeline, not from ``logits``)."""
+        kl = vocab_parallel_kl(student_logits, teacher_logits, self.temperature)
         # after the KL: megatron's cross-entropy shifts fp32 logits in place
         lm = tensor_parallel.vocab_parallel_cross_entropy(student_logits, labels)
         return distillation_loss(lm, kl, self.alpha, self.temperature)

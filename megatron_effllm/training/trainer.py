@@ -282,7 +282,7 @@ class Trainer:
                 loss_t = self.pipeline.train(
                     engine, [next(data_iter) for _ in range(self.grad_accum)],
                     loss_hook=lambda loss: inject_nonfinite(loss, step + 1),
-                    extra_leaves=pruning.extra_grad_leaves(), paused=pruning.paused,
+                    extra_leaves=pruning.extra_grad_leaves(), teacher=self.teacher, paused=pruning.paused,
                     after_micro_batch=lambda b: pruning.end_micro_batch(float(b["tokens"].shape[0])),
                     before_backward=pruning.before_micro_batch_backward,
                     after_schedule=pruning.end_pipeline_schedule)
