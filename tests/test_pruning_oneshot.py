@@ -7,6 +7,7 @@ import torch
 
 from megatron_effllm.eval.perplexity import calibration_windows
 from megatron_effllm.pruning import oneshot
+from megatron_effllm.pruning.groups import PruningError
 from megatron_effllm.pruning.selection import Constraints
 from test_pruning_reference import random_state_dict, reference_logits, tiny_arch
 
@@ -90,3 +91,25 @@ def test_cli_prunes_saves_and_reloads(tiny_folder, tmp_path, capsys):
         prune_oneshot.main(["--model", str(root / "model"), "--target-params", "2.0x", "--out", str(tmp_path / "x")])
     assert err.value.code == 2
     assert "is not a number" in capsys.readouterr().err
+
+
+def test_calibration_keeps_the_sums_of_the_named_estimators_only(tiny_folder):
+    """fisher alone keeps one quantity (one pass over the gradients, not three), with the same
+    bits as a pass that keeps every gradient estimator's sums; the Hessians are unchanged."""
+    from megatron_effllm.convert import hf_io
+
+    root, arch, sd, tok, files = tiny_folder
+    windows = calibration_windows(tok, files, 256, 32)
+    opts = oneshot.OneShotOptions(target_params=int(arch.num_params() * 0.7), estimator="fisher", obs=True)
+    alone = oneshot.collect(hf_io.build_hf_model(arch, sd), arch, windows, opts)
+    every = oneshot.collect(hf_io.build_hf_model(arch, sd), arch, windows, opts,
+                            estimators=["taylor", "taylor_elem"])
+    assert alone.grads.quantities == ("w2g2",) and every.grads.quantities == ("awg", "w2g2", "wg")
+    assert set(every.grads.state) > set(alone.grads.state)
+    assert all(torch.equal(v, every.grads.state[k]) for k, v in alone.grads.state.items())
+    assert alone.hessians.state.keys() == every.hessians.state.keys()
+    assert all(torch.equal(v, every.hessians.state[k]) for k, v in alone.hessians.state.items())
+    plan, same = oneshot.choose(alone, arch, sd, opts), oneshot.choose(every, arch, sd, opts)
+    assert plan.after == same.after and plan.to_dict() == same.to_dict()
+    with pytest.raises(PruningError, match="not accumulated"):
+        oneshot.choose(alone, arch, sd, oneshot.OneShotOptions(target_params=opts.target_params, estimator="taylor"))

@@ -67,7 +67,7 @@ def main(argv=None):
     base = oneshot.OneShotOptions(target_params=target, estimator="fisher", obs=True)
     t = time.time()
     windows = calibration_windows(tokenizer, list(corpus_files("train").values()), args.calib_tokens, 512)
-    calib = oneshot.collect(model, arch, windows, base)
+    calib = oneshot.collect(model, arch, windows, base, estimators=[v[1] for v in VARIANTS])
     t_calib = time.time() - t
     del model
 

@@ -2,7 +2,7 @@
 """Step-time overhead of the pruning machinery vs plain training of the same model.
 
     python tools/bench_training_overhead.py [--config configs/smollm2_135m_cpu_demo.yaml]
-        [--steps 20] [--out runs/bench_overhead] [key=value ...]
+        [--steps 20] [--out runs/bench_overhead] [key=value ...]   (e.g. prune.stats_every=4)
 
 Runs the same config twice in one process, back to back on the same data: once with
 prune.strategy=none (plain continued pretraining), once as configured but with the masks only
@@ -78,7 +78,7 @@ def main(argv=None):
     )
     notes = (f"`{args.config}`, {args.steps} steps each, back to back in one process: plain (prune.strategy=none) "
              f"and masked pruning every step from step 1 ({r['params'][0]:,} -> {r['params'][1]:,} parameters, "
-             f"compacted once at the end).")
+             f"compacted once at the end)." + (f" Overrides: `{' '.join(args.overrides)}`." if args.overrides else ""))
     table = append_section(args.benchmarks_md, "Pruning overhead in training", command_line(), table, notes)
     print(table)
 

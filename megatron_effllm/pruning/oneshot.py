@@ -9,7 +9,7 @@ The pieces are separate so that one calibration pass can serve several selection
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -57,22 +57,27 @@ def collect(
     windows: torch.Tensor,
     options: OneShotOptions,
     log: Optional[Callable[[str], None]] = None,
+    estimators: Optional[Iterable[str]] = None,
 ) -> Statistics:
     """One calibration pass recording what the options need (and nothing more).
 
-    Gradient sums are kept for every gradient estimator, so one pass serves any of them.
+    Gradient sums are kept for the options' estimator, or for each of ``estimators`` (a caller
+    that scores several gradient estimators from one pass names them): each quantity is a pass
+    over every gradient, and fisher alone needs one of the three.
     """
     options.check()
-    needs = ESTIMATORS.get(options.estimator).needs
-    need_grads = ESTIMATORS.get(options.estimator).gradient
-    need_acts = "activations" in needs or options.selector().needs_layer_importance
-    need_hess = options.obs or "hessians" in needs
+    names = [options.estimator] + list(estimators or [])
+    for name in names:
+        ESTIMATORS.get(name)
+    gradient = sorted({n for n in names if ESTIMATORS.get(n).gradient})
+    need_acts = any("activations" in ESTIMATORS.get(n).needs for n in names) or options.selector().needs_layer_importance
+    need_hess = options.obs or any("hessians" in ESTIMATORS.get(n).needs for n in names)
     calib = Statistics(
-        grads=GradSaliency(arch) if need_grads else None,
+        grads=GradSaliency(arch, estimators=gradient) if gradient else None,
         activations=ActivationSaliency(arch) if need_acts else None,
         hessians=HessianAccumulator() if need_hess else None,
     )
-    if need_grads or need_acts or need_hess:
+    if gradient or need_acts or need_hess:
         calibrate(model, arch, windows, batch_size=options.batch_size, grads=calib.grads,
                   activations=calib.activations, hessians=calib.hessians,
                   hessian_sites="all" if options.obs_hidden else "obs", log=log)

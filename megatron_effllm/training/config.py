@@ -124,6 +124,9 @@ class PruneConfig:
     obs: bool = True  # local second-order update of the surviving columns at compaction
     obs_damp: float = number(0.01, ge=0)
     obs_tokens_per_step: int = number(256, ge=1)  # tokens per micro-batch that feed the layer Hessians
+    # Scores and Hessians from every k-th step of the window (from start_step); the others train
+    # without the hooks' work. Scores are ratios of sums (count included): k only thins the sample.
+    stats_every: int = number(1, ge=1)
     prune_hidden: bool = True
     allow_depth: bool = False
     min_heads_per_group: int = number(1, ge=1)

@@ -79,8 +79,9 @@ class SaliencyRuntime(RuntimeBase):
         return self.schedule.event_due(step) or self.waiting
 
     def collects(self, step: int) -> bool:
-        # A waiting event needs statistics even past the window's end.
-        return super().collects(step) or self.waiting
+        # A waiting event needs statistics even past the window's end (and on any step).
+        sampled = (step - self.p.start_step) % self.p.stats_every == 0
+        return (super().collects(step) and sampled) or self.waiting
 
     def compaction_due(self, step: int) -> bool:
         if not self.enabled:
