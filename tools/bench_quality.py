@@ -2,8 +2,9 @@
 """Quality at equal tokens: every method takes SmolLM2-135M to ~half its parameters with the same
 continued-training token budget T, then all are evaluated the same way.
 
-    python tools/bench_quality.py [--steps 100] [--limit 100] [--methods efficientllm,llm_pruner,...]
-        [--out runs/bench_quality] [--benchmarks-md BENCHMARKS.md]
+    python tools/bench_quality.py [--steps 100] [--limit 500] [--methods efficientllm,oneshot_train,...]
+        [--recovery lm|kd|lm,kd] [--train-only | --reeval] [--out runs/bench_quality]
+        [--benchmarks-md BENCHMARKS.md] [--recipe CONFIG --source HF_DIR]
 
 T = steps x global_batch x seq_len tokens of the shipped 4-domain train sample (default
 100 x 4 x 256 = 102,400), bf16, one process, the same data order, learning-rate schedule
@@ -13,6 +14,9 @@ T = steps x global_batch x seq_len tokens of the shipped 4-domain train sample (
                 (diagonal Fisher), auto-designed per-layer widths, OBS at every event (prune steps
                 5..70 of T)
   efficientllm_taylor  the same with first-order Taylor saliency (the ablation behind the default)
+  oneshot_train the default's pruning done once before training (effllm-prune-oneshot: Fisher
+                saliency, the global efficientllm selector, OBS; the recipe's floors), 16k
+                calibration tokens; then the same T tokens (pruning then training)
   llm_pruner    LLM-Pruner style: one-shot element-wise Taylor (param_first) on heads + FFN,
                 the same ratio in every layer, 16k calibration tokens; then T tokens of training
   minitron      Minitron style: one-shot activation importance, uniform widths (hidden, heads,
@@ -28,13 +32,19 @@ T = steps x global_batch x seq_len tokens of the shipped 4-domain train sample (
   scratch       the efficientllm result's exact shape, randomly initialised, trained on T tokens
   source        the unpruned model, no training (the ceiling)
 
-Evaluation of each final model (fp32): held-out perplexity per domain (first 16 windows of 512
-tokens of each shipped held-out file, megatron_effllm/eval/perplexity.py) and zero-shot accuracy
-on the EfficientLLM 7-task set (first --limit validation examples per task; acc_norm / acc as
-lm-eval-harness defines them). A method already in OUT/results.json is not run again (delete it
-to redo). Each final model is an HF folder in OUT/<method>/hf; numbers in OUT/results.json;
-held-out loss against tokens in tools/bench_plots/quality_heldout_loss.png; a section appended to
-BENCHMARKS.md.
+Recovery loss during the T tokens (--recovery): lm, the LM loss; kd, logit distillation from the
+unpruned source (distill.alpha=1, temperature 1). Results are keyed <method>+<recovery>.
+
+Evaluation of each final model (fp32, megatron_effllm/eval/suite.py): held-out perplexity per
+domain (first --windows windows of 512 tokens) of the shipped held-out files and of text outside
+the training mix (eval/outside_mix.py); the EfficientLLM 7-task set on the first --limit
+validation examples per task (the whole split where smaller; acc_norm / acc as lm-eval-harness
+defines them) with standard errors; LAMBADA last-word accuracy and target-word perplexity on the
+first --limit passages. Resumable per method: a trained model (OUT/<key>/hf with info.json) is
+not trained again, an entry of OUT/results.json is not evaluated again (--reeval: evaluate the
+saved models again). The mean training step time of each run is kept; kd / lm of one method is
+the teacher's cost. Held-out loss against tokens in PLOT_DIR/quality_heldout_loss.png; a section
+appended to BENCHMARKS.md.
 """
 import argparse
 import json
