@@ -12,11 +12,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from megatron_effllm.architecture import Architecture
 from megatron_effllm.cli import plan as plan_cli
 from megatron_effllm.model.builder import build_gpt_model
-from megatron_effllm.parallel.runtime import ensure_cpu_support
+from megatron_effllm.parallel.runtime import ensure_cpu_support, init_model_parallel
 from megatron_effllm.planning import make_plan
-from megatron_effllm.planning.memory import state_bytes
+from megatron_effllm.planning.memory import layer_activation_bytes, state_bytes
 
 CONFIGS = ("configs/tiny_cpu.yaml", "configs/smollm2_135m_cpu_demo.yaml",
            "configs/llama3_2_1b_to_0_5b.yaml", "configs/qwen2_5_1_5b_to_0_5b.yaml")
@@ -87,11 +88,62 @@ def test_shipped_config_plans_at_its_header_scale(config, capsys):
 
 
 def test_zero_stages_split_the_state_over_data_parallel_ranks():
-    psi, dp = 1_000_000, 8
-    s0, s1, s2, s3 = (state_bytes(psi, 2, z, dp) for z in range(4))
-    assert s0["optimizer"] == 16 * psi and s1["optimizer"] == 16 * psi // dp  # fp32 master + grad + moments
-    assert s1["gradients"] == 2 * psi and s2["gradients"] == 2 * psi // dp
+    psi, dp, largest = 1_000_000, 8, 50_000
+    s0, s1, s2, s3 = (state_bytes(psi, 2, z, dp, largest) for z in range(4))
+    assert s0["optimizer"] == 16 * psi and s2["optimizer"] == 16 * psi // dp  # fp32 master + grad + moments
+    # bf16 ZeRO-1 is DeepSpeed's BF16_Optimizer: its fp32 gradient buffer is the whole model, and
+    # each bf16 gradient is added into it and freed (one tensor's at a time), as at ZeRO-2
+    assert s1["optimizer"] == 12 * psi // dp + 4 * psi
+    assert s0["gradients"] == 2 * psi and s1["gradients"] == s2["gradients"] == 2 * largest
+    assert s3["gradients"] == 2 * psi // dp
     assert s2["weights"] == 2 * psi and s3["weights"] == 2 * psi // dp
+    f0, f1 = (state_bytes(psi, 4, z, dp, largest) for z in (0, 1))
+    assert f0["optimizer"] == 8 * psi and f0["gradients"] == 4 * psi  # fp32 without ZeRO: no master
+    assert f1["optimizer"] == 16 * psi // dp and f1["gradients"] == 4 * psi  # kept until the boundary
+
+
+def _saved_bytes_per_token(arch, dtype, seq=32, batch=2):
+    """Bytes autograd keeps for the backward of one forward with the loss (parameters excluded),
+    each storage counted once, per token."""
+    torch.manual_seed(0)
+    model = build_gpt_model(arch, params_dtype=dtype)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    tokens = torch.randint(0, arch.vocab_size, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, torch.arange(seq).expand(batch, seq), None, labels=tokens)
+    return sum(saved.values()) / (seq * batch)
+
+
+@pytest.mark.parametrize("dtype, b", [(torch.float32, 4), (torch.bfloat16, 2)])
+@pytest.mark.parametrize("h, heads, kv, f", [(64, 4, 2, 128), (128, 8, 2, 320)])
+def test_modelled_activations_match_what_autograd_keeps_per_layer(dtype, b, h, heads, kv, f):
+    """A layer's saved tensors (the difference between a 2- and a 1-layer model) within 5% of the
+    model: the formula's rounding of per-head sizes, not a missing tensor."""
+    init_model_parallel(tp=1, pp=1)
+    archs = [Architecture.uniform(num_layers=n, hidden_size=h, num_heads=heads, num_kv_groups=kv,
+                                  ffn_hidden_size=f, vocab_size=256) for n in (1, 2)]
+    measured = _saved_bytes_per_token(archs[1], dtype) - _saved_bytes_per_token(archs[0], dtype)
+    assert layer_activation_bytes(archs[1], 1, 1, b, 1) == pytest.approx(measured, rel=0.05)
+
+
+def test_activations_and_logits_per_token_of_the_local_layer_spec():
+    """The per-layer count measured with saved_tensors_hooks on built layers (the module doc)."""
+    arch = Architecture.uniform(num_layers=1, hidden_size=64, num_heads=4, num_kv_groups=2,
+                                ffn_hidden_size=128, vocab_size=256)
+    fp32 = 4 * (6 * 64 + 3 * 64 + 3 * 32 + 5 * 128) + 4 * 4
+    assert layer_activation_bytes(arch, 0, 10, 4, 1) == 10 * fp32
+    assert layer_activation_bytes(arch, 0, 10, 2, 1) == 10 * (fp32 // 2 + 8 + 2 * 4 * 64)
+    (_, mem), = make_plan("configs/tiny_cpu.yaml", 1, 2, 16).memory
+    assert mem.terms["logits"] == 64 * 4 * 49152 * 4  # fp32: the loss upcasts in place
+    (_, mem), = make_plan("configs/tiny_cpu.yaml", 1, 2, 16, ["model.dtype=bf16"]).memory
+    assert mem.terms["logits"] == 64 * 4 * 49152 * (2 + 4)
 
 
 def test_a_config_that_does_not_fit_is_refused_in_one_line(capsys):

@@ -281,3 +281,68 @@ def test_shellcheck_passes_on_every_shell_script():
         pytest.skip("shellcheck is not installed (apt-get install shellcheck); CI requires it")
     res = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# The dry run prints the launch command lines; run them and the real scripts with the stubs, the
+# same layouts, and compare what each executes. Only the environment a cluster would give is
+# supplied (the hostfile, slurm's variables for the sbatch line's options); bash expands the
+# variables the printed lines keep as variables.
+PLAN_CONFIG = "configs/tiny_cpu.yaml"
+PLAN_OVERRIDES = ["data.global_batch=256", "run_dir=runs/my run"]  # a space: the quoting is pinned too
+
+
+def _plan_launch(nodes, gpus_per_node):
+    from megatron_effllm.planning import make_plan
+
+    return make_plan(PLAN_CONFIG, nodes, gpus_per_node, 80, PLAN_OVERRIDES).launch
+
+
+def _plan_repo(repo):
+    (repo / "configs" / "tiny_cpu.yaml").write_text(open(os.path.join(ROOT, PLAN_CONFIG)).read())
+    return repo
+
+
+def _run_line(repo, line, **env):
+    """``line`` as a user pastes it into bash at the repository root; [(argv, env, ignored)] per stub."""
+    log = repo.parent / "log"
+    for f in log.iterdir():
+        f.unlink()
+    res = subprocess.run(["bash", "-c", line], cwd=repo, env=_env(repo, **env), capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    return {name: [argv for argv, _, _ in _calls(repo, name)] for name in ("deepspeed", "torchrun", "srun")}
+
+
+@pytest.mark.parametrize("nodes, env", [
+    (1, {"STUB_GPUS": 8}),
+    (4, {"HOSTFILE": "hosts", "MASTER_ADDR": "gpu00"}),
+    (4, {"HOSTFILE": "hosts"}),
+])
+def test_the_plans_deepspeed_lines_are_what_the_launcher_runs(repo, nodes, env):
+    _plan_repo(repo)
+    (repo / "hosts").write_text("".join(f"gpu0{i} slots=8\n" for i in range(4)))
+    launch = _plan_launch(nodes, 8)
+    launched = _run_line(repo, launch["launcher"], **env)
+    printed = _run_line(repo, launch["deepspeed"], **env)
+    assert printed["deepspeed"] == launched["deepspeed"] and len(launched["deepspeed"]) == 1
+    assert launched["deepspeed"][0][-4:] == ["--config", PLAN_CONFIG, *PLAN_OVERRIDES]
+    if nodes == 1:  # a node with 8 GPUs: the launcher alone finds the same command
+        plain = _run_line(repo, f"launchers/pretrain_prune.sh {PLAN_CONFIG} 'data.global_batch=256' 'run_dir=runs/my run'",
+                          **env)
+        assert plain["deepspeed"] == printed["deepspeed"]
+
+
+def test_the_plans_slurm_lines_are_what_the_sbatch_script_runs(repo):
+    """The sbatch line's options become the job's slurm variables; the printed srun line runs in
+    that job's batch shell, the printed torchrun line in its job step (MASTER_ADDR from the job)."""
+    _plan_repo(repo)
+    launch = _plan_launch(2, 8)
+    sbatch = launch["sbatch"].split()
+    assert sbatch[:5] == ["sbatch", "--nodes", "2", "--gpus-per-node", "8"]
+    job = {**_sbatch_env(repo), "SLURM_NNODES": sbatch[2], "SLURM_GPUS_PER_NODE": f"h100:{sbatch[4]}"}
+    job_line = launch["sbatch"].replace("sbatch --nodes 2 --gpus-per-node 8 ", "bash ", 1)
+    launched = _run_line(repo, job_line, **job)
+    assert len(launched["srun"]) == 1 and len(launched["torchrun"]) == 1
+    assert _run_line(repo, launch["srun"], **job)["srun"] == launched["srun"]
+    assert _run_line(repo, launch["torchrun"], MASTER_ADDR="gpu01", **job)["torchrun"] == launched["torchrun"]
+    assert launched["torchrun"][0][-5:] == ["--config", PLAN_CONFIG, "resume=auto", *PLAN_OVERRIDES]

@@ -15,15 +15,16 @@ def launch_commands(config: str, overrides: list[str], lay: Layout) -> dict:
     the slurm job's variables stay as variables (they name the user's machines and job)."""
     args = " ".join(shlex.quote(a) for a in [config, *overrides])
     ds = f"deepspeed --num_nodes {lay.nodes} --master_port {MASTER_PORT} --num_gpus {lay.gpus_per_node}"
-    if lay.nodes > 1:
-        ds += ' --hostfile "$HOSTFILE"'
+    if lay.nodes > 1:  # with a hostfile the launcher passes MASTER_ADDR on when it is set
+        ds += ' --hostfile "$HOSTFILE" ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"}'
+    step_args = " ".join(shlex.quote(a) for a in [config, "resume=auto", *overrides])
+    # what each node of the sbatch job's step runs (the step passes resume=auto first)
     torchrun = (f"torchrun --nnodes {lay.nodes} --nproc_per_node {lay.gpus_per_node} "
                 '--rdzv_id "${SLURM_JOB_ID:-effllm}" --rdzv_backend c10d '
-                f'--rdzv_endpoint "${{MASTER_ADDR:-127.0.0.1}}:{MASTER_PORT}" -m {MODULE} --config {args}')
+                f'--rdzv_endpoint "${{MASTER_ADDR:-127.0.0.1}}:{MASTER_PORT}" -m {MODULE} --config {step_args}')
     # the sbatch template's step: resume=auto first, so the user's overrides (resume=none) win
     srun = (f"srun --export=ALL --kill-on-bad-exit=1 --nodes={lay.nodes} --ntasks-per-node=1 "
-            '--cpus-per-task="$SLURM_CPUS_PER_TASK" bash launchers/pretrain_prune.sh '
-            + " ".join(shlex.quote(a) for a in [config, "resume=auto", *overrides]))
+            f'--cpus-per-task="$SLURM_CPUS_PER_TASK" bash launchers/pretrain_prune.sh {step_args}')
     return {
         "launcher": (f"NNODES={lay.nodes} NPROC_PER_NODE={lay.gpus_per_node}"
                      + (' HOSTFILE="$HOSTFILE"' if lay.nodes > 1 else "") + f" launchers/pretrain_prune.sh {args}"),

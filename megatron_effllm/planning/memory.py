@@ -3,19 +3,27 @@
 Bytes per parameter element of the rank's shard (Psi), b = 2 (bf16) or 4 (fp32), DP data ranks:
 
 - weights: Psi * b (ZeRO-3: / DP);
-- gradients: the module's, Psi * b (ZeRO-2/3: / DP), plus DeepSpeed's flat reduce bucket at
-  ZeRO-2 (``reduce_bucket_size`` elements, allocated whole whatever the model size);
-- optimizer: AdamW moments 8 Psi, the fp32 master copy 4 Psi and the fp32 gradient of that master
-  4 Psi (ZeRO-1/2/3 keep a flat fp32 partition even for an fp32 model; ZeRO-0 only with bf16),
-  / DP from ZeRO-1 on;
+- gradients and optimizer, as DeepSpeed 0.19 holds them: ZeRO-0 keeps the module's gradients
+  (Psi * b) and so does fp32 ZeRO-1 until the boundary's reduction; ZeRO-2's backward hooks move
+  each gradient into the flat reduce bucket (``reduce_bucket_size`` elements, allocated whole
+  whatever the model size) and free it, and the bf16 optimizer of ZeRO-1 adds each into its fp32
+  buffer and frees it: there one tensor's gradient exists at a time. Optimizer: AdamW moments
+  8 Psi, the fp32 master copy 4 Psi and the fp32 gradient of that master 4 Psi (ZeRO-1/2/3 keep a
+  flat fp32 partition even for an fp32 model; ZeRO-0 only with bf16), / DP from ZeRO-1 on, except
+  the bf16 ZeRO-1 optimizer's fp32 gradient buffer: the whole flat model on every rank;
 - activations of one micro-batch of T = seq_len x micro_batch tokens, per layer: what autograd
-  keeps for the backward of a SwiGLU GQA block, T * b * (4 h + 2 q + 2 kv + 3 f) with q, kv, f the
-  rank's query, KV and FFN widths (h is replicated over TP without sequence parallelism), and
+  keeps for the backward of a SwiGLU GQA block of the local layer spec (counted with
+  ``saved_tensors_hooks`` on built layers): b bytes per element of 6 h (both norms' inputs and
+  outputs, the two residual sums), 3 q and 3 kv (the QKV output, the rotary outputs, the
+  attention output), 5 f (fc1's two halves, SiLU's output, the product), 4 bytes per query head
+  (SDPA's fp32 log-sum-exp) and with bf16 the norms' fp32 upcasts of their inputs (2 x 4 h
+  bytes); q, kv, f are the rank's widths, h is replicated over TP without sequence parallelism;
   1F1B keeps min(PP - stage, micro-batches per step) of them in flight; with full recompute a
   layer keeps only its input (T h b) and one layer's activations exist at a time. Attention runs
-  as flash/memory-efficient SDPA on a GPU (no s x s score matrix is kept);
-- logits on the last stage: T x vocab / TP, 8 bytes each (the output, the loss's fp32 buffer
-  that megatron's cross entropy turns into the gradient in place, the gradient in b);
+  as flash SDPA (a GPU's flash / memory-efficient kernel, the CPU's fused one): no s x s scores;
+- logits on the last stage: T x vocab / TP from the output layer in b, and the loss's fp32 copy
+  that megatron's cross entropy upcasts to and turns into the softmax and then the gradient in
+  place: 4 bytes a logit in fp32 (the upcast is the same tensor), 2 + 4 in bf16;
 - pruning: the saliency accumulators (fp64 vectors over the whole model's groups, every rank),
   the OBS Hessians of the rank's o_proj / down_proj inputs (fp32 w x w), one 0/1 byte mask per
   weight entry;
@@ -63,22 +71,30 @@ class Memory:
         return sum(self.terms[k] for k in keep)
 
 
-def state_bytes(psi: int, b: int, zero: int, dp: int) -> dict:
-    """weights, gradients, optimizer state and reduce bucket of ``psi`` elements at ZeRO ``zero``."""
+def state_bytes(psi: int, b: int, zero: int, dp: int, largest: int = 0) -> dict:
+    """weights, gradients, optimizer state and reduce bucket of ``psi`` elements at ZeRO ``zero``;
+    ``largest``: elements of the largest tensor (the one gradient in flight when gradients are
+    not kept)."""
     part = -(-psi // dp)  # a rank's partition, rounded up as DeepSpeed pads
-    master = FP32 + FP32 if (zero > 0 or b != FP32) else 0  # fp32 master and its gradient
+    bf16_optimizer = zero == 1 and b != FP32  # DeepSpeed's BF16_Optimizer, not ZeRO's
+    kept_grads = zero == 0 or (zero == 1 and not bf16_optimizer)
+    master = FP32 if (zero > 0 or b != FP32) else 0
+    master_grad = master * (psi if bf16_optimizer else (part if zero > 0 else psi))
     return {
         "weights": psi * b if zero < 3 else part * b,
-        "gradients": psi * b if zero < 2 else part * b,
-        "optimizer": (part if zero > 0 else psi) * (ADAM_MOMENTS + master),
+        "gradients": psi * b if kept_grads else (part * b if zero == 3 else largest * b),
+        "optimizer": (part if zero > 0 else psi) * (ADAM_MOMENTS + master) + master_grad,
         "zero_buckets": DEEPSPEED_REDUCE_BUCKET * b if zero == 2 else 0,
     }
 
 
 def layer_activation_bytes(arch: Architecture, layer: int, tokens: int, b: int, tp: int) -> int:
     shape = arch.layers[layer]
-    q, kv, f = shape.num_heads * arch.head_dim // tp, shape.num_kv_groups * arch.head_dim // tp, shape.ffn_hidden_size // tp
-    return tokens * b * (4 * arch.hidden_size + 2 * q + 2 * kv + 3 * f)
+    heads = shape.num_heads // tp
+    q, kv, f = heads * arch.head_dim, shape.num_kv_groups * arch.head_dim // tp, shape.ffn_hidden_size // tp
+    h = arch.hidden_size
+    upcast = 2 * FP32 * h if b != FP32 else 0  # the norms' fp32 copies of their inputs
+    return tokens * (b * (6 * h + 3 * q + 3 * kv + 5 * f) + FP32 * heads + upcast)
 
 
 def activation_bytes(arch: Architecture, sh: Shard, lay: Layout, tokens: int, b: int, micro_batches: int) -> tuple[int, int]:
@@ -105,13 +121,13 @@ def rank_memory(cfg, arch: Architecture, sh: Shard, lay: Layout, grad_accum: int
     b = 2 if cfg.model.dtype == "bf16" else 4
     zero = cfg.parallel.zero_stage
     tokens = cfg.data.seq_len * cfg.data.micro_batch
-    terms = state_bytes(sh.params, b, zero, lay.dp)
+    terms = state_bytes(sh.params, b, zero, lay.dp, sh.largest)
     plain, recompute = activation_bytes(arch, sh, lay, tokens, b, grad_accum)
     terms["activations"] = recompute if cfg.model.recompute == "full" else plain
     last = sh.pp_rank == lay.pp - 1
-    # the output (b), the loss's fp32 buffer that becomes its gradient in place, and with bf16 that
-    # gradient cast back (b): 8 bytes a logit either way
-    terms["logits"] = tokens * (arch.vocab_size // lay.tp) * 2 * FP32 if last else 0
+    # the output in b and the loss's fp32 copy of it (the same tensor in fp32)
+    per_logit = FP32 + (b if b != FP32 else 0)
+    terms["logits"] = tokens * (arch.vocab_size // lay.tp) * per_logit if last else 0
     terms.update(pruning_bytes(cfg, arch, sh))
     # online distillation: the frozen teacher's shard (the source's shape, the training dtype)
     # and, on the last stage, its logits in the fp32 softmax statistics beside the student's
