@@ -51,6 +51,7 @@ import json
 import os
 import re
 import shutil
+import time
 from typing import Optional
 
 import torch
@@ -62,7 +63,6 @@ from megatron_effllm.manifest import MANIFEST, file_entries, verify_manifest, wr
 from megatron_effllm.output_dir import failed_write
 from megatron_effllm.parallel import comm
 from megatron_effllm.safe_pickle import load_plain, plain_copy
-from megatron_effllm.layout.dims import ParallelDims
 from megatron_effllm.training import portable
 from megatron_effllm.training.fault_injection import kill_point
 from megatron_effllm.training.rng_state import rng_state, set_rng_state
@@ -261,7 +261,9 @@ def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: s
     if error is None:
         # The engine writes model and optimizer partitions (each rank its own files).
         try:
+            t_engine = time.perf_counter()
             own = [os.path.relpath(p, partial) for p in engine.save(partial)]
+            t_engine = time.perf_counter() - t_engine
         except (OSError, RuntimeError) as err:
             error = _write_error(err, rank, partial)
             if error is None:
@@ -271,7 +273,14 @@ def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: s
             error = _agree(error)  # the portable state is gathered collectively
         if error is None and portable_arch is not None:
             try:
-                own += portable.save(engine, portable_arch, partial)
+                t0 = time.perf_counter()
+                mine = portable.save(engine, portable_arch, partial)
+                size = sum(os.path.getsize(os.path.join(partial, rel)) for rel in mine)
+                engine_size = sum(os.path.getsize(os.path.join(partial, rel)) for rel in own)
+                log.info(f"[checkpoint] rank {rank}: portable state {size} bytes in "
+                         f"{time.perf_counter() - t0:.2f} s; the engine's files {engine_size} bytes in "
+                         f"{t_engine:.2f} s")
+                own += mine
             except OSError as err:
                 error = _write_error(err, rank, partial)
         if error is None:
@@ -408,72 +417,39 @@ def read_rank_state(folder: str) -> tuple[Optional[dict], Optional[dict]]:
     return out[0], out[1]
 
 
-def _show(d: dict) -> str:
-    return f"{d['world_size']} processes, ZeRO-{d['zero_stage']}, TP={d['tp']}, PP={d['pp']}"
-
-
-def saved_layout(folder: str) -> Optional[dict]:
-    """The layout a checkpoint was written with (None for one written before layouts were recorded)."""
-    path = os.path.join(folder, LAYOUT)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        saved = json.load(f)
-    if not isinstance(saved, dict) or any(not isinstance(saved.get(k), int) for k in ("world_size", "zero_stage", "tp", "pp")):
-        raise CheckpointError(f"{path} is not a layout record; the checkpoint is damaged")
-    return saved
-
-
-def same_layout(engine: TrainEngine, folder: str) -> bool:
-    """Whether ``folder`` was written at this run's layout (or records none); at another layout,
-    a CheckpointError unless the checkpoint has the state that loads at any layout."""
-    saved, now = saved_layout(folder), layout_of(engine)
-    if saved is None or {k: saved[k] for k in now} == now:
-        return True
-    if not portable.has_state(folder) or not isinstance(saved.get("ranks"), list):
-        raise CheckpointError(
-            f"checkpoint {folder} was written with {_show(saved)} but this run has {_show(now)}, and it "
-            "holds no portable state (written with train.portable_checkpoint=false or by an older "
-            f"version); resume with {_show(saved)}, or export final weights and start a new run from them"
-        )
-    return False
+def _other_layout(engine: TrainEngine, folder: str) -> Optional[dict]:
+    """The layout ``folder`` was written with when it is not this run's (None when it is, or
+    records none); refused in one line when the checkpoint has no portable state."""
+    try:
+        return portable.other_layout(os.path.join(folder, LAYOUT), layout_of(engine))
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def load_engine_state(engine: TrainEngine, folder: str, arch=None) -> None:
     """Restore model, optimizer partitions and this rank's RNG into an engine built for the
     checkpoint's architecture ``arch`` (collective). At another layout, from the portable state."""
-    if not same_layout(engine, folder):
-        log.info(f"[resume] {folder} was written with {_show(saved_layout(folder))}; loading its portable "
-                 f"state at {_show(layout_of(engine))} (RNG states are not carried to another layout)")
-        try:
-            portable.load(engine, arch, folder)
-        except UserError as err:
-            raise CheckpointError(str(err)) from None
-        return
-    _load_same_layout(engine, folder)
+    saved = _other_layout(engine, folder)
+    if saved is None:
+        return _load_same_layout(engine, folder)
+    log.info(f"[resume] {folder} was written with {portable.show(saved)}; loading its portable state at "
+             f"{portable.show(layout_of(engine))} (RNG states are not carried to another layout)")
+    try:
+        portable.load(engine, arch, folder)
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def load_rank_states(pruning, engine: TrainEngine, folder: str) -> None:
     """The pruning runtime's per-rank state (after its ``load_state_dict``): this rank's own files
     at the same layout, every old rank's files moved to this rank at another (collective)."""
-    if same_layout(engine, folder):
-        pruning.load_rank_state_dict(*read_rank_state(folder))
-        return
-    saved, old, error = saved_layout(folder), [], None
+    saved = _other_layout(engine, folder)
+    if saved is None:
+        return pruning.load_rank_state_dict(*read_rank_state(folder))
     try:
-        for r, (tp_rank, pp_rank, dp_rank) in enumerate(saved["ranks"]):
-            dp = saved["world_size"] // (saved["tp"] * saved["pp"])
-            dims = ParallelDims(tp_rank, saved["tp"], pp_rank, saved["pp"], dp_rank, dp)
-            own, shared = (os.path.join(folder, "ranks", f"{k}rank_{r:05d}.pt") for k in ("", "shared_"))
-            if os.path.isfile(own):
-                old.append((dims, _load(own), _load(shared) if os.path.isfile(shared) else None))
-    except (CheckpointError, TypeError, ValueError) as err:
-        error = str(err)
-    error = _agree(error)
-    if error is not None:
-        raise CheckpointError(error)
-    if old:
-        pruning.load_other_layout(old)
+        portable.load_rank_states(pruning, folder, saved)
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _load_same_layout(engine: TrainEngine, folder: str) -> None:

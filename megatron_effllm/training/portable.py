@@ -5,15 +5,15 @@
                              tensors) of the parameters this rank held, and the Adam step
     portable/index.json      canonical name -> the file that holds it (written by rank 0)
 
-Written beside the engine's own files at every save (``train.portable_checkpoint``): each
+Written beside the engine's own files at every save when ``train.portable_checkpoint`` is on: each
 parameter's fp32 master and Adam moments are gathered over data parallelism (the engine's
 ``iter_full_state``) and over tensor parallelism, mapped to canonical tensors, and written by
-one rank only: TP rank 0 of data-parallel rank i mod DP for the i-th parameter of a stage. No
+one rank only: TP rank 0 of the least loaded data-parallel rank so far (``_holders``). No
 tensor is written twice (a tied model's last-stage copy of the embedding is megatron's, not a
 parameter of its own). A resume at the same layout never reads these files.
 
-Loading into an engine built at another layout: each parameter's holder (data-parallel rank
-i mod DP of the new layout) reads the canonical tensors it needs (memory-mapped: only the bytes
+Loading into an engine built at another layout: each parameter's holder (a data-parallel
+rank of the new layout, chosen the same way) reads the canonical tensors it needs (memory-mapped: only the bytes
 of its slices) and cuts its TP shard of the stage's megatron tensor; the engine broadcasts it
 over data parallelism and writes its ZeRO partitions (the path a compaction's rebuild takes).
 """
@@ -29,7 +29,8 @@ from megatron_effllm import layout
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.errors import UserError
 from megatron_effllm.parallel import comm
-from megatron_effllm.safe_pickle import load_torch
+from megatron_effllm.layout.dims import ParallelDims
+from megatron_effllm.safe_pickle import load_plain, load_torch
 
 FOLDER = "portable"
 INDEX = os.path.join(FOLDER, "index.json")
@@ -41,20 +42,36 @@ def _is_tied_copy(arch: Architecture, name: str) -> bool:
     return name == "output_layer.weight" and arch.tie_word_embeddings
 
 
+def _numel(p: torch.nn.Parameter) -> int:
+    return int(torch.Size(p.ds_shape).numel()) if hasattr(p, "ds_shape") else p.numel()
+
+
+def _holders(sizes: list[int], dp: int) -> list[int]:
+    """The data-parallel rank that holds each parameter: the least loaded so far (the same on
+    every rank), so that one large tensor (the embedding) does not make one rank write most."""
+    load, out = [0] * dp, []
+    for n in sizes:
+        r = min(range(dp), key=lambda k: (load[k], k))
+        load[r] += n
+        out.append(r)
+    return out
+
+
 def save(engine, arch: Architecture, folder: str) -> list[str]:
     """Collective: write this rank's share of the canonical state under ``folder``; returns the
     files this rank wrote (relative to ``folder``)."""
     dims = comm.dims()
     held: dict[str, dict[str, torch.Tensor]] = {}
-    i = 0
+    params = [(n, p) for n, p in engine.module.named_parameters()
+              if not (_is_tied_copy(arch, n) and dims.pp > 1)]
+    holders = dict(zip((n for n, _ in params), _holders([_numel(p) for _, p in params], dims.dp)))
     for name, entry in engine.iter_full_state():
         keys = sorted(entry)  # the same on every rank: moments exist on all or none
         if _is_tied_copy(arch, name) and dims.pp > 1:
             for key in keys:  # still read: each read may be collective over DP
                 entry[key]
             continue
-        writer = i % dims.dp == dims.dp_rank and dims.tp_rank == 0
-        i += 1
+        writer = holders[name] == dims.dp_rank and dims.tp_rank == 0
         for key in keys:
             local = entry[key]
             shards = comm.all_gather(local, "tp") if dims.tp > 1 else [local]
@@ -86,6 +103,56 @@ def save(engine, arch: Architecture, folder: str) -> list[str]:
             json.dump(index, f, sort_keys=True)
         written.append(INDEX)
     return written
+
+
+def _agreed(error: Optional[str]) -> None:
+    """Collective: raise the first error any rank met, on every rank."""
+    error = next((e for e in comm.all_gather_object(error) if e), None)
+    if error is not None:
+        raise UserError(error)
+
+
+def load_rank_states(pruning, folder: str, saved: dict) -> None:
+    """Every old rank's per-rank pruning files (``saved``: the checkpoint's layout record) moved
+    to this rank of another layout (collective: each rank reads them all)."""
+    old, error = [], None
+    dp = saved["world_size"] // (saved["tp"] * saved["pp"])
+    try:
+        for r, (tp_rank, pp_rank, dp_rank) in enumerate(saved["ranks"]):
+            dims = ParallelDims(tp_rank, saved["tp"], pp_rank, saved["pp"], dp_rank, dp)
+            own, shared = (os.path.join(folder, "ranks", f"{k}rank_{r:05d}.pt") for k in ("", "shared_"))
+            if os.path.isfile(own):
+                old.append((dims, load_plain(own), load_plain(shared) if os.path.isfile(shared) else None))
+    except (UserError, TypeError, ValueError) as err:
+        error = str(err) if isinstance(err, UserError) else f"{folder}/layout.json lists damaged ranks ({err})"
+    _agreed(error)
+    if old:
+        pruning.load_other_layout(old)
+
+
+def show(d: dict) -> str:
+    return f"{d['world_size']} processes, ZeRO-{d['zero_stage']}, TP={d['tp']}, PP={d['pp']}"
+
+
+def other_layout(path: str, now: dict) -> Optional[dict]:
+    """The layout record at ``path`` (a checkpoint's layout.json) when it differs from ``now``;
+    None when it is the same or absent (written before layouts were recorded). UserError when
+    it differs and the checkpoint has no portable state."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    if not isinstance(saved, dict) or any(type(saved.get(k)) is not int for k in now):
+        raise UserError(f"{path} is not a layout record; the checkpoint is damaged")
+    if {k: saved[k] for k in now} == now:
+        return None
+    if not has_state(os.path.dirname(path)) or not isinstance(saved.get("ranks"), list):
+        raise UserError(
+            f"checkpoint {os.path.dirname(path)} was written with {show(saved)} but this run has {show(now)}, "
+            "and it holds no portable state (train.portable_checkpoint was off when it was written); resume "
+            f"with {show(saved)} (set train.portable_checkpoint=true there to write checkpoints that resume "
+            "at any layout), or export final weights and start a new run from them")
+    return saved
 
 
 def has_state(folder: str) -> bool:
@@ -130,15 +197,13 @@ def load(engine, arch: Architecture, folder: str) -> None:
     keys = KEYS if has_moments else KEYS[:1]
     held: list[tuple[str, int, Optional[dict]]] = []
     error = None
+    params = list(engine.module.named_parameters())
     try:  # a refusal on one rank stops every rank before the engine's collectives
-        for i, (name, _) in enumerate(engine.module.named_parameters()):
-            holder = i % dims.dp
+        for (name, _), holder in zip(params, _holders([_numel(p) for _, p in params], dims.dp)):
             held.append((name, holder, _slices(reader, arch, name, dims, keys) if holder == dims.dp_rank else None))
     except UserError as err:
         error = str(err)
-    error = next((e for e in comm.all_gather_object(error) if e), None)
-    if error is not None:
-        raise UserError(error)
+    _agreed(error)
     engine.load_carried(held, has_moments, step)
 
 
