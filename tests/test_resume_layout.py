@@ -8,7 +8,8 @@ test_preemption), so the uninterrupted run's losses are the same-layout resume's
 another layout from the checkpoint's portable state, every later step's loss equals it to fp32
 rounding (rtol 1e-5) and the final Architecture is identical, for DP=2 ZeRO-2 -> DP=1 ZeRO-1,
 TP=2 -> TP=1, PP=2 -> PP=1 and DP=2 TP=1 -> DP=1 TP=2 (its TP=1 run holds the widths to TP=2's
-divisibility, as TP=2 needs). Without the carried saliency sums the next prune
+divisibility, as TP=2 needs; the TP=1 run resumed from TP=2 too, or it could choose widths TP=2
+cannot hold). Without the carried saliency sums the next prune
 events choose otherwise (the control). OBS is off in the TP cases: its Hessians are
 block-diagonal over TP, so its updates legitimately depend on the TP size.
 """
@@ -103,7 +104,7 @@ def runs(tmp_path_factory):
     two = [(d(f"{n}_src"), CASES[n][0], None, False, n == "tp_up") for n in ("tp_up", "dp", "tp", "pp")]
     two.insert(1, (d("tp_up"), CASES["tp_up"][1], d("tp_up_src"), False, False))
     out = run_ranks(_runs, world_size=2, args=(two,), timeout=2400)[0]
-    one = [(d(n), CASES[n][1], d(f"{n}_src"), False, False) for n in ("dp", "tp", "pp")]
+    one = [(d(n), CASES[n][1], d(f"{n}_src"), False, n == "tp") for n in ("dp", "tp", "pp")]
     one.append((d("dp_control"), CASES["dp"][1], d("dp_src"), True, False))
     out.update(run_ranks(_runs, world_size=1, args=(one,), timeout=1800)[0])
     return {os.path.basename(k): v for k, v in out.items()}
