@@ -266,7 +266,7 @@ def test_checkpoint_contents_and_latest(saved):
             "rng/rank_00001.pt"} <= listed
     assert any(name.startswith("ds/") and "optim_states" in name for name in listed)
     with open(os.path.join(folder, "layout.json")) as f:
-        assert json.load(f) == {"world_size": 2, "zero_stage": 2, "tp": 1, "pp": 1}
+        assert json.load(f) == {"world_size": 2, "zero_stage": 2, "tp": 1, "pp": 1, "ranks": [[0, 0, 0], [0, 0, 1]]}
 
 
 def test_each_rank_hashes_its_own_files_and_verification_is_agreed(saved):
@@ -479,12 +479,13 @@ def _load_rank(rank, world_size, folder):
 
 
 def test_resume_with_another_number_of_processes_is_refused(saved):
-    """ZeRO partitions and RNG files are per process: a 2-process checkpoint does not load into
-    one process; one line says so before DeepSpeed reads anything."""
+    """ZeRO partitions and RNG files are per process: a 2-process checkpoint without the portable
+    state does not load into one process; one line says so before DeepSpeed reads anything."""
     folder = os.path.join(saved[0], "step_000003")
     before = _tree_hashes(folder)
     (msg,) = run_ranks(_load_rank, world_size=1, args=(folder,))
     assert msg is not None and "\n" not in msg
     assert msg.startswith(f"checkpoint {folder} was written with 2 processes, ZeRO-2, TP=1, PP=1 but this run "
-                          "has 1 processes, ZeRO-2, TP=1, PP=1; resume with the same number of processes")
+                          "has 1 processes, ZeRO-2, TP=1, PP=1, and it holds no portable state "
+                          "(train.portable_checkpoint was off when it was written); resume with 2 processes")
     assert _tree_hashes(folder) == before

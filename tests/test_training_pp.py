@@ -70,7 +70,7 @@ def test_pp2_resume_mid_prune_is_exact(pp_runs, tmp_path):
     pp2_dir = pp_runs[0]
     step = os.path.join(pp2_dir, "checkpoints", "step_000012")
     with open(os.path.join(step, "layout.json")) as f:
-        assert json.load(f) == {"world_size": 2, "zero_stage": 2, "tp": 1, "pp": 2}
+        assert {k: v for k, v in json.load(f).items() if k != "ranks"} == {"world_size": 2, "zero_stage": 2, "tp": 1, "pp": 2}
     # Each stage saved the Hessians of its own layers.
     states = [torch.load(os.path.join(step, "ranks", f"rank_{r:05d}.pt"), weights_only=False) for r in range(2)]
     layers = [{k.split(".")[3] for k in s["hessians"] if k.startswith("xtx.")} for s in states]

@@ -177,7 +177,7 @@ def test_tp2_with_obs_completes_exports_and_resumes_exactly(tp2_obs_run, tmp_pat
     key = next(k for k in states[0]["hessians"] if k.startswith("xtx."))
     assert not torch.equal(states[0]["hessians"][key], states[1]["hessians"][key])
     with open(os.path.join(run_dir, "checkpoints", "step_000012", "layout.json")) as f:
-        assert json.load(f) == {"world_size": 2, "zero_stage": 2, "tp": 2, "pp": 1}
+        assert {k: v for k, v in json.load(f).items() if k != "ranks"} == {"world_size": 2, "zero_stage": 2, "tp": 2, "pp": 1}
     _assert_each_rank_saved_its_own_slice(run_dir)
     hf = _hf_logits(run_dir)
     assert float((hf - torch.from_numpy(seen0["logits"])).abs().max()) < 1e-4
@@ -250,7 +250,7 @@ def test_tp2_dp2_zero3_prunes_like_zero2_exports_and_resumes_exactly(tmp_path):
         assert len(seen["compactions"]) >= 3 and all(c["exact"] for c in seen["compactions"])
     assert float((_hf_logits(d3) - torch.from_numpy(seen3["logits"])).abs().max()) < 1e-4
     with open(os.path.join(d3, "checkpoints", "step_000012", "layout.json")) as f:
-        assert json.load(f) == {"world_size": 4, "zero_stage": 3, "tp": 2, "pp": 1}
+        assert {k: v for k, v in json.load(f).items() if k != "ranks"} == {"world_size": 4, "zero_stage": 3, "tp": 2, "pp": 1}
     resumed = str(tmp_path / "resumed")
     _resume_copy(d3, resumed, 12)
     run_ranks(_spied_run, world_size=4, args=(resumed, TP2 + ["parallel.zero_stage=3"]))

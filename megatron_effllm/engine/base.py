@@ -114,6 +114,10 @@ class TrainEngine(Protocol):
         per data-parallel rank in between (collective; ``after_destroy`` runs after the
         destruction)."""
 
+    def load_carried(self, held: list, has_moments: bool, step: int) -> None:
+        """Write ``[(param name, holder's DP rank, full state on the holder else None)]`` (module
+        order) into this freshly built engine: masters, Adam moments at ``step`` (collective)."""
+
     def save(self, folder: str) -> list[str]:
         """Write model and optimizer state under ``folder`` (collective; each rank its own
         files); returns the paths of the files this rank wrote. A failed write raises on the rank that met it; that rank then calls

@@ -367,6 +367,12 @@ class DeepSpeedEngine:
                     self._ds.optimizer.state[p][key].copy_(buf)
                 del buf
 
+    def load_carried(self, held: list, has_moments: bool, step: int) -> None:
+        """Write full state into this freshly built engine: ``held`` is ``[(param name, holder's
+        DP rank, {"param", "exp_avg", "exp_avg_sq": full host tensor} on the holder, else None)]``
+        in the module's order on every rank (collective over DP)."""
+        self._load_held(held, has_moments, step)
+
     def local_device(self, p: torch.nn.Parameter) -> torch.device:
         return self.local_partition(p).device if self.is_partitioned(p) else p.device
 

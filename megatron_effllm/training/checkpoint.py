@@ -12,8 +12,11 @@ Layout of ``RUN/checkpoints/``::
         ranks/shared_rank_00000.pt  pruning state the data-parallel ranks of one model shard hold
                             identically (the cached H^-1, during a compaction cycle), written
                             once by its DP rank 0
-        layout.json         world size, ZeRO stage, TP, PP it was written with (it loads only into the same)
+        layout.json         world size, ZeRO stage, TP, PP it was written with, and each rank's
+                            (tp, pp, dp) ranks
         ds/...              the engine's own files (DeepSpeed: model + ZeRO optimizer partitions)
+        portable/...        the engine's fp32 masters and Adam moments in canonical form, each
+                            tensor once (``training.portable``; train.portable_checkpoint)
         MANIFEST.json       size, sha256 and writing rank of every file above; written last
     latest                  the name of the newest complete checkpoint (replaced atomically)
 
@@ -33,6 +36,14 @@ A write that fails (a full disk) removes the partial folder on every rank and ra
 CheckpointError; the previous checkpoints and ``latest`` are never touched before the new one
 is complete.
 The run directory is assumed to be on a filesystem all nodes share (as on any cluster).
+
+A checkpoint resumes exactly (the engine's own files, every rank's RNG) at the layout it was
+written with. At another (DP, TP, PP, ZeRO stage) it resumes from its portable part: the engine
+is built at the new layout and loads its slices of the canonical tensors, and the pruning
+runtime's per-rank sums are moved to the new ranks (``load_rank_states``). The schedule, masks,
+data position and the rest of the trainer state are layout-independent already. RNG states are
+per process and are not carried to another layout (no configuration draws random numbers
+after the start: dropout is off and the data order is seeded).
 """
 from __future__ import annotations
 
@@ -40,6 +51,7 @@ import json
 import os
 import re
 import shutil
+import time
 from typing import Optional
 
 import torch
@@ -51,6 +63,7 @@ from megatron_effllm.manifest import MANIFEST, file_entries, verify_manifest, wr
 from megatron_effllm.output_dir import failed_write
 from megatron_effllm.parallel import comm
 from megatron_effllm.safe_pickle import load_plain, plain_copy
+from megatron_effllm.training import portable
 from megatron_effllm.training.fault_injection import kill_point
 from megatron_effllm.training.rng_state import rng_state, set_rng_state
 
@@ -209,13 +222,15 @@ def layout_of(engine: TrainEngine) -> dict:
 
 
 def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: str, trainer_state: dict,
-         keep: int = 2, rank_state: Optional[dict] = None, dp_shared_state: Optional[dict] = None) -> str:
+         keep: int = 2, rank_state: Optional[dict] = None, dp_shared_state: Optional[dict] = None,
+         portable_arch=None) -> str:
     """Collective: every rank calls it. Returns the final checkpoint folder.
 
     ``rank_state``: this rank's own state (every rank passes one, or none does), written to
     ``ranks/rank_N.pt``; ``dp_shared_state``: state every data-parallel rank of this rank's model
     shard holds identically, passed by its DP rank 0 only (``ranks/shared_rank_N.pt``); both
-    read back by ``read_rank_state``.
+    read back by ``read_rank_state``. ``portable_arch``: the model's Architecture, to write the
+    portable state too (None: not written).
 
     On any failed write (a full disk, a quota) every rank raises the same CheckpointError, the
     partial folder is removed, and the previous checkpoints and ``latest`` are untouched.
@@ -227,6 +242,8 @@ def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: s
     partial = final + ".partial"
     rank = comm.global_rank()
     previous = step_dirs(ckpt_root)
+    d = comm.dims()
+    ranks = comm.all_gather_object([d.tp_rank, d.pp_rank, d.dp_rank])
     error = None
     if rank == 0:
         try:
@@ -244,12 +261,28 @@ def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: s
     if error is None:
         # The engine writes model and optimizer partitions (each rank its own files).
         try:
+            t_engine = time.perf_counter()
             own = [os.path.relpath(p, partial) for p in engine.save(partial)]
+            t_engine = time.perf_counter() - t_engine
         except (OSError, RuntimeError) as err:
             error = _write_error(err, rank, partial)
             if error is None:
                 raise
             engine.after_failed_save()
+        if portable_arch is not None:
+            error = _agree(error)  # the portable state is gathered collectively
+        if error is None and portable_arch is not None:
+            try:
+                t0 = time.perf_counter()
+                mine = portable.save(engine, portable_arch, partial)
+                size = sum(os.path.getsize(os.path.join(partial, rel)) for rel in mine)
+                engine_size = sum(os.path.getsize(os.path.join(partial, rel)) for rel in own)
+                log.info(f"[checkpoint] rank {rank}: portable state {size} bytes in "
+                         f"{time.perf_counter() - t0:.2f} s; the engine's files {engine_size} bytes in "
+                         f"{t_engine:.2f} s")
+                own += mine
+            except OSError as err:
+                error = _write_error(err, rank, partial)
         if error is None:
             kill_point("ckpt.after_engine_save", step)
             try:
@@ -262,7 +295,7 @@ def save(engine: TrainEngine, ckpt_root: str, step: int, *, architecture_json: s
                     with open(os.path.join(partial, "architecture.json"), "w") as f:
                         f.write(architecture_json)
                     with open(os.path.join(partial, LAYOUT), "w") as f:
-                        json.dump(layout_of(engine), f)
+                        json.dump({**layout_of(engine), "ranks": ranks}, f)
                     own += ["architecture.json", LAYOUT, _write(partial, TRAINER_STATE, trainer_state)]
                 entries = file_entries(partial, own, rank)  # every rank its own files, in parallel
             except (OSError, RuntimeError) as err:
@@ -384,29 +417,42 @@ def read_rank_state(folder: str) -> tuple[Optional[dict], Optional[dict]]:
     return out[0], out[1]
 
 
-def check_layout(engine: TrainEngine, folder: str) -> None:
-    """The ZeRO partitions and RNG files are per process: refuse another layout in one line."""
-    path = os.path.join(folder, LAYOUT)
-    if not os.path.isfile(path):  # written before layouts were recorded
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    now = layout_of(engine)
-    if saved != now:
-        def show(d):
-            return f"{d['world_size']} processes, ZeRO-{d['zero_stage']}, TP={d['tp']}, PP={d['pp']}"
-
-        raise CheckpointError(
-            f"checkpoint {folder} was written with {show(saved)} but this run has {show(now)}; "
-            "resume with the same number of processes and parallel settings (the optimizer "
-            "partitions are not resharded), or export final weights and start a new run from them"
-        )
+def _other_layout(engine: TrainEngine, folder: str) -> Optional[dict]:
+    """The layout ``folder`` was written with when it is not this run's (None when it is, or
+    records none); refused in one line when the checkpoint has no portable state."""
+    try:
+        return portable.other_layout(os.path.join(folder, LAYOUT), layout_of(engine))
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
 
 
-def load_engine_state(engine: TrainEngine, folder: str) -> None:
+def load_engine_state(engine: TrainEngine, folder: str, arch=None) -> None:
     """Restore model, optimizer partitions and this rank's RNG into an engine built for the
-    checkpoint's architecture (collective)."""
-    check_layout(engine, folder)
+    checkpoint's architecture ``arch`` (collective). At another layout, from the portable state."""
+    saved = _other_layout(engine, folder)
+    if saved is None:
+        return _load_same_layout(engine, folder)
+    log.info(f"[resume] {folder} was written with {portable.show(saved)}; loading its portable state at "
+             f"{portable.show(layout_of(engine))} (RNG states are not carried to another layout)")
+    try:
+        portable.load(engine, arch, folder)
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def load_rank_states(pruning, engine: TrainEngine, folder: str) -> None:
+    """The pruning runtime's per-rank state (after its ``load_state_dict``): this rank's own files
+    at the same layout, every old rank's files moved to this rank at another (collective)."""
+    saved = _other_layout(engine, folder)
+    if saved is None:
+        return pruning.load_rank_state_dict(*read_rank_state(folder))
+    try:
+        portable.load_rank_states(pruning, folder, saved)
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _load_same_layout(engine: TrainEngine, folder: str) -> None:
     rank = comm.global_rank()
     rng_file = os.path.join(folder, "rng", f"rank_{rank:05d}.pt")
     # Read before the engine's collectives: a refused file stops every rank.

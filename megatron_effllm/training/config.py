@@ -159,6 +159,10 @@ class TrainConfig:
     # Seconds between the ranks' checks for SIGTERM/SIGUSR1 (a checkpoint, then exit 0); each check
     # is one tiny all-reduce; 0 checks after every step (training.preemption)
     preempt_check_s: float = number(30.0, ge=0)
+    # Checkpoints also hold the fp32 masters and Adam moments in canonical form (each tensor
+    # once), with which they resume at another (DP, TP, PP, ZeRO stage) layout (training.portable).
+    # Off by default: 12 bytes per parameter more and a gather over DP and TP at every save.
+    portable_checkpoint: bool = False
 
 
 @dataclass

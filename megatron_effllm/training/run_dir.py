@@ -50,10 +50,13 @@ SAFE_ON_RESUME = (
     "optim.clip_grad",
     "train.steps", "train.log_interval", "train.eval_interval", "train.checkpoint_interval",
     "train.keep_checkpoints", "train.progress_bar", "train.nonfinite_policy", "train.max_nonfinite",
-    "train.max_rollbacks", "train.preempt_check_s",
+    "train.max_rollbacks", "train.preempt_check_s", "train.portable_checkpoint",
     "export.hf", "export.hf_dtype", "export.gguf", "export.snapshots",  # exports read, never change, the model
 )
 NOT_COMPARED = ("resume",)  # how this start was asked for, not what the run is
+# The parallel layout: in the fingerprint, but compared with the checkpoint's own layout record
+# (checkpoint.same_layout), which loads another layout from the portable state or refuses it.
+LAYOUT_KEYS = ("parallel.tp", "parallel.pp", "parallel.zero_stage", "parallel.world_size")
 # Values that name files are compared by content, so a moved or copied model or data resumes.
 BY_CONTENT = ("model.source", "model.tokenizer", "model.init", "data.train", "data.heldout", "distill.teacher")
 _SAMPLE = 1 << 20  # bytes read from each end of a large file
@@ -168,6 +171,9 @@ def check_resume(folder: str, trainer_state: Any, fp: dict, now: dict) -> None:
     for key in sorted(set(saved) | set(fp)):
         old, new = saved.get(key), fp.get(key)
         if old == new:
+            continue
+        if key in LAYOUT_KEYS:
+            log.info(f"[resume] {key}: {old} -> {new}")
             continue
         if str(old).startswith("content:") or str(new).startswith("content:"):
             changed.append(f"{key} (other contents)")

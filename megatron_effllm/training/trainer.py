@@ -237,8 +237,9 @@ class Trainer:
             load_canonical_masters(engine, arch, canonical)
         del canonical
         if resume_dir is not None:
-            ckpt.load_engine_state(engine, resume_dir)  # refuses another layout in one line
-            pruning.load_rank_state_dict(*ckpt.read_rank_state(resume_dir))
+            # another layout loads from the portable state, or is refused in one line
+            ckpt.load_engine_state(engine, resume_dir, arch)
+            ckpt.load_rank_states(pruning, engine, resume_dir)
             log.info(f"[resume] continuing from {resume_dir} at step {start_step}")
         pruning.install(engine)
         data_iter = make_train_iterator(self.data_args, self.dp_rank, self.dp_size, cfg.data.micro_batch,
@@ -406,7 +407,8 @@ class Trainer:
         return ckpt.save(engine, self.ckpt_root, step, architecture_json=pruning.arch.to_json(),
                          trainer_state=state, keep=self.cfg.train.keep_checkpoints,
                          rank_state=pruning.rank_state_dict(),
-                         dp_shared_state=pruning.dp_shared_state_dict() if self.dp_rank == 0 else None)
+                         dp_shared_state=pruning.dp_shared_state_dict() if self.dp_rank == 0 else None,
+                         portable_arch=pruning.arch if self.cfg.train.portable_checkpoint else None)
 
     def _finish(self, engine: TrainEngine, pruning, timing: dict, wall: float, last_loss: float) -> dict:
         """Gather the canonical weights (over TP: collective), evaluate; rank 0 writes the results."""

@@ -420,6 +420,9 @@ class L0Runtime(RuntimeBase):
     def load_rank_state_dict(self, state: Optional[dict], dp_shared: Optional[dict] = None) -> None:
         """Nothing to load (``rank_state_dict``)."""
 
+    def load_other_layout(self, old: list) -> None:
+        """Nothing to move: the gates are replicated and saved in ``state_dict``."""
+
     def state_dict(self) -> dict:
         opt = self._opt.state_dict() if self._opt is not None else self._opt_state
         return {

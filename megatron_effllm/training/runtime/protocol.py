@@ -95,3 +95,7 @@ class PruningRuntime(Protocol):
         none): saved once, by DP rank 0, and loaded by all of them."""
 
     def load_rank_state_dict(self, state: Optional[dict], dp_shared: Optional[dict] = None) -> None: ...
+
+    def load_other_layout(self, old: list) -> None:
+        """This rank's running statistics from a checkpoint written at another layout: ``old`` is
+        every old rank's ``(ParallelDims, rank_state_dict, dp_shared_state_dict)``."""

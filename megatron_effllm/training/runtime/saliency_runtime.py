@@ -39,6 +39,7 @@ from megatron_effllm.pruning.registry import ESTIMATORS, SELECTORS
 from megatron_effllm.pruning.saliency import GradSaliency, GroupScores
 from megatron_effllm.pruning.surgery import masks_from_plan
 from megatron_effllm.training.runtime.base import RuntimeBase
+from megatron_effllm.training.runtime import relayout
 from megatron_effllm.training.runtime.live_model import GradientFeed, LiveMasks, recomputing
 from megatron_effllm.training.runtime.state import Statistics
 
@@ -364,3 +365,15 @@ class SaliencyRuntime(RuntimeBase):
             raise UserError("the checkpoint has no per-rank pruning state for this rank; resume with the "
                             "layout it was written with")
         self.stats.load_rank_state(state, dp_shared)
+
+    def load_other_layout(self, old: list) -> None:
+        """The running statistics of a checkpoint written at another (DP, TP, PP) layout, from
+        every old rank's ``(dims, rank_state_dict, dp_shared_state_dict)`` (``relayout``);
+        after ``load_state_dict``."""
+        now, layers = comm.dims(), self.arch.num_layers
+        stats = self.stats
+        stats.saliency.load_state_dict(relayout.saliency_sums(old, now, comm.global_rank()))
+        stats.layer_cos = relayout.layer_cos(old, now, stats.cos_split_over_tp)
+        stats.hessians = obs_mod.HessianAccumulator()
+        stats.hessians.load_state_dict(relayout.hessians(old, now, layers))
+        stats.obs_cache = relayout.obs_cache(old, now, layers)
