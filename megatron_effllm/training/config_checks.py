@@ -265,11 +265,11 @@ def validate(cfg) -> None:
 
 def _check_distill(cfg) -> None:
     k = cfg.distill
-    if k.topk:
-        raise ConfigError(f"distill.topk {k.topk}: top-k distillation is not implemented; set distill.topk: 0 "
-                          "(the full vocabulary)")
     if not k.alpha:
         return
+    if k.topk and cfg.parallel.pp > 1:
+        raise ConfigError(f"distill.topk {k.topk} with parallel.pp {cfg.parallel.pp}: the teacher cache is read "
+                          "at pp 1 only; set distill.topk: 0 (online) or parallel.pp: 1")
     if cfg.parallel.pp > 1:
         raise ConfigError(f"distill.alpha {k.alpha} with parallel.pp {cfg.parallel.pp}: the teacher does not "
                           "run as a pipeline yet; set parallel.pp: 1 (TP and DP work) or distill.alpha: 0")
