@@ -84,8 +84,8 @@ def main() -> None:
     ap.add_argument("config")
     ap.add_argument("--steps", type=int, default=5, help="measured steps of each kind (default 5)")
     ap.add_argument("--topk", type=int, default=0, help="also time steps reading a top-K teacher cache")
-    args, overrides = ap.parse_known_args()
     ap.add_argument("--append", default=None, help="benchmarks file to append a section to")
+    args, overrides = ap.parse_known_args()
     r = measure(args.config, overrides, args.steps, args.topk)
     print(json.dumps(r))
     if args.append:
