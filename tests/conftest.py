@@ -20,6 +20,7 @@ _CHECKED_RUNS = ("test_two_ranks_end_to_end_under_the_checking_backend",
 _BF16_RUNS = ("test_bf16_run_builds_bf16_with_exact_masters_through_compaction",)
 _PREEMPTION_RUNS = ("test_one_signalled_rank_stops_every_rank_and_the_run_resumes_exactly",
                     "test_preempted_inside_the_l0_soft_phase_resumes_exactly")
+_CACHE_RUNS = ("test_a_second_run_reads_the_cache_and_trains_bit_identically",)
 _SP_RUNS = ("test_sequence_parallel_equals_tp2_statistics_decisions_and_obs",
             "test_sequence_parallel_training_run_ends_with_the_same_architecture")
 
@@ -62,6 +63,7 @@ MARKS = {
         "test_snapshots.py": ("test_each_fraction_is_written_once_and_loads_in_transformers",
                               "test_snapshot_computes_what_the_trainer_computed_at_its_step",
                               "test_resume_between_two_snapshots_writes_only_the_second"),
+        "test_teacher_cache.py": _CACHE_RUNS,
     },
     "multirank": {
         "test_distill_kl.py": ("test_tensor_parallel_kl_equals_the_single_process_kl",),
@@ -90,6 +92,7 @@ MARKS = {
         "test_snapshots.py": ("test_each_fraction_is_written_once_and_loads_in_transformers",
                               "test_snapshot_computes_what_the_trainer_computed_at_its_step",
                               "test_resume_between_two_snapshots_writes_only_the_second"),
+        "test_teacher_cache.py": ("test_tensor_parallel_topk_kl_and_cache_equal_tp1",) + _CACHE_RUNS,
     },
 }
 

@@ -183,7 +183,11 @@ class DistillConfig:
     teacher: str = "source"
     alpha: float = number(0.0, ge=0, le=1)  # 0: off (no teacher is built)
     temperature: float = number(1.0, gt=0, le=100)
-    topk: int = number(0, ge=0)  # 0: the full vocabulary (the only choice so far)
+    # k > 0: distil from the teacher's k largest logits per token (and its mass outside them),
+    # written once per training sample under cache_dir and read by every later run (no teacher
+    # forward then); 0: the full vocabulary, online
+    topk: int = number(0, ge=0)
+    cache_dir: str = ""  # "": RUN/data/teacher_cache; share one folder between runs to reuse it
 
 
 @dataclass

@@ -265,11 +265,11 @@ def validate(cfg) -> None:
 
 def _check_distill(cfg) -> None:
     k = cfg.distill
-    if k.topk:
-        raise ConfigError(f"distill.topk {k.topk}: top-k distillation is not implemented; set distill.topk: 0 "
-                          "(the full vocabulary)")
     if not k.alpha:
         return
+    if k.topk and cfg.parallel.pp > 1:
+        raise ConfigError(f"distill.topk {k.topk} with parallel.pp {cfg.parallel.pp}: the teacher cache is read "
+                          "at pp 1 only; set distill.topk: 0 (online) or parallel.pp: 1")
     if k.teacher != "source" and not os.path.exists(k.teacher) and k.teacher != "smollm2-135m":
         raise ConfigError(f"distill.teacher {show_value(k.teacher)} not found; give source, an HF model "
                           "folder, a .gguf, a megatron checkpoint folder or smollm2-135m")

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from tqdm import tqdm
@@ -47,6 +47,7 @@ from megatron_effllm.training.runtime.factory import make_runtime
 from megatron_effllm.training.schedules import learning_rate
 from megatron_effllm.training.source import load_source
 from megatron_effllm.training.teacher import Teacher
+from megatron_effllm.training.teacher_cache import CachedTeacher, build_distiller
 
 log = get_logger(__name__)
 
@@ -95,7 +96,8 @@ def engine_options(cfg: RunConfig, grad_accum: int) -> EngineOptions:
 class Trainer:
     rollback: Optional[faults.Rollback] = None  # set when run() restarts after non-finite steps
     rollbacks = 0
-    teacher: Optional[Teacher] = None  # distill.alpha > 0: built once, kept through compactions and rollbacks
+    # distill.alpha > 0: built once, kept through compactions and rollbacks
+    teacher: Union[Teacher, CachedTeacher, None] = None
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -214,7 +216,7 @@ class Trainer:
         )
         preflight.check_data_tokens(self.data_args, arch, tokenizer, cfg.data.eos_token)
         if cfg.distill.alpha > 0 and self.teacher is None:
-            self.teacher = Teacher.build(cfg, arch, canonical, tokenizer)
+            self.teacher = build_distiller(cfg, arch, canonical, tokenizer, self.run_dir)
         # The inputs passed every check: the run really starts here.
         if start.move_aside:
             run_dir.move_aside(self.run_dir)
