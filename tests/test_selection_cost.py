@@ -15,6 +15,7 @@ from megatron_effllm.pruning.selectors.global_ranking import select_global
 from megatron_effllm.training.config import load_config
 from megatron_effllm.training.config_checks import ConfigError
 from megatron_effllm.training.runtime.schedule import Schedule
+from test_pruning_oneshot import tiny_folder  # noqa: F401  (a fixture)
 
 T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
 TABLE = LatencyTable(runtime="transformers", head=2e-5, kv=1e-5, ffn=1e-7, hidden=3e-6, layer=4e-4, total=0.02)
@@ -169,3 +170,19 @@ def test_oneshot_cli_errors(argv, message):
     args = prune_oneshot.parse_args(["--model", "m", "--target-params", "0.5", "--out", "o", *argv])
     with pytest.raises(UserError, match=message):
         prune_oneshot.check_args(args)
+
+
+def test_oneshot_cli_rounds_widths_and_stores_the_table(tiny_folder, tmp_path, capsys):
+    root, arch, _, _, files = tiny_folder  # hidden 48, FFN 24
+    table = str(tmp_path / "lat.json")
+    TABLE.save(table)
+    out = tmp_path / "pruned"
+    prune_oneshot.main(["--model", str(root / "model"), "--target-params", "0.6", "--out", str(out), "--calib", *files,
+                        "--calib-tokens", "256", "--seq-len", "32", "--ffn-multiple", "8", "--hidden-multiple", "16",
+                        "--cost", "latency", "--latency-table", table, "--dtype", "float32"])
+    from megatron_effllm.convert import hf_io
+
+    got = hf_io.load_hf_model(str(out)).arch
+    assert got.num_params() <= int(round(0.6 * arch.num_params()))
+    assert got.hidden_size % 16 == 0 and all(s.ffn_hidden_size % 8 == 0 for s in got.layers)
+    assert LatencyTable.load(str(out / "latency_table.json")) == TABLE
