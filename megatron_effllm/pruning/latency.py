@@ -84,14 +84,22 @@ def from_timings(arch: Architecture, t: dict, runtime: str = "transformers", thr
     v = variants(arch)
     L = arch.num_layers
     s = arch.layers[0]
-    pos = lambda x: max(0.0, x)  # noqa: E731  noise can make a difference negative
-    ffn = pos(t["base"] - t["ffn"]) / (L * (s.ffn_hidden_size - v["ffn"]["ffn"]))
-    head = pos(t["base"] - t["head"]) / (L * s.num_kv_groups)
+
+    def saved(name):  # a smaller model that is not faster: the timings are noise, not a cost
+        d = t["base"] - t[name]
+        if d <= 0 and not (name == "head" and s.heads_per_group == 1):
+            raise UserError(f"latency table: the model with smaller {name} widths was not faster "
+                            f"({1e3 * t[name]:.2f} vs {1e3 * t['base']:.2f} ms per token); the machine is too busy "
+                            "to measure: run it again on a quiet machine or with more --rounds")
+        return max(d, 0.0)
+
+    ffn = saved("ffn") / (L * (s.ffn_hidden_size - v["ffn"]["ffn"]))
+    head = saved("head") / (L * s.num_kv_groups)
     kv_gone = s.num_kv_groups - v["kv"]["kv"]
-    kv = pos(pos(t["base"] - t["kv"]) / (L * kv_gone) - s.heads_per_group * head)
-    hidden = pos(t["base"] - t["hidden"]) / (arch.hidden_size - v["hidden"]["hidden"])
-    per_layer = pos(t["base"] - t["layer"]) / (L - v["layer"]["layers"])
-    fixed = pos(per_layer - s.num_heads * head - s.num_kv_groups * kv - s.ffn_hidden_size * ffn)
+    kv = max(0.0, saved("kv") / (L * kv_gone) - s.heads_per_group * head)
+    hidden = saved("hidden") / (arch.hidden_size - v["hidden"]["hidden"])
+    per_layer = saved("layer") / (L - v["layer"]["layers"])
+    fixed = max(0.0, per_layer - s.num_heads * head - s.num_kv_groups * kv - s.ffn_hidden_size * ffn)
     return LatencyTable(runtime=runtime, head=head, kv=kv, ffn=ffn, hidden=hidden, layer=fixed, total=t["base"],
                         shape=arch.widths_summary()[:200], threads=threads)
 
