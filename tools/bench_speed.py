@@ -198,7 +198,7 @@ def run_selection(args):
                      + " | ".join(f"{r[k]:.1f} ({r[k] / s[k]:.2f}x)" for k in runtimes) + " |\n")
     table_md += "\nPer-layer widths (heads/KV groups/FFN):\n\n" + "".join(
         f"- {name}: {r['widths']}\n" for name, r in rows.items() if name != "source")
-    notes = (f"SmolLM2-135M pruned one-shot to {args.target:g} of its parameters (fisher, efficientllm, OBS, "
+    notes = (f"`{args.source}` pruned one-shot to {args.target:g} of its parameters (fisher, efficientllm, OBS, "
              f"{windows.numel():,} calibration tokens), no training afterwards; perplexity: first {args.windows} "
              f"windows of 512 tokens per held-out domain. Latency table (transformers fp32 decode, "
              f"{table.threads} threads, measured in {t_table:.0f} s): per token, a query head "
