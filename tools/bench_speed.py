@@ -14,11 +14,18 @@
 4. llama.cpp correctness: the GGUF's logits on a prompt against the HF model's (max |diff|, top-1
    agreement), and its greedy text.
 
+``--selection``: instead of ``--pruned``, prune the source one-shot to ``--target`` (fisher,
+efficientllm, OBS; one calibration pass) with each selection variant: today's default, widths
+rounded to ``--ffn-multiple`` / ``--hidden-multiple``, ``cost: latency`` (a table measured here,
+transformers fp32 decode, saved as OUT/latency_table.json; ``--latency-table`` reuses one), both,
+and both with depth pruning; held-out perplexity and tokens/s of each against the source, side by side.
+
 llama.cpp is optional: ``pip install llama-cpp-python==0.3.36`` (it compiles llama.cpp, several
 minutes); without it those rows are skipped and say so. Writes OUT/result.json and appends a
 section to BENCHMARKS.md.
 """
 import argparse
+import dataclasses
 import os
 import time
 
@@ -97,11 +104,126 @@ def best_rates(runners: dict, new_tokens: int, rounds: int) -> dict:
     return best
 
 
+def selection_variants(ffn_multiple: int, hidden_multiple: int, table):
+    """name -> Constraints of the one-shot selection variants compared by --selection."""
+    from megatron_effllm.pruning.selection import Constraints
+
+    w = dict(ffn_multiple=ffn_multiple, hidden_multiple=hidden_multiple)
+    lat = dict(cost="latency", latency=table)
+    return {"default (params)": Constraints(), f"widths {ffn_multiple}/{hidden_multiple}": Constraints(**w),
+            "latency cost": Constraints(**lat), "widths + latency": Constraints(**w, **lat),
+            "widths + latency + depth": Constraints(**w, **lat, allow_depth=True)}
+
+
+def run_selection(args):
+    """Prune the source with every selection variant, then perplexity and speed side by side."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from megatron_effllm.assets import corpus_files
+    from megatron_effllm.convert import hf_io
+    from megatron_effllm.convert.gguf_export import export_gguf
+    from megatron_effllm.eval.perplexity import calibration_windows, evaluate_perplexity
+    from megatron_effllm.eval.report import append_section, command_line, write_result
+    from megatron_effllm.pruning import latency, oneshot
+    from megatron_effllm.training.source import resolve_source
+
+    torch.manual_seed(0)
+    src = hf_io.load_hf_model(resolve_source(args.source), dtype=torch.float32)
+    arch, sd = src.arch, src.state_dict
+    tok = AutoTokenizer.from_pretrained(src.tokenizer_dir)
+    os.makedirs(args.out, exist_ok=True)
+    t = time.time()
+    table = (latency.LatencyTable.load(args.latency_table) if args.latency_table
+             else latency.measure_table(arch, log=lambda m: print(m, flush=True)))
+    table.save(os.path.join(args.out, "latency_table.json"))
+    t_table = time.time() - t
+    print(f"[latency] {table} ({t_table:.0f} s)", flush=True)
+    model = hf_io.build_hf_model(arch, sd).eval()
+    heldout = corpus_files("heldout")
+    ppl = lambda m: evaluate_perplexity(m, tok, heldout, windows=args.windows, seq_len=512)  # noqa: E731
+    target = int(round(args.target * arch.num_params()))
+    base = oneshot.OneShotOptions(target_params=target, estimator="fisher", obs=True)
+    windows = calibration_windows(tok, list(corpus_files("train").values()), args.calib_tokens, 512)
+    calib = oneshot.collect(model, arch, windows, base)
+    rows = {"source": {"params": arch.num_params(), "perplexity": ppl(model)["geometric_mean"], "model": model,
+                       "widths": arch.widths_summary()}}
+    for name, c in selection_variants(args.ffn_multiple, args.hidden_multiple, table).items():
+        opts = oneshot.OneShotOptions(target_params=target, estimator="fisher", obs=True, constraints=c)
+        plan = oneshot.choose(calib, arch, sd, opts)
+        small = oneshot.apply(sd, plan, calib, opts)
+        m = hf_io.build_hf_model(plan.after, small).eval()
+        rows[name] = {"params": plan.after.num_params(), "perplexity": ppl(m)["geometric_mean"], "model": m,
+                      "hidden": plan.after.hidden_size, "layers": plan.after.num_layers,
+                      "widths": plan.after.widths_summary()}
+        print(f"[{name}] {rows[name]['params']:,} params, geo-mean PPL {rows[name]['perplexity']:.2f}; "
+              f"{rows[name]['widths']}", flush=True)
+        if importlib.util.find_spec("llama_cpp") is not None:
+            folder = os.path.join(args.out, f"hf{len(rows) - 1}")
+            hf_io.save_hf_model(plan.after, small, folder, tokenizer_dir=src.tokenizer_dir, dtype=torch.bfloat16,
+                                overwrite=True)
+            rows[name]["folder"] = folder
+    del calib
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    runners = {}
+    have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None  # optional dependency
+    if have_llama_cpp:
+        from llama_cpp import Llama
+
+        hf_io.save_hf_model(arch, sd, os.path.join(args.out, "hf0"), tokenizer_dir=src.tokenizer_dir,
+                            dtype=torch.bfloat16, overwrite=True)
+        rows["source"]["folder"] = os.path.join(args.out, "hf0")
+    for name, r in rows.items():
+        runners[(name, "hf")] = timed_hf(r.pop("model"), ids, args.new_tokens)
+        for dtype in ("f16", "q8_0") if have_llama_cpp else ():
+            gguf = f"{r['folder']}.{dtype}.gguf"
+            export_gguf(r["folder"], gguf, dtype=dtype, overwrite=True)
+            llm = Llama(model_path=gguf, n_ctx=256, n_threads=torch.get_num_threads(), n_batch=256, verbose=False)
+            runners[(name, dtype)] = timed_llama_cpp(llm, ids[0].tolist(), args.new_tokens)
+    for (name, runtime), (rate, _) in best_rates(runners, args.new_tokens, args.rounds).items():
+        rows[name][runtime] = rate
+    write_result(args.out, "result.json", {"latency_table": dataclasses.asdict(table), "target_params": target, "rows": rows,
+                                           "threads": torch.get_num_threads(), "llama_cpp": have_llama_cpp})
+    runtimes = ("hf", "f16", "q8_0") if have_llama_cpp else ("hf",)
+    label = {"hf": "transformers fp32", "f16": "llama.cpp f16", "q8_0": "llama.cpp q8_0"}
+    s = rows["source"]
+    table_md = ("| selection | params | layers / hidden | held-out PPL (geo-mean) | "
+                + " | ".join(f"{label[k]} tokens/s (x source)" for k in runtimes) + " |\n|---|---|---|---|"
+                + "---|" * len(runtimes) + "\n")
+    for name, r in rows.items():
+        table_md += (f"| {name} | {r['params'] / 1e6:.1f}M | {r.get('layers', arch.num_layers)} / "
+                     f"{r.get('hidden', arch.hidden_size)} | {r['perplexity']:.1f} | "
+                     + " | ".join(f"{r[k]:.1f} ({r[k] / s[k]:.2f}x)" for k in runtimes) + " |\n")
+    table_md += "\nPer-layer widths (heads/KV groups/FFN):\n\n" + "".join(
+        f"- {name}: {r['widths']}\n" for name, r in rows.items() if name != "source")
+    notes = (f"`{args.source}` pruned one-shot to {args.target:g} of its parameters (fisher, efficientllm, OBS, "
+             f"{windows.numel():,} calibration tokens), no training afterwards; perplexity: first {args.windows} "
+             f"windows of 512 tokens per held-out domain. Latency table (transformers fp32 decode, "
+             f"{table.threads} threads, measured in {t_table:.0f} s): per token, a query head "
+             f"{1e6 * table.head:.1f} us, a KV group {1e6 * table.kv:.1f} us, an FFN channel {1e9 * table.ffn:.0f} ns, "
+             f"a hidden channel {1e6 * table.hidden:.2f} us, a layer's fixed part {1e6 * table.layer:.0f} us, the "
+             f"source {1e3 * table.total:.1f} ms. Speed: batch 1, greedy, {args.new_tokens} new tokens after a "
+             f"{ids.shape[1]}-token prompt, best of {args.rounds} after a warm-up, all models and runtimes taking "
+             f"turns in every round (a shared 2-core machine: compare the ratios)."
+             + ("" if have_llama_cpp else " llama.cpp: not installed (pip install llama-cpp-python==0.3.36)."))
+    print(append_section(args.benchmarks_md, "Speed: selection for speed (widths, latency cost)", command_line(),
+                         table_md, notes))
+
+
 @cli_entry
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", default="smollm2-135m", help="HF folder, or smollm2-135m")
-    ap.add_argument("--pruned", required=True, help="the pruned model's HF folder")
+    ap.add_argument("--pruned", help="the pruned model's HF folder")
+    ap.add_argument("--selection", action="store_true", help="prune the source with each selection variant here")
+    ap.add_argument("--target", type=float, default=0.5, help="--selection: fraction of the parameters to keep")
+    ap.add_argument("--ffn-multiple", type=int, default=32)
+    ap.add_argument("--hidden-multiple", type=int, default=32)
+    ap.add_argument("--latency-table", default=None, help="--selection: reuse this table instead of measuring")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--windows", type=int, default=16, help="--selection: held-out windows of 512 tokens per domain")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per model and runtime (the best counts)")
     ap.add_argument("--overhead", default="runs/bench_overhead/result.json",
@@ -109,6 +231,10 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/bench_speed")
     ap.add_argument("--benchmarks-md", default="BENCHMARKS.md")
     args = ap.parse_args(argv)
+    if args.selection == bool(args.pruned):
+        raise UserError("give either --pruned FOLDER or --selection")
+    if args.selection:
+        return run_selection(args)
     import json
 
     import torch

@@ -14,6 +14,7 @@ and checked against the in-memory pruned model.
 """
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -25,7 +26,8 @@ from megatron_effllm.convert import hf_io
 from megatron_effllm.errors import UserError, cli_entry
 from megatron_effllm.eval.perplexity import calibration_windows, geometric_mean, heldout_perplexity
 from megatron_effllm.log import get_logger, setup_logging
-from megatron_effllm.pruning import oneshot
+from megatron_effllm.pruning import latency, oneshot
+from megatron_effllm.pruning.latency import LatencyTable
 from megatron_effllm.pruning.registry import ESTIMATORS, STRATEGIES, help_text
 from megatron_effllm.pruning.selection import Constraints
 
@@ -64,6 +66,11 @@ def check_args(args) -> None:
                                ("--hidden-multiple", args.hidden_multiple, 1), ("--threads", args.threads, 1)):
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least} (got {value})")
+    if args.latency_table and args.cost != "latency":
+        raise UserError("--latency-table is only read with --cost latency; add --cost latency or drop it")
+    if args.cost == "latency" and STRATEGIES.get(args.strategy).selector != "global":
+        raise UserError(f"--cost latency ranks units globally; --strategy {args.strategy} has no global ranking "
+                        "(use --strategy efficientllm)")
     if not (math.isfinite(args.obs_damp) and args.obs_damp >= 0):
         raise UserError(f"--obs-damp must be a finite number >= 0 (got {args.obs_damp})")
 
@@ -97,6 +104,11 @@ def parse_args(argv=None):
     ap.add_argument("--min-ffn", type=int, default=1, help="floor on FFN width per layer")
     ap.add_argument("--ffn-multiple", type=int, default=1, help="keep FFN widths multiples of this")
     ap.add_argument("--hidden-multiple", type=int, default=1, help="keep the hidden size a multiple of this")
+    ap.add_argument("--cost", default="params", choices=("params", "latency"),
+                    help="efficientllm: rank saliency per parameter, or per second of batch-1 decode saved")
+    ap.add_argument("--latency-table", default=None,
+                    help="with --cost latency: a table from python -m megatron_effllm.pruning.latency (default: "
+                         "measure one, transformers fp32 CPU); written to OUT/latency_table.json either way")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                     help="dtype of the saved weights")
     ap.add_argument("--eval-ppl", action="store_true",
@@ -125,6 +137,10 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(src.tokenizer_dir)
     model = hf_io.build_hf_model(arch, sd)
     total = arch.num_params()
+    table = None
+    if args.cost == "latency":
+        table = LatencyTable.load(args.latency_table) if args.latency_table else latency.measure_table(
+            arch, log=logger.info)
     options = oneshot.OneShotOptions(
         target_params=parse_count(args.target_params, total),
         estimator=args.estimator, strategy=args.strategy, obs=args.obs, obs_hidden=args.obs_hidden,
@@ -132,7 +148,7 @@ def main(argv=None):
         constraints=Constraints(tensor_parallel=args.tp, min_heads=args.min_heads, min_ffn=args.min_ffn,
                                 ffn_multiple=args.ffn_multiple, hidden_multiple=args.hidden_multiple,
                                 prune_hidden=args.prune_hidden, prune_kv=args.prune_kv,
-                                allow_depth=args.allow_depth),
+                                allow_depth=args.allow_depth, cost=args.cost, latency=table),
     )
     options.check()
     logger.info(f"[load] {args.model}: {total:,} parameters ({arch.num_params(False):,} non-embedding), "
@@ -170,6 +186,8 @@ def main(argv=None):
 
     dtype = getattr(torch, args.dtype)
     hf_io.save_hf_model(new, small, args.out, tokenizer_dir=src.tokenizer_dir, dtype=dtype, overwrite=args.overwrite)
+    if table is not None:
+        table.save(os.path.join(args.out, "latency_table.json"))
     # The folder must load in stock transformers and give the pruned model's logits.
     reloaded = AutoModelForCausalLM.from_pretrained(args.out, trust_remote_code=True, dtype=torch.float32).eval()
     ids = windows[:1, :64]

@@ -19,12 +19,20 @@ import torch
 
 from megatron_effllm.architecture import Architecture, LayerShape
 from megatron_effllm.pruning.groups import PrunePlan, PruningError
+from megatron_effllm.pruning.latency import LatencyTable
 from megatron_effllm.pruning.saliency import GroupScores
+
+COSTS = ("params", "latency")
 
 
 @dataclass(frozen=True)
 class Constraints:
-    """What a selector may remove. Floors are per layer (heads counts all query heads)."""
+    """What a selector may remove. Floors are per layer (heads counts all query heads).
+
+    ``ffn_multiple`` / ``hidden_multiple``: widths the target runtime's kernels want (llama.cpp
+    quantizes rows in blocks of 32, k-quants in 256). ``cost``: what the global ranking divides
+    saliency by, parameters or decode seconds from ``latency`` (the target stays parameters).
+    """
 
     tensor_parallel: int = 1
     min_heads: int = 1
@@ -39,12 +47,18 @@ class Constraints:
     prune_hidden: bool = True
     allow_depth: bool = False  # whole layers may go (also the only way to lose a layer's last head)
     min_layers: int = 1
+    cost: str = "params"
+    latency: Optional[LatencyTable] = None
 
     def check(self, arch: Architecture) -> None:
         for name in ("tensor_parallel", "min_heads", "min_kv", "min_ffn", "min_hidden", "ffn_multiple",
                      "hidden_multiple", "min_layers"):
             if int(getattr(self, name)) < 1:
                 raise PruningError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cost not in COSTS:
+            raise PruningError(f"cost {self.cost!r} is not one of {', '.join(COSTS)}")
+        if self.cost == "latency" and self.latency is None:
+            raise PruningError("cost latency needs a latency table (prune.latency_table / --latency-table)")
         arch.validate(tensor_parallel=self.tensor_parallel)
 
     @property

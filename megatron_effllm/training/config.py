@@ -107,6 +107,14 @@ class OptimConfig:
 
 
 @dataclass
+class WidthMultiple:
+    # Widths the target runtime's kernels want: llama.cpp quantizes rows in blocks of 32 (q8_0,
+    # q4_0) and 256 (k-quants); a down_proj whose input width is not a multiple stays unquantized.
+    ffn: int = number(1, ge=1)
+    hidden: int = number(1, ge=1)
+
+
+@dataclass
 class PruneConfig:
     # One of registry.STRATEGIES (the README's table; help: the field's metadata).
     strategy: str = field(default="efficientllm", metadata={"help": help_text(STRATEGIES)})
@@ -131,6 +139,11 @@ class PruneConfig:
     allow_depth: bool = False
     min_heads_per_group: int = number(1, ge=1)
     min_ffn: int = number(16, ge=1)
+    width_multiple: WidthMultiple = field(default_factory=WidthMultiple)
+    # What the global ranking (efficientllm) divides saliency by: params, or latency (decode
+    # seconds per unit from latency_table, written by python -m megatron_effllm.pruning.latency).
+    cost: str = "params"
+    latency_table: str = ""
     optimizer_state: str = "carry"  # carry (slice Adam moments) | reset (fresh optimizer)
     # adapt: Adapt-Pruner's step size A; sheared: L0 mask learning rate and lambda lr.
     adapt_step: float = number(0.02, ge=0, le=1)  # |importance| <= 1, sparsity <= 0.99
@@ -221,6 +234,7 @@ CHOICES = {
     "prune.curve": ("linear", "cubic"),
     "prune.estimator": ESTIMATORS.names(),
     "prune.optimizer_state": ("carry", "reset"),
+    "prune.cost": ("params", "latency"),
     "train.nonfinite_policy": ("skip", "rollback", "stop"),
     "export.hf_dtype": ("bf16", "fp32"),
     "resume": None,

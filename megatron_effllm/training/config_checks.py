@@ -239,6 +239,7 @@ def validate(cfg) -> None:
             f"prune.estimator {p.estimator!r} works in one-shot pruning only (effllm-prune-oneshot); "
             f"during training use one of {', '.join(ESTIMATORS.names(in_training=True))}"
         )
+    _check_cost(p)
     if p.strategy != "none":
         if not p.start_step < p.end_step:
             raise ConfigError(f"prune.start_step {p.start_step} must be below prune.end_step {p.end_step}")
@@ -261,6 +262,20 @@ def validate(cfg) -> None:
     if cfg.resume not in ("auto", "none", "fresh") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume: {show_name(cfg.resume)} is not a checkpoint folder; "
                           "use auto, none, fresh or a path")
+
+
+def _check_cost(p) -> None:
+    if p.cost != "latency":
+        if p.latency_table:
+            raise ConfigError(f"prune.latency_table is set but prune.cost is {p.cost}; set prune.cost: latency "
+                              "or drop the table")
+        return
+    if STRATEGIES.get(p.strategy).selector != "global":
+        raise ConfigError(f"prune.cost: latency ranks units globally; prune.strategy {p.strategy} has no global "
+                          f"ranking; use one of {', '.join(s.name for s in STRATEGIES if s.selector == 'global')}")
+    if not p.latency_table or not os.path.isfile(p.latency_table):
+        raise ConfigError(f"prune.cost: latency needs prune.latency_table, a file measured with python -m "
+                          f"megatron_effllm.pruning.latency --model SOURCE --out PATH (got {show_name(p.latency_table)!s})")
 
 
 def _check_distill(cfg) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from megatron_effllm.architecture import Architecture
 from megatron_effllm.errors import UserError
+from megatron_effllm.pruning.latency import LatencyTable
 from megatron_effllm.pruning.registry import STRATEGIES
 from megatron_effllm.pruning.selection import Constraints
 from megatron_effllm.training.schedules import target_params
@@ -28,6 +29,8 @@ class Schedule:
                 f"prune.target_params {p.target_params:g} is not below the source size "
                 f"({source_params:,} parameters); choose a smaller target"
             )
+        # read once: every event (and every rank, from the same file) ranks with the same numbers
+        self.latency = LatencyTable.load(p.latency_table) if p.cost == "latency" else None
 
     def target_at(self, step: int) -> int:
         p = self.p
@@ -47,4 +50,8 @@ class Schedule:
             min_ffn=max(1, self.p.min_ffn),
             prune_hidden=self.p.prune_hidden,
             allow_depth=self.p.allow_depth,
+            ffn_multiple=self.p.width_multiple.ffn,
+            hidden_multiple=self.p.width_multiple.hidden,
+            cost=self.p.cost,
+            latency=self.latency,
         )
